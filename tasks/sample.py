@@ -1,0 +1,52 @@
+"""Stage `sample`: raw completions of the train prompts from the frozen base model.
+
+No verification of any kind: SSD trains on what the model wrote. Each row records the
+prompt id, sample index, chat messages, raw text, token count, finish reason and whether
+a fenced code block can be extracted. Killed runs resume (see tasks.generation).
+"""
+from __future__ import annotations
+
+import sys
+
+from tasks.config import load_params, run_stage
+from tasks.extract import last_fenced_block
+from tasks.files import DataError, read_jsonl, write_json, write_jsonl
+from tasks.generation import Request, generate_jsonl
+from tasks.prepare import MODEL_DIR, TRAIN_FILE
+from tasks.problems import chat_messages
+
+SAMPLES_FILE = "samples/samples.jsonl"
+STATS_FILE = "samples/stats.json"
+
+
+def sample_stats(rows: list[dict]) -> dict:
+    n = len(rows)
+    return {
+        "samples": n,
+        "extractable_fraction": sum(r["extractable"] for r in rows) / n if n else 0.0,
+        "eos_fraction": sum(r["finish_reason"] == "eos" for r in rows) / n if n else 0.0,
+        "mean_tokens": sum(r["num_tokens"] for r in rows) / n if n else 0.0,
+    }
+
+
+def main() -> int:
+    params = load_params()
+    problems = read_jsonl(TRAIN_FILE)
+    if not problems:
+        raise DataError(f"{TRAIN_FILE}: no train prompts")
+    # Prompts only: solutions and tests never reach the sampler.
+    requests = [Request({"prompt_id": p["task_id"]}, chat_messages(p)) for p in problems]
+    rows = generate_jsonl(MODEL_DIR, requests, params.sample, SAMPLES_FILE, desc="sample")
+    for row in rows:
+        row.pop("batch")
+        row["extractable"] = last_fenced_block(row["text"]) is not None
+    write_jsonl(SAMPLES_FILE, rows)
+    stats = sample_stats(rows)
+    write_json(STATS_FILE, stats)
+    print(f"sample: {stats}")
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))
