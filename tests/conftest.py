@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny randomly initialised llama with a byte-level tokenizer and a
+ChatML chat template, saved as a standard HF dir, so stage tests run real code in seconds."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         bos_token_id=0, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # Steer the random model: point the newline and EOS rows of the output layer along the
+        # mean final hidden state, so samples span several lines, as real answers do, and some
+        # finish before max_new_tokens.
+        probe = torch.randint(3, len(vocab), (8, 64))
+        mean_hidden = model(probe, output_hidden_states=True).hidden_states[-1].mean(dim=(0, 1))
+        direction = mean_hidden / mean_hidden.norm() ** 2
+        model.lm_head.weight[vocab["Ċ"]] = direction * 4.0
+        model.lm_head.weight[vocab["<|im_end|>"]] = direction * 3.0
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+TINY_PROFILE = REPO / "profiles" / "tiny.yaml"
+
+
+def make_workspace(root: Path, model_dir: Path, overrides: dict | None = None) -> Path:
+    """A git + DVC repo holding the project's pipeline files and the tiny profile as params.yaml."""
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "tasks", "problems", ".dvcignore"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, root / name)
+    params = yaml.safe_load(TINY_PROFILE.read_text())
+    params["model"]["base"] = str(model_dir)
+    for section, values in (overrides or {}).items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True)
+    run("git", "init", "-q")
+    run("git", "config", "user.email", "test@selfdistill.invalid")
+    run("git", "config", "user.name", "selfdistill test")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "workspace")
+    return root
+
+
+def stage_env(root: Path) -> dict:
+    """Environment for running stages in a workspace: its own copy of tasks/ comes first."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env

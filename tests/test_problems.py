@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from tasks.extract import last_fenced_block, one_line_stub, program_from_answer
+from tasks.files import DataError
+from tasks.problems import chat_messages, load_problems, split_problems
+
+
+def test_humaneval_split_is_disjoint_and_seeded():
+    problems = load_problems("humaneval")
+    assert len(problems) == 164
+    train, held_out = split_problems(problems, 0.4, seed=0)
+    assert len(held_out) == 66 and len(train) == 98
+    assert not {p["task_id"] for p in train} & {p["task_id"] for p in held_out}
+    again, _ = split_problems(problems, 0.4, seed=0)
+    other, _ = split_problems(problems, 0.4, seed=1)
+    assert [p["task_id"] for p in again] == [p["task_id"] for p in train]
+    assert [p["task_id"] for p in other] != [p["task_id"] for p in train]
+
+
+def test_prompt_carries_no_solution_or_tests():
+    problem = load_problems("humaneval")[0]
+    text = json.dumps(chat_messages(problem))
+    assert problem["canonical_solution"].strip() not in text and "def check" not in text
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"task_id": "a", "prompt": "p", "test": "t", "entry_point": "f"}\n{not json\n', ":2: not valid JSON"),
+    ('{"task_id": "a", "prompt": "p", "test": "t"}\n', ":1: missing or empty string field 'entry_point'"),
+    ('{"task_id": "a", "prompt": "p", "test": "t", "entry_point": "f"}\n' * 2, ":2: duplicate task_id"),
+])
+def test_malformed_problems_name_the_line(tmp_path, content, message):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=str(path) + message):
+        load_problems(str(path))
+
+
+PROMPT = 'from typing import List\n\n\ndef helper(x):\n    return x\n\n\ndef add(a: int, b: int) -> int:\n    """Add."""\n'
+
+
+def test_program_from_full_function_keeps_prompt_imports_and_helpers():
+    answer = "Sure!\n```python\ndef add(a: int, b: int) -> int:\n    return helper(a) + b\n```\nDone."
+    program = program_from_answer(PROMPT, "add", answer)
+    assert program.startswith("from typing import List") and "def helper" in program
+    assert program.count("def add") == 1
+    ns = {}
+    exec(program, ns)
+    assert ns["add"](2, 3) == 5
+
+
+def test_program_from_bare_body_completes_the_prompt():
+    program = program_from_answer(PROMPT, "add", "```python\nreturn a + b\n```")
+    ns = {}
+    exec(program, ns)
+    assert ns["add"](2, 3) == 5
+
+
+def test_last_block_wins_and_unterminated_fence_counts():
+    text = "```python\nx = 1\n```\nthen\n```python\ndef add(a, b):\n    return a - b\n"
+    assert "return a - b" in last_fenced_block(text)
+    assert last_fenced_block("no code here") is None
+    assert program_from_answer(PROMPT, "add", "   ") is None
+
+
+def test_one_line_stubs():
+    assert one_line_stub("")
+    assert one_line_stub("```python\npass\n```")
+    assert not one_line_stub("```python\ndef f():\n    return 1\n```")
