@@ -243,7 +243,7 @@ def publish_artifacts(repo_dir: Path, stages: list[StageNode], finished: set[str
                 create_markdown_artifact(path.read_text(), key=artifact_key(out),
                                          description=f"{out}, written by stage {node.name}")
             elif Path(out).parts[0] == MODELS_DIR and path.exists():
-                audit = lineage(out, repo_dir)
+                audit = lineage(path, repo_dir)
                 create_markdown_artifact(f"```text\n{render_text(audit)}\n```", key=artifact_key("lineage", out),
                                          description=f"where {out} came from (`selfdistill lineage {out}`)")
                 if audit["problems"]:
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     options = {"retries": args.retries} if args.retries is not None else {}
-    api = os.environ.get("PREFECT_API_URL") or "ephemeral (PREFECT_API_URL not set)"
+    api = get_current_settings().api.url or "ephemeral (PREFECT_API_URL not set)"
     print(f"selfdistill flow: Prefect API {api}", file=sys.stderr)
     state = pipeline(repo=args.repo, targets=args.targets, set_params=args.set_params, force=args.force,
                      return_state=True, **options)

@@ -10,7 +10,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from tasks.config import EMBEDDED_MODEL, load_params, run_stage
-from tasks.files import atomic_path, write_json, write_jsonl
+from tasks.files import DataError, atomic_path, write_json, write_jsonl
 from tasks.modeling import embedded_gguf_path, load_base
 from tasks.problems import file_sha256, load_problems, source_path, split_problems
 
@@ -28,7 +28,10 @@ def _package_version(name: str) -> str | None:
 
 
 def prepare_model(base: str, out_dir: str = MODEL_DIR) -> None:
-    model, tokenizer = load_base(base)
+    try:
+        model, tokenizer = load_base(base)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise DataError(f"params.yaml: model.base={base!r} could not be loaded: {err}") from None
     source = {"base": base, "parameters": sum(p.numel() for p in model.parameters())}
     if base == EMBEDDED_MODEL:
         gguf = embedded_gguf_path()

@@ -42,6 +42,7 @@ def build_report(params) -> dict:
     summary = {
         "sample": read_json(SAMPLE_STATS),
         "isolation": base_metrics["isolation"],
+        "problems": base_metrics["problems"],
         "models": {"base": {f"pass@{k}": base_metrics[f"pass@{k}"] for k in ks}},
     }
     base_pass = {k: per_problem_pass("base", k) for k in ks}
@@ -67,7 +68,7 @@ def markdown(summary: dict, params) -> str:
     lines = [
         "# selfdistill report",
         "",
-        f"Held-out problems: {params.evaluate.n} samples each at T_eval={ev.temperature}, top-k={ev.top_k}, "
+        f"{summary['problems']} held-out problems, {ev.n} samples each at T_eval={ev.temperature}, top-k={ev.top_k}, "
         f"top-p={ev.top_p}; sandbox isolation: {summary['isolation']}.",
         f"Training samples: {s['samples']} at T_train={params.sample.temperature}, top-k={params.sample.top_k}, "
         f"top-p={params.sample.top_p}; {s['extractable_fraction']:.1%} have an extractable code block.",

@@ -80,7 +80,7 @@ def test_pass_at_k_reasons_and_order(tmp_path):
                                                   "pass@2": passk.pass_at_k(3, 1, 2)})
     by_difficulty = summary["pass_at_k_by_difficulty"]
     assert set(by_difficulty) == {"easy", "medium", "hard"}
-    assert by_difficulty["hard"]["problems"] == 4
+    assert by_difficulty["hard"]["problems"] == 3
     assert by_difficulty["easy"]["pass@1"] == pytest.approx(1 / 3)
     assert summary["samples_per_problem"] == {"min": 3, "max": 3}
 
