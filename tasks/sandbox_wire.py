@@ -32,7 +32,8 @@ def encode(value, depth: int = 0):
     if value is None or kind is bool or kind is str:
         return value
     if kind is int:
-        return value
+        # json would write it in decimal, which Python refuses past 4300 digits; hex is exempt
+        return value if value.bit_length() < 10000 else {"x": hex(value)}
     if kind is float:
         return value
     if kind is list:
@@ -89,6 +90,8 @@ def decode(data, depth: int = 0):
             return {decode(v, depth + 1) for v in body}
         if tag == "f" and type(body) is list:
             return frozenset(decode(v, depth + 1) for v in body)
+        if tag == "x" and type(body) is str:
+            return int(body, 16)
         if tag == "b" and type(body) is str:
             return bytes.fromhex(body)
         if tag == "c" and type(body) is list and len(body) == 2:

@@ -366,7 +366,7 @@ def test_cannot_connect_to_a_loopback_listener(box):
 def test_exit_before_the_tests_is_a_failure(box, exit_call):
     verdict = check(box, f"{exit_call}\n{SQUARE}")
     assert not verdict.passed and verdict.result.startswith("failed:")
-    verdict = check(box, f"import os\ndef f(x):\n    os._exit(0)\n")
+    verdict = check(box, "import os\ndef f(x):\n    os._exit(0)\n")
     assert not verdict.passed and verdict.result.startswith("failed:")
 
 
