@@ -3,6 +3,7 @@ file that looks valid: everything is written to a temp path beside the target an
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import shutil
@@ -60,10 +61,11 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     return count
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file; a malformed line fails with the file and line number."""
-    rows = []
-    with open(path) as f:
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each line of a JSONL(.gz) file; a malformed line fails
+    naming the file and line."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -73,8 +75,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise DataError(f"{path}:{lineno}: not valid JSON: {err.msg}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object")
-            rows.append(row)
-    return rows
+            yield lineno, row
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    return [row for _, row in iter_jsonl(path)]
 
 
 def read_json(path: str | os.PathLike) -> dict:

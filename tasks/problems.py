@@ -2,13 +2,11 @@
 the chat prompt every model sees."""
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import random
 from pathlib import Path
 
-from tasks.files import DataError
+from tasks.files import DataError, iter_jsonl
 
 REQUIRED_FIELDS = ("task_id", "prompt", "test", "entry_point")
 
@@ -41,25 +39,15 @@ def load_problems(source: str) -> list[dict]:
     path = source_path(source)
     if not path.exists():
         raise DataError(f"data.problems: {path} does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
     problems, seen = [], set()
-    with opener(path, "rt") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON: {err.msg}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            for field in REQUIRED_FIELDS:
-                if not isinstance(row.get(field), str) or not row[field]:
-                    raise DataError(f"{path}:{lineno}: missing or empty string field {field!r}")
-            if row["task_id"] in seen:
-                raise DataError(f"{path}:{lineno}: duplicate task_id {row['task_id']!r}")
-            seen.add(row["task_id"])
-            problems.append(row)
+    for lineno, row in iter_jsonl(path):
+        for field in REQUIRED_FIELDS:
+            if not isinstance(row.get(field), str) or not row[field]:
+                raise DataError(f"{path}:{lineno}: missing or empty string field {field!r}")
+        if row["task_id"] in seen:
+            raise DataError(f"{path}:{lineno}: duplicate task_id {row['task_id']!r}")
+        seen.add(row["task_id"])
+        problems.append(row)
     if not problems:
         raise DataError(f"{path}: no problems")
     return problems
