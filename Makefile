@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test test-fast bench dag clean
+.PHONY: install demo test test-fast bench dag flow clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test-fast: install
 
 bench: install
 	PATH=$(BIN):$$PATH $(BIN)/python -m bench.bench_sandbox
+
+flow: install
+	PATH=$(BIN):$$PATH $(BIN)/selfdistill flow run
 
 dag: install
 	$(BIN)/dvc dag

@@ -44,6 +44,17 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+def stage_address(stage, root: str | os.PathLike) -> str:
+    """DVC's address of a stage ("train@none", "sub/dvc.yaml:train@none", "raw.dvc") relative to
+    the repo root; DVC's own `stage.addressing` is relative to the current directory."""
+    from dvc.dvcfile import ProjectFile
+
+    file = os.path.relpath(stage.dvcfile.path, root)
+    if not isinstance(stage.dvcfile, ProjectFile):
+        return file
+    return stage.name if file == "dvc.yaml" else f"{file}:{stage.name}"
+
+
 def hash_text(hash_info) -> str | None:
     return f"{hash_info.name}:{hash_info.value}" if hash_info else None
 
@@ -53,7 +64,6 @@ class Audit:
     so a stage that feeds several others (prepare) is read and hashed once."""
 
     def __init__(self, repo):
-        self.repo = repo
         self.root = Path(repo.root_dir)
         self.outs = list(repo.index.outs)
         self.stages: dict[str, dict] = {}
@@ -89,45 +99,53 @@ class Audit:
 
         if not item.hash_info.isdir:
             return []
-        try:
-            recorded = item.get_obj()
-        except Exception:  # the listing is not in this cache (a fresh clone without `dvc pull`)
-            return []
-        if recorded is None:
+        recorded = item.get_obj()
+        if recorded is None:  # the listing is not in this cache (a fresh clone without `dvc pull`)
             return []
         _, _, current = build(item.cache, item.fs_path, item.fs, item.hash_name, ignore=item.dvcignore,
                               dry_run=True)
         changes = diff(recorded, current, item.cache)
-        names = [f"{'/'.join(c.new.key)} (added)" for c in changes.added]
-        names += [f"{'/'.join(c.new.key)} (modified)" for c in changes.modified if c.new.key != ("",)]
-        names += [f"{'/'.join(c.old.key)} (deleted)" for c in changes.deleted]
+        names = [f"{'/'.join(c.new.key)} added" for c in changes.added]
+        names += [f"{'/'.join(c.new.key)} modified" for c in changes.modified if c.new.key != ("",)]
+        names += [f"{'/'.join(c.old.key)} deleted" for c in changes.deleted]
         return sorted(names)
 
     # -- nodes ---------------------------------------------------------------------------------
 
-    def file_node(self, item, recorded_by: str, role: str) -> dict:
+    def file_node(self, item, recorded_by: str, verb: str) -> dict:
         state, files = self.check(item)
         node = {"path": self.rel(item.fs_path), "hash": hash_text(item.hash_info), "state": state}
         if files:
             node["changed_files"] = files
-        if state != "ok":
-            verb = "made" if role == "output" else "used"
-            detail = f" ({', '.join(files)})" if files else ""
-            self.problem(f"{node['path']}: {state} since {recorded_by} {verb} it{detail}")
+        if state == "modified":
+            detail = f" [{', '.join(files)}]" if files else ""
+            self.problem(f"{node['path']}: modified since {recorded_by} {verb} it{detail}")
+        elif state == "missing":
+            self.problem(f"{node['path']}: missing, though {recorded_by} {verb} it")
+        elif state == "not recorded":
+            self.problem(f"{node['path']}: {recorded_by} has no hash recorded for it (not run with it yet)")
         return node
 
+    def made_node(self, out) -> dict:
+        """An output checked against the record of the stage (or .dvc file) that made it."""
+        verb = "made" if out.stage.cmd else "recorded"
+        return self.file_node(out, stage_address(out.stage, self.root), verb)
+
     def output_node(self, out) -> dict:
-        node = self.file_node(out, out.stage.addressing, "output")
+        node = self.made_node(out)
         node["stage"] = self.stage_report(out.stage)
         return node
 
     def input_node(self, dep, consumer: str) -> dict:
         from dvc.utils.fs import path_isin
 
-        node = self.file_node(dep, consumer, "input")
+        node = self.file_node(dep, consumer, "used")
         holder = [o for o in self.outs if o.fs_path == dep.fs_path or path_isin(dep.fs_path, o.fs_path)]
         inside = [o for o in self.outs if path_isin(o.fs_path, dep.fs_path)]
         if holder:
+            # Checked against its maker's record too: a file differing from both was edited by
+            # hand; one differing only from its consumer's record was re-made after it ran.
+            self.made_node(holder[0])
             node["stage"] = self.stage_report(holder[0].stage)
         elif inside:  # a directory several stages write into (report reads all of eval/)
             node["parts"] = [self.output_node(o) for o in sorted(inside, key=lambda o: o.fs_path)]
@@ -137,7 +155,7 @@ class Audit:
         from dvc.dependency.param import ParamsDependency
         from dvc.dvcfile import ProjectFile
 
-        name = stage.addressing
+        name = stage_address(stage, self.root)
         if name in self.stages:
             return self.stages[name]
         is_pipeline = isinstance(stage.dvcfile, ProjectFile)
@@ -247,26 +265,28 @@ def render_text(report: dict) -> str:
         record = report["records"][stage["record"]]
         commit = record["commit"][:12] if record["commit"] else "never committed"
         dirty = ", changed since" if record["uncommitted_changes"] else ""
-        lines.append(f"{pad}<- stage {stage['name']}  [{stage['record']} @ {commit}{dirty}]")
+        made_by = f"stage {stage['name']}" if stage["cmd"] or stage["record"] != stage["name"] else "dvc add"
+        lines.append(f"{pad}<- {made_by}  [{stage['record']} @ {commit}{dirty}]")
+        pad += "  "
         if stage["name"] in shown:
             lines[-1] += "  (see above)"
             return
         shown.add(stage["name"])
         if stage["cmd"]:
-            lines.append(f"{pad}   cmd: {stage['cmd']}")
+            lines.append(f"{pad}cmd: {stage['cmd']}")
         if "cmd_now" in stage:
-            lines.append(f"{pad}   CMD IN dvc.yaml NOW: {stage['cmd_now']}")
+            lines.append(f"{pad}CMD IN dvc.yaml NOW: {stage['cmd_now']}")
         for file, values in stage["params"].items():
-            lines.append(f"{pad}   params from {file}:")
+            lines.append(f"{pad}params from {file}:")
             for key, value in values.items():
                 if isinstance(value, dict) and set(value) == {"recorded", "now"}:
-                    lines.append(f"{pad}     {key} = {value['recorded']!r}   CHANGED, now {value['now']!r}")
+                    lines.append(f"{pad}  {key} = {value['recorded']!r}   CHANGED, now {value['now']!r}")
                 else:
-                    lines.append(f"{pad}     {key} = {value!r}")
+                    lines.append(f"{pad}  {key} = {value!r}")
         for file, origin in stage["origin"].items():
-            lines.append(f"{pad}   origin ({file}): {json.dumps(origin, sort_keys=True)}")
+            lines.append(f"{pad}origin ({file}): {json.dumps(origin, sort_keys=True)}")
         if stage["inputs"]:
-            lines.append(f"{pad}   inputs:")
+            lines.append(f"{pad}inputs:")
             for node in stage["inputs"]:
                 file_line(node, depth + 2)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.settings import get_current_settings
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.config import PARAMS_FILE, ParamsError, apply_overrides, load_params, validate_params
@@ -43,6 +43,10 @@ DVC_OUTCOMES = (
     (re.compile(r"^Stage '(.+)' is cached - skipping run"), "cached: outputs restored from DVC's run-cache"),
     (re.compile(r"^Running stage '(.+)':"), "ran"),
 )
+# Prefect waits 20 s by default for its ephemeral API to start; a first start on a fresh machine
+# can take over a minute. Used only where the user has not set
+# PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.
+EPHEMERAL_STARTUP_TIMEOUT_S = 180
 # A stage command's progress bar redraws its line with '\r' many times a second; log one such
 # redraw per this many seconds so long stages show progress without flooding the run's logs.
 PROGRESS_LOG_INTERVAL_S = 15.0
@@ -64,7 +68,7 @@ class StageNode:
 
     @property
     def group(self) -> str:
-        """`train` for every `train@<item>`: the tag Prefect concurrency limits and work pools key on."""
+        """`train` for every `train@<item>`: the tag Prefect concurrency limits key on."""
         return self.name.split("@", 1)[0]
 
 
@@ -76,6 +80,8 @@ def read_stage_graph(repo_dir: str | os.PathLike, targets: list[str] | None = No
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
+    from flows.lineage import stage_address
+
     root = Path(repo_dir).resolve()
     with Repo(str(root)) as repo:
         # Edges point from a stage to the stages it depends on (dvc/repo/graph.py).
@@ -83,22 +89,25 @@ def read_stage_graph(repo_dir: str | os.PathLike, targets: list[str] | None = No
         if targets:
             chosen = set()
             for target in targets:
+                # DVC reads a target's dvc.yaml relative to the current directory: anchor it at root.
+                file, _, name = target.rpartition(":")
                 try:
-                    found = repo.stage.collect(target)
+                    found = repo.stage.collect(f"{root / (file or 'dvc.yaml')}:{name}")
                 except DvcException as err:
                     raise PipelineError(f"--target {target!r}: {err}") from None
                 for stage in found:
                     chosen |= {stage} | nx.descendants(graph, stage)
             graph = graph.subgraph(chosen)
         # Stages without a command are data tracked by .dvc files: inputs, not work to schedule.
+        address = {stage: stage_address(stage, root) for stage in graph}
         work = [s for s in graph if isinstance(s, PipelineStage)]
-        order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda s: s.addressing)
+        order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=address.__getitem__)
         index = {s: i for i, s in enumerate(order)}
         nodes = []
         for stage in sorted(work, key=index.__getitem__):
-            upstream = sorted(u.addressing for u in graph.successors(stage) if isinstance(u, PipelineStage))
+            upstream = sorted(address[u] for u in graph.successors(stage) if isinstance(u, PipelineStage))
             outs = tuple(os.path.relpath(out.fs_path, root) for out in stage.outs)
-            nodes.append(StageNode(stage.addressing, tuple(upstream), outs))
+            nodes.append(StageNode(address[stage], tuple(upstream), outs))
     return nodes
 
 
@@ -119,6 +128,7 @@ def apply_param_overrides(repo_dir: str | os.PathLike, overrides: list[str], wri
     written atomically, comments and key order kept. Nothing is written unless the result
     passes the schema."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
 
     from tasks.files import write_text
 
@@ -131,7 +141,7 @@ def apply_param_overrides(repo_dir: str | os.PathLike, overrides: list[str], wri
         raw = yaml.load(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found") from None
-    except Exception as err:  # ruamel's parser errors share no useful base class
+    except YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     raw = apply_overrides(raw if raw is not None else {}, overrides)
     validate_params(raw, f"{path} with --set {' '.join(overrides)}")
@@ -161,13 +171,18 @@ def _stage_env() -> dict[str, str]:
 
 
 def _output_lines(pipe):
-    """Yield (line, is_redraw) from a byte stream; a redraw ends with '\\r' (a progress bar)."""
-    pending = b""
+    r"""Yield (line, is_redraw) from a byte stream. A progress bar redraws its line as '\r' + text
+    and ends it only at the next redraw, so text after a '\r' is yielded as soon as it arrives."""
+    pending, after_cr = b"", False
     while chunk := pipe.read1(65536):
         pending += chunk
         while (match := re.search(rb"\r\n|\r|\n", pending)) is not None:
             line, pending = pending[: match.start()], pending[match.end():]
-            yield line.decode(errors="replace").rstrip(), match.group() == b"\r"
+            after_cr = match.group() == b"\r"
+            yield line.decode(errors="replace").rstrip(), after_cr
+        if after_cr and pending:
+            yield pending.decode(errors="replace").rstrip(), True
+            pending = b""
     if pending:
         yield pending.decode(errors="replace").rstrip(), False
 
@@ -178,7 +193,7 @@ def run_dvc_stage(repo_dir: str, stage: str, force: bool = False) -> str:
     Returns what DVC did: ran the command, skipped it (unchanged), or restored it from cache."""
     logger = get_run_logger()
     cmd = _dvc_command(stage, force)
-    logger.info("%s: $ %s", stage, " ".join(cmd[1:]))
+    logger.info("%s: $ %s", stage, " ".join(["dvc", *cmd[3:]]))
     outcome = None
     tail: list[str] = []
     last_redraw = 0.0
@@ -207,7 +222,7 @@ def run_dvc_stage(repo_dir: str, stage: str, force: bool = False) -> str:
             proc.wait()
     if returncode != 0:
         raise PipelineError(f"stage {stage}: `dvc repro` exited with status {returncode}:\n" + "\n".join(tail))
-    outcome = outcome or "done"
+    outcome = outcome or "done (DVC's output did not say whether it ran the command)"
     logger.info("%s: %s", stage, outcome)
     return outcome
 
@@ -258,6 +273,7 @@ def selfdistill_pipeline(
     force: bool = False,
     retries: int = 2,
     retry_delay_s: float = 30.0,
+    gpu_stages: tuple[str, ...] = ("sample", "train", "evaluate", "evaluate-base"),
 ) -> dict[str, str]:
     """Run the DVC pipeline in `repo` stage by stage.
 
@@ -265,6 +281,8 @@ def selfdistill_pipeline(
     set_params: `key=value` overrides written into params.yaml first (like `dvc exp run -S`).
     force: rerun the stages even when DVC finds them unchanged.
     retries / retry_delay_s: retries of a failed stage (transient failures: OOM kills, locks).
+    gpu_stages: stage groups whose tasks also get the tag `gpu`, so one Prefect concurrency
+        limit (`prefect concurrency-limit create gpu 1`) keeps them off a GPU at the same time.
     """
     logger = get_run_logger()
     repo_dir = Path(repo).resolve()
@@ -275,7 +293,8 @@ def selfdistill_pipeline(
 
     futures = {}
     for node in stages:
-        stage_task = run_dvc_stage.with_options(name=node.name, task_run_name=node.name, tags=[f"stage:{node.group}"],
+        tags = [f"stage:{node.group}"] + (["gpu"] if node.group in gpu_stages else [])
+        stage_task = run_dvc_stage.with_options(name=node.name, task_run_name=node.name, tags=tags,
                                                 retries=retries, retry_delay_seconds=retry_delay_s)
         futures[node.name] = stage_task.submit(str(repo_dir), node.name, force,
                                                wait_for=[futures[name] for name in node.upstream])
@@ -342,23 +361,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dvc.exceptions import DvcException
+
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         if args.command == "plan":
             for node in read_stage_graph(args.repo, args.targets):
                 print(f"{node.name:<24} after: {', '.join(node.upstream) or '-'}")
             return 0
-        # Fail on bad params before Prefect starts; the flow validates again for deployments.
+        # Fail on bad params or targets before Prefect starts; the flow checks again for
+        # deployments. (With --set, the targets are checked by the flow: an override may add arms.)
         apply_param_overrides(args.repo, args.set_params, write=False)
+        if not args.set_params:
+            read_stage_graph(args.repo, args.targets)
         pipeline = selfdistill_pipeline.with_options(task_runner=make_task_runner(args.task_runner, args.address))
-    except (ParamsError, PipelineError) as err:
+    except (ParamsError, PipelineError, DvcException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     options = {"retries": args.retries} if args.retries is not None else {}
     api = get_current_settings().api.url or "ephemeral (PREFECT_API_URL not set)"
     print(f"selfdistill flow: Prefect API {api}", file=sys.stderr)
-    state = pipeline(repo=args.repo, targets=args.targets, set_params=args.set_params, force=args.force,
-                     return_state=True, **options)
+    with temporary_settings(set_defaults={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_TIMEOUT_S}):
+        state = pipeline(repo=args.repo, targets=args.targets, set_params=args.set_params, force=args.force,
+                         return_state=True, **options)
     if not state.is_completed():
         print(f"error: flow run {state.name}: {state.message}", file=sys.stderr)
         return 1

@@ -166,7 +166,10 @@ def load_params(path: str | os.PathLike | None = None) -> Params:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`key.sub=value` overrides, values parsed as YAML (like `dvc exp run -S`)."""
+    """`key.sub=value` overrides, values parsed as YAML 1.2 (like `dvc exp run -S`: 1e-4 is a float)."""
+    from ruamel.yaml import YAML
+
+    parse = YAML(typ="safe").load
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -177,7 +180,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ParamsError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = parse(value)
     return raw
 
 

@@ -42,11 +42,12 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.bfloat16):
-        from tasks.modeling import eos_token_ids, load_pretrained, use_all_cores
+        from tasks.modeling import device, eos_token_ids, load_pretrained, use_all_cores
 
         use_all_cores()
+        self.device = device()
         self.model, self.tokenizer = load_pretrained(model_dir, dtype=dtype)
-        self.model.eval()
+        self.model.to(self.device).eval()
         self.eos = eos_token_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id
 
@@ -75,17 +76,17 @@ class TransformersBackend:
     def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int) -> list[Completion]:
         from transformers import DynamicCache
 
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(self.device).manual_seed(seed)
         warpers = self.warpers(cfg) if cfg.temperature > 0 else None
         width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                             cache=cache, use_cache=True).logits[:, -1, :].float()
         history = input_ids  # warpers see the full sequence; only penalties would use it
-        rows = torch.arange(len(prompts))
+        rows = torch.arange(len(prompts), device=self.device)
         tokens: list[list[int]] = [[] for _ in prompts]
         finish = ["length"] * len(prompts)
         for step in range(cfg.max_new_tokens):
@@ -105,7 +106,7 @@ class TransformersBackend:
                 break
             if len(keep) < len(rows):
                 # Finished sequences leave the batch: no decoding of padding to the end.
-                idx = torch.tensor(keep)
+                idx = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(idx)
                 rows, next_ids, attention = rows[idx], next_ids[idx], attention[idx]
                 history, positions = history[idx], positions[idx]

@@ -23,6 +23,11 @@ def embedded_gguf_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
 
 
+def device() -> torch.device:
+    """CUDA when a GPU is present (a GPU worker), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def use_all_cores() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from tasks.config import FILTER_ARMS, load_params, run_stage
 from tasks.files import DataError, atomic_path, read_jsonl, write_text
 from tasks.filter import arm_dir
-from tasks.modeling import load_pretrained, use_all_cores
+from tasks.modeling import device, load_pretrained, use_all_cores
 from tasks.prepare import MODEL_DIR
 from tasks.problems import file_sha256
 
@@ -110,7 +110,9 @@ def train(arm: str) -> None:
     rows = read_jsonl(data_file)
     if not rows:
         raise DataError(f"{data_file}: filter arm {arm!r} has 0 samples to train on")
+    dev = device()
     model, tokenizer = load_pretrained(MODEL_DIR)
+    model.to(dev)
     examples = [encode(tokenizer, r["messages"], cfg.max_length) for r in rows]
     examples = [e for e in examples if any(label != IGNORE for label in e[1])]
     if not examples:
@@ -138,14 +140,14 @@ def train(arm: str) -> None:
     start, curve = 0, []
     state_file = ckpt_dir / "state.pt"
     if state_file.exists():
-        state = torch.load(state_file, weights_only=False)
+        state = torch.load(state_file, weights_only=False, map_location=dev)
         if state["fingerprint"] == fingerprint:
             model.load_state_dict(state["model"], strict=False)
             optimizer.load_state_dict(state["optimizer"])
             start, curve = state["step"], state["curve"]
             print(f"train[{arm}]: resuming at step {start}/{total_steps}")
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc=f"train[{arm}]", unit="step")
     for step in bar:
         lr = lr_at(step, total_steps, cfg)
@@ -155,7 +157,8 @@ def train(arm: str) -> None:
         accum = batches[step * cfg.grad_accum: (step + 1) * cfg.grad_accum]
         n_tokens = sum(sum(l != IGNORE for l in examples[i][1][1:]) for mb in accum for i in mb)
         for mb in accum:
-            input_ids, labels, attention = collate([examples[i] for i in mb], tokenizer.pad_token_id)
+            batch = collate([examples[i] for i in mb], tokenizer.pad_token_id)
+            input_ids, labels, attention = (t.to(dev) for t in batch)
             with autocast:
                 logits = model(input_ids=input_ids, attention_mask=attention).logits
             # Sum over tokens, divided by the step's answer tokens: every token weighs the same.
@@ -178,7 +181,7 @@ def train(arm: str) -> None:
 
     if cfg.method == "lora":
         model = model.merge_and_unload()
-    model.eval()
+    model.to("cpu").eval()
     ev = params.evaluate
     model.generation_config.update(do_sample=ev.temperature > 0, temperature=ev.temperature, top_k=ev.top_k,
                                    top_p=ev.top_p, min_p=ev.min_p or None, max_new_tokens=ev.max_new_tokens)

@@ -46,7 +46,8 @@ def test_bad_yaml_names_the_file(tmp_path):
 
 
 def test_overrides_are_parsed_as_yaml():
-    raw = apply_overrides(raw_params(), ["sample.temperature=1.6", "filter.arms=[none, syntax]"])
+    raw = apply_overrides(raw_params(), ["sample.temperature=1.6", "filter.arms=[none, syntax]", "train.lr=1e-4"])
+    assert raw["train"]["lr"] == 1e-4 and isinstance(raw["train"]["lr"], float)  # YAML 1.2, as DVC reads it
     params = validate_params(raw)
     assert params.sample.temperature == 1.6 and params.filter.arms == ["none", "syntax"]
     with pytest.raises(ParamsError, match="key=value"):

@@ -1,0 +1,119 @@
+"""Stage `convert`: an HF model dir -> a CTranslate2 model dir for the fast CPU backend.
+
+    python -m tasks.convert --model models/base [--out models/base.ct2] [--quantization int8]
+
+The converted dir sits beside the model (`<model>.ct2` unless --out says otherwise) and is
+self-contained: CTranslate2's model.bin and vocabulary, plus (in hf/) the tokenizer, chat
+template and generation config copied from the HF dir. `convert.json` in it records the sha256 of the HF
+dir it came from; the `ctranslate2*` backends refuse a converted dir whose recorded
+fingerprint does not match the model they were asked to sample from, so a retrained arm can
+never be sampled through a stale conversion. In the DVC pipeline the stage is keyed on the
+model dir, so each model (base and every trained arm) is converted once and cached.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from tasks.config import run_stage
+from tasks.files import DataError, atomic_path
+
+SUFFIX = ".ct2"
+MARKER = "convert.json"
+QUANTIZATIONS = ("int8", "float32", "int8_float32")
+# Files of an HF dir that the sampler needs besides the weights.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "generation_config.json", "config.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def converted_dir(model_dir: str | Path) -> Path:
+    """Where the conversion of `model_dir` lives by default: `models/base` -> `models/base.ct2`."""
+    model_dir = Path(model_dir)
+    return model_dir.with_name(model_dir.name + SUFFIX)
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over the names and contents of the HF dir's top-level files (weights included)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(model_dir).iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def is_converted(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "model.bin").is_file() and (path / MARKER).is_file()
+
+
+def read_marker(path: str | Path) -> dict:
+    return json.loads((Path(path) / MARKER).read_text())
+
+
+def resolve(model_dir: str | Path) -> Path:
+    """The CTranslate2 dir to sample `model_dir` with: the dir itself if it is a conversion,
+    else `<model_dir>.ct2`, checked against the model's fingerprint."""
+    model_dir = Path(model_dir)
+    if is_converted(model_dir):
+        return model_dir
+    target = converted_dir(model_dir)
+    command = f"python -m tasks.convert --model {model_dir} --out {target}"
+    if not is_converted(target):
+        raise DataError(f"{model_dir}: no CTranslate2 conversion at {target}; run `{command}` "
+                        "(the DVC pipeline's convert stage does this)")
+    recorded = read_marker(target).get("source_sha256")
+    if recorded != model_fingerprint(model_dir):
+        raise DataError(f"{target} was converted from a different version of {model_dir}; "
+                        f"run `{command}` again")
+    return target
+
+
+def convert(model_dir: str | Path, out_dir: str | Path | None = None, quantization: str = "int8") -> Path:
+    from importlib.metadata import version
+
+    from ctranslate2.converters import TransformersConverter
+
+    model_dir = Path(model_dir)
+    out_dir = Path(out_dir) if out_dir else converted_dir(model_dir)
+    if quantization not in QUANTIZATIONS:
+        raise DataError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    if not (model_dir / "config.json").is_file():
+        raise DataError(f"{model_dir}: not an HF model dir (no config.json)")
+    fingerprint = model_fingerprint(model_dir)
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        TransformersConverter(str(model_dir), low_cpu_mem_usage=True).convert(
+            str(tmp), quantization=quantization, force=True)
+        # The tokenizer, chat template and generation config (EOS ids) go into hf/, apart from
+        # CTranslate2's own config.json.
+        (tmp / "hf").mkdir()
+        for name in SIDE_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy(model_dir / name, tmp / "hf" / name)
+        (tmp / MARKER).write_text(json.dumps({
+            "source": str(model_dir), "source_sha256": fingerprint, "quantization": quantization,
+            "ctranslate2": version("ctranslate2"),
+        }, indent=2) + "\n")
+    print(f"convert: {model_dir} -> {out_dir} (ctranslate2, {quantization})")
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="HF model dir, e.g. models/base")
+    parser.add_argument("--out", help="output dir (default: <model>.ct2)")
+    parser.add_argument("--quantization", default="int8", choices=QUANTIZATIONS,
+                        help="weight storage; an int8 dir can still run at float32 compute (dequantized)")
+    args = parser.parse_args(argv)
+    convert(args.model, args.out, args.quantization)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))

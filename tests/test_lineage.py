@@ -1,0 +1,195 @@
+"""`selfdistill lineage` on real DVC records: the project's own dvc.yaml and tiny profile with
+each stage's command swapped for a fast fake that writes the same outputs, and a different
+dvc.yaml with `dvc add`-ed data and a pipeline in a subdirectory."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_workspace, stage_env
+from flows.lineage import lineage, main, render_text
+
+# Writes every output the stage declares; a directory (a model) gets weights.bin, and
+# models/base the origin note tasks/prepare.py leaves.
+FAKE_STAGE = textwrap.dedent("""
+    import json, pathlib, sys
+    for out in sys.argv[1:]:
+        path = pathlib.Path(out)
+        if path.suffix:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"made_for": out}) + "\\n")
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "weights.bin").write_text(out)
+            if out == "models/base":
+                origin = {"base": "embedded:smollm2-135m-instruct", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                          "sha256": "ab" * 32}
+                (path / "source.json").write_text(json.dumps(origin))
+""")
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def dvc(root: Path, *args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=stage_env(root),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def declared_paths(body: dict) -> list[str]:
+    return [next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics", "plots") for o in body.get(key, [])]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """The project's dvc.yaml, tasks/ and tiny profile, reproduced with fake commands and committed."""
+    root = make_workspace(tmp_path_factory.mktemp("lineage") / "ws", Path("embedded-model-not-loaded"))
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
+    for stage in pipeline["stages"].values():
+        body = stage.get("do", stage)
+        body["cmd"] = "python fake_stage.py " + " ".join(declared_paths(body))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    (root / "fake_stage.py").write_text(FAKE_STAGE)
+    dvc(root, "repro")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "reproduced")
+    return root
+
+
+def inputs(stage: dict) -> dict:
+    return {node["path"]: node for node in stage["inputs"]}
+
+
+def test_lineage_of_a_trained_model_names_samples_params_and_origins(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    locked = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    arm = params["filter"]["arms"][0]
+    report = lineage(project / f"models/{arm}" / "weights.bin", project)
+    assert report["output"] == f"models/{arm}" and report["problems"] == []
+    assert report["records"]["dvc.lock"] == {"commit": git(project, "rev-parse", "HEAD"), "uncommitted_changes": False}
+
+    train = report["lineage"]["stage"]
+    assert train["name"] == f"train@{arm}" and train["cmd"] == locked[f"train@{arm}"]["cmd"]
+    assert train["params"]["params.yaml"]["train.epochs"] == params["train"]["epochs"]
+    assert train["params"]["params.yaml"]["evaluate.temperature"] == params["evaluate"]["temperature"]
+    filtered = inputs(train)[f"filtered/{arm}/train.jsonl"]
+    recorded = {d["path"]: d["md5"] for d in locked[f"train@{arm}"]["deps"]}
+    assert filtered["hash"] == "md5:" + recorded[f"filtered/{arm}/train.jsonl"] and filtered["state"] == "ok"
+
+    filter_stage = filtered["stage"]
+    assert filter_stage["name"] == f"filter@{arm}"
+    assert filter_stage["params"]["params.yaml"]["filter.arms"] == params["filter"]["arms"]
+    sample = inputs(filter_stage)["samples/samples.jsonl"]["stage"]
+    assert sample["name"] == "sample"
+    assert sample["params"]["params.yaml"]["sample.temperature"] == params["sample"]["temperature"]
+    assert sample["params"]["params.yaml"]["sample.top_k"] == params["sample"]["top_k"]
+
+    prepare = inputs(sample)["models/base"]["stage"]
+    assert inputs(sample)["data/train.jsonl"]["stage"] is prepare and prepare["name"] == "prepare"
+    assert prepare["params"]["params.yaml"]["data.max_train_prompts"] == params["data"]["max_train_prompts"]
+    assert prepare["origin"]["models/base/source.json"]["sha256"] == "ab" * 32
+    assert prepare["origin"]["data/source.json"] == {"made_for": "data/source.json"}
+    leaves = inputs(prepare)
+    assert "stage" not in leaves["problems"] and leaves["tasks/prepare.py"]["state"] == "ok"
+
+    text = render_text(report)
+    assert f"<- stage filter@{arm}" in text and "<- stage prepare" in text and "(see above)" in text
+    assert f"sample.temperature = {params['sample']['temperature']!r}" in text
+
+
+def test_lineage_of_the_report_reaches_every_evaluation(project):
+    arms = yaml.safe_load((project / "params.yaml").read_text())["filter"]["arms"]
+    report = lineage(project / "report/summary.md", project)
+    evals = inputs(report["lineage"]["stage"])["eval"]  # a directory several stages write into
+    assert {part["stage"]["name"] for part in evals["parts"]} == {"evaluate-base"} | {f"evaluate@{a}" for a in arms}
+
+
+def test_lineage_flags_hand_edits_and_changed_params(project, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "ws"
+    shutil.copytree(project, root, symlinks=True)
+    arm = yaml.safe_load((root / "params.yaml").read_text())["filter"]["arms"][0]
+    monkeypatch.chdir(root)
+    assert main([f"models/{arm}/weights.bin"]) == 0
+    assert f"inside the tracked output models/{arm}" in capsys.readouterr().out
+
+    with open(root / "samples/samples.jsonl", "a") as f:
+        f.write('{"text": "edited by hand"}\n')
+    (root / "models/base/weights.bin").write_text("edited by hand")
+    params = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(params.replace("lr: 5.0e-05", "lr: 0.001"))
+
+    assert main([f"models/{arm}", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["problems"]) == {
+        "samples/samples.jsonl: modified since sample made it",
+        f"samples/samples.jsonl: modified since filter@{arm} used it",
+        "models/base: modified since prepare made it [weights.bin modified]",
+        "models/base: modified since sample used it [weights.bin modified]",
+        f"models/base: modified since train@{arm} used it [weights.bin modified]",
+        f"train@{arm}: param train.lr is 0.001 in params.yaml now, 5e-05 when it ran",
+    }
+    train = report["lineage"]["stage"]
+    assert train["params"]["params.yaml"]["train.lr"] == {"recorded": 5e-05, "now": 0.001}
+    assert inputs(train)["models/base"]["changed_files"] == ["weights.bin modified"]
+
+    assert main(["params.yaml"]) == 2
+    assert main(["eval"]) == 2
+    err = capsys.readouterr().err
+    assert "params.yaml: not an output of any stage" in err
+    assert "eval: not an output of any stage" in err and "tracked outputs inside it: eval/base/metrics.json" in err
+
+
+def test_lineage_of_any_dvc_yaml_with_added_data_and_a_subdirectory_pipeline(tmp_path):
+    root = tmp_path / "ws"
+    (root / "raw").mkdir(parents=True)
+    (root / "raw/rows.txt").write_text("1\n2\n3\n")
+    (root / "sub").mkdir()
+    (root / "sub/dvc.yaml").write_text(yaml.safe_dump({"stages": {"count": {
+        "cmd": "wc -l < ../raw/rows.txt > count.txt", "deps": ["../raw"], "outs": ["count.txt"]}}}))
+    git(root, "init", "-q")
+    git(root, "config", "user.email", "test@selfdistill.invalid")
+    git(root, "config", "user.name", "selfdistill test")
+    dvc(root, "init", "-q")
+    dvc(root, "add", "-q", "raw")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "data")
+    dvc(root, "repro", "sub/dvc.yaml")  # dvc.lock left uncommitted
+
+    report = lineage(root / "sub/count.txt", root)
+    assert report["problems"] == []
+    count = report["lineage"]["stage"]
+    assert count["name"] == "sub/dvc.yaml:count" and count["record"] == "sub/dvc.lock"
+    assert report["records"]["sub/dvc.lock"] == {"commit": None, "uncommitted_changes": True}
+    raw = inputs(count)["raw"]
+    assert raw["stage"] == {"name": "raw.dvc", "record": "raw.dvc", "cmd": None, "params": {}, "origin": {},
+                            "inputs": []}
+    assert report["records"]["raw.dvc"]["commit"] == git(root, "rev-parse", "HEAD")
+    assert "<- dvc add  [raw.dvc @" in render_text(report)
+
+    (root / "raw/rows.txt").write_text("1\n")
+    (root / "sub/count.txt").unlink()
+    (root / "sub/dvc.yaml").write_text((root / "sub/dvc.yaml").read_text().replace("wc -l", "wc -w"))
+    assert lineage(root / "sub/count.txt", root)["problems"] == [
+        "sub/count.txt: missing, though sub/dvc.yaml:count made it",
+        "sub/dvc.yaml:count: its command in dvc.yaml changed since it ran",
+        "raw: modified since sub/dvc.yaml:count used it [rows.txt modified]",
+        "raw: modified since raw.dvc recorded it [rows.txt modified]"]
+
+    # A stage added to dvc.yaml and never run has no record to show.
+    pipeline = yaml.safe_load((root / "sub/dvc.yaml").read_text())
+    pipeline["stages"]["twice"] = {"cmd": "cat count.txt count.txt > twice.txt", "deps": ["count.txt"],
+                                   "outs": ["twice.txt"]}
+    (root / "sub/dvc.yaml").write_text(yaml.safe_dump(pipeline))
+    problems = lineage(root / "sub/twice.txt", root)["problems"]
+    assert problems[:3] == ["sub/twice.txt: sub/dvc.yaml:twice has no hash recorded for it (not run with it yet)",
+                            "sub/dvc.yaml:twice: never run (no entry in sub/dvc.lock)",
+                            "sub/count.txt: sub/dvc.yaml:twice has no hash recorded for it (not run with it yet)"]
