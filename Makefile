@@ -28,7 +28,7 @@ test-fast: install
 	PATH=$(BIN):$$PATH $(BIN)/python -m pytest -m "not slow"
 
 bench: install
-	PATH=$(BIN):$$PATH $(BIN)/python -m bench.bench_sandbox
+	PATH=$(BIN):$$PATH $(BIN)/python bench/bench_sandbox.py --rounds 3
 
 flow: install
 	PATH=$(BIN):$$PATH $(BIN)/selfdistill flow run
