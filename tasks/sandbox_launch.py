@@ -52,13 +52,24 @@ def hidden_paths(extra: tuple[str, ...] = ()) -> list[str]:
     return [p for p in dict.fromkeys(paths) if os.path.exists(p)]
 
 
-def _python_dirs() -> list[str]:
-    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-            str(Path(sys.executable).parent), str(Path(sys.executable).resolve().parent)}
-    for entry in sys.path:
-        if entry and "site-packages" in entry and os.path.isdir(entry):
-            dirs.add(entry)
-    return sorted(d for d in dirs if os.path.isdir(d))
+# Each run gets a fresh tmpfs on these, which would hide an interpreter living below them.
+PRIVATE_TMP_DIRS = ("/tmp", "/dev/shm", "/var/tmp")
+
+
+def _interpreter() -> tuple[str, list[str]]:
+    """The Python the zygote runs and the directories it needs. A virtual environment under
+    a private tmp dir (a checkout in /tmp) would vanish under the per-run tmpfs, so then the
+    venv's base interpreter runs instead (standard library only)."""
+    def dirs_of(prefixes: set[str]) -> list[str]:
+        return sorted(d for d in prefixes if os.path.isdir(d))
+
+    base = {sys.base_prefix, sys.base_exec_prefix, str(Path(sys.executable).resolve().parent)}
+    venv = {sys.prefix, sys.exec_prefix, str(Path(sys.executable).parent)}
+    venv |= {entry for entry in sys.path if entry and "site-packages" in entry and os.path.isdir(entry)}
+    if any(_under(d, list(PRIVATE_TMP_DIRS)) for d in venv - base):
+        base_python = str(Path(sys.executable).resolve())
+        return base_python, [d for d in dirs_of(base) if not _under(d, list(PRIVATE_TMP_DIRS))]
+    return sys.executable, dirs_of(base | venv)
 
 
 def _under(path: str, roots: list[str]) -> bool:
@@ -91,7 +102,8 @@ def bwrap_command(bwrap: str, config: dict, hide: list[str]) -> list[str]:
                 args += ["--perms", "0755", "--dir", parent]
         return args
 
-    for path in _python_dirs():
+    python, python_dirs = _interpreter()
+    for path in python_dirs:
         if not _under(path, bound):
             cmd += make_parents(path) + ["--ro-bind", path, path]
             bound.append(path)
@@ -106,17 +118,18 @@ def bwrap_command(bwrap: str, config: dict, hide: list[str]) -> list[str]:
             else:
                 cmd += ["--ro-bind", "/dev/null", path]
     cmd += ["--remount-ro", "/dev", "--remount-ro", "/", "--clearenv",
-            "--setenv", "PATH", f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+            "--setenv", "PATH", f"{Path(python).parent}:/usr/local/bin:/usr/bin:/bin",
             "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
             "--setenv", "LANG", "C.UTF-8", "--chdir", "/tmp", "--cap-drop", "ALL"]
     for cap in ZYGOTE_CAPABILITIES:
         cmd += ["--cap-add", cap]
-    cmd += ["--", sys.executable, "-I", "-B", f"{INSIDE_DIR}/sandbox_zygote.py",
+    cmd += ["--", python, "-I", "-B", f"{INSIDE_DIR}/sandbox_zygote.py",
             json.dumps(dict(config, bwrap=True))]
     return cmd
 
 
 def bare_command(config: dict, hide: list[str]) -> list[str]:
     """The zygote without bubblewrap: it isolates each run itself as far as it can."""
-    config = dict(config, bwrap=False, python_dirs=_python_dirs(), hide=hide)
-    return [sys.executable, "-I", "-B", str(HERE / "sandbox_zygote.py"), json.dumps(config)]
+    python, python_dirs = _interpreter()
+    config = dict(config, bwrap=False, python_dirs=python_dirs, hide=hide)
+    return [python, "-I", "-B", str(HERE / "sandbox_zygote.py"), json.dumps(config)]
