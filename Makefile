@@ -1,7 +1,7 @@
 # The two commands a newcomer runs: `make demo` and `make test`.
 PYTHON ?= python3.11
 VENV ?= .venv
-BIN := $(VENV)/bin
+BIN := $(abspath $(VENV))/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: install demo test test-fast bench dag flow clean

@@ -63,13 +63,16 @@ def _interpreter() -> tuple[str, list[str]]:
     def dirs_of(prefixes: set[str]) -> list[str]:
         return sorted(d for d in prefixes if os.path.isdir(d))
 
-    base = {sys.base_prefix, sys.base_exec_prefix, str(Path(sys.executable).resolve().parent)}
-    venv = {sys.prefix, sys.exec_prefix, str(Path(sys.executable).parent)}
+    # sys.executable is relative when Python was started by a relative path (.venv/bin/python),
+    # and the zygote starts in another directory.
+    executable = str(Path(sys.executable).absolute())
+    base = {sys.base_prefix, sys.base_exec_prefix, str(Path(executable).resolve().parent)}
+    venv = {sys.prefix, sys.exec_prefix, str(Path(executable).parent)}
     venv |= {entry for entry in sys.path if entry and "site-packages" in entry and os.path.isdir(entry)}
     if any(_under(d, list(PRIVATE_TMP_DIRS)) for d in venv - base):
-        base_python = str(Path(sys.executable).resolve())
+        base_python = str(Path(executable).resolve())
         return base_python, [d for d in dirs_of(base) if not _under(d, list(PRIVATE_TMP_DIRS))]
-    return sys.executable, dirs_of(base | venv)
+    return executable, dirs_of(base | venv)
 
 
 def _under(path: str, roots: list[str]) -> bool:

@@ -186,6 +186,24 @@ def test_isolation_level_is_reported():
         assert level == "bubblewrap"
 
 
+def test_started_by_a_relative_interpreter_path(tmp_path):
+    """`make` puts a relative `.venv/bin` on PATH, so sys.executable is relative: the sandbox
+    must still find its interpreter from its own working directory."""
+    import subprocess
+
+    python = Path(sys.executable)
+    script = ("from tasks import sandbox\n"
+              "job = sandbox.Job(program='def f(x):\\n    return x + 1\\n',"
+              " test='def check(c):\\n    assert c(1) == 2\\n', entry_point='f')\n"
+              "print(sandbox.isolation_level(), sandbox.check_programs([job])[0].result)\n")
+    relative_bin = os.path.relpath(python.parent, python.parents[2])
+    out = subprocess.run([python.name, "-c", script], cwd=python.parents[2],
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+                                  PATH=relative_bin + os.pathsep + os.environ["PATH"]),
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == [sandbox.isolation_level(), "passed"], out.stderr
+
+
 def test_private_tmp_is_writable_and_fresh_each_run(box):
     program = ("import os\n"
                "found = os.listdir('/tmp') + os.listdir('/dev/shm')\n"
