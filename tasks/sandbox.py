@@ -228,6 +228,7 @@ class Sandbox:
                     b, config, self.hide)
                 try:
                     zygote = _Zygote(command_for, uid)
+                    self._self_check(zygote)
                 except (OSError, SandboxError) as err:
                     errors.append(f"{bwrap}: {err}")
                     continue
@@ -238,9 +239,26 @@ class Sandbox:
                 raise SandboxError("bubblewrap failed: " + "; ".join(errors or ["not found"]))
         command_for = lambda config: sandbox_launch.bare_command(config, self.hide)  # noqa: E731
         zygote = _Zygote(command_for, uid)
+        self._self_check(zygote)
         self._command_for, self.level = command_for, zygote.level
         _record_level(zygote.level)
         return zygote
+
+    @staticmethod
+    def _self_check(zygote: "_Zygote") -> None:
+        """A launcher that starts but cannot run programs would fail every sample quietly:
+        require a known-right program to pass and a known-wrong one to fail first."""
+        test = "def check(candidate):\n    assert candidate(2) == 3\n"
+        limits = {"timeout_s": 10.0, "memory_mb": 1024, "output_limit": 1 << 16}
+        for body, expected in (("x + 1", True), ("x", False)):
+            job = Job(program=f"def inc(x):\n    return {body}\n", test=test, entry_point="inc")
+            header, secrets, runs = _split(job, limits)
+            verdict = zygote.run(header, secrets, 30 * runs)
+            if verdict.passed is not expected:
+                zygote.proc.kill()
+                zygote.close()
+                raise SandboxError(f"self-check failed at level {zygote.level}: a "
+                                   f"{'right' if expected else 'wrong'} program gave {verdict.result!r}")
 
     def check(self, jobs: Iterable, timeout_s: float = 5.0, memory_mb: int = 1024,
               output_limit_kb: int = 4096, progress: bool = False) -> list[Verdict]:
