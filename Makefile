@@ -29,6 +29,7 @@ test-fast: install
 
 bench: install
 	PATH=$(BIN):$$PATH $(BIN)/python bench/bench_sandbox.py --rounds 3
+	PATH=$(BIN):$$PATH $(BIN)/python -m bench.bench_sampling --model models/base --prompts 32 --rounds 2
 
 flow: install
 	PATH=$(BIN):$$PATH $(BIN)/selfdistill flow run

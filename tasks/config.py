@@ -40,7 +40,7 @@ class DataConfig(Strict):
 class DecodingConfig(Strict):
     """temperature -> top-k -> top-p -> min-p, vLLM's order; shared by sampling and evaluation."""
 
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "ctranslate2", "ctranslate2-float32", "vllm"] = "transformers"
     temperature: float = Field(ge=0)
     top_k: int = Field(20, ge=0)  # 0 disables top-k
     top_p: float = Field(1.0, gt=0, le=1)
@@ -49,6 +49,16 @@ class DecodingConfig(Strict):
     max_new_tokens: int = Field(256, ge=1)
     seed: int = 0
     batch_size: int = Field(16, ge=1)
+
+
+    @model_validator(mode="after")
+    def _backend_can_sample(self) -> "DecodingConfig":
+        if self.backend.startswith("ctranslate2") and self.min_p > 0 and self.temperature > 0:
+            raise ValueError(f"min_p={self.min_p}: backend {self.backend} has no min-p; "
+                             "set min_p: 0 or backend: transformers")
+        if self.backend == "vllm" and self.min_p > 0 and self.top_p < 1 and self.temperature > 0:
+            raise ValueError("vLLM applies min-p before top-p: set min_p: 0 or top_p: 1 for backend vllm")
+        return self
 
 
 class SamplingConfig(DecodingConfig):

@@ -1,13 +1,13 @@
 """Stage `convert`: an HF model dir -> a CTranslate2 model dir for the fast CPU backend.
 
-    python -m tasks.convert --model models/base [--out models/base.ct2] [--quantization int8]
+    python -m tasks.convert --model models/base [--quantization int8] [--out models/base.ct2-int8]
 
-The converted dir sits beside the model (`<model>.ct2` unless --out says otherwise) and is
-self-contained: CTranslate2's model.bin and vocabulary, plus (in hf/) the tokenizer, chat
-template and generation config copied from the HF dir. `convert.json` in it records the sha256 of the HF
-dir it came from; the `ctranslate2*` backends refuse a converted dir whose recorded
-fingerprint does not match the model they were asked to sample from, so a retrained arm can
-never be sampled through a stale conversion. In the DVC pipeline the stage is keyed on the
+The converted dir sits beside the model (`<model>.ct2-<quantization>` unless --out says so)
+and is self-contained: CTranslate2's model.bin and vocabulary, plus (in hf/) the tokenizer,
+chat template and generation config copied from the HF dir. `convert.json` in it records the
+sha256 of the HF dir it came from; the `ctranslate2*` backends refuse a converted dir whose
+recorded fingerprint does not match the model they were asked to sample from, so a retrained
+arm can never be sampled through a stale conversion. In the DVC pipeline the stage is keyed on the
 model dir, so each model (base and every trained arm) is converted once and cached.
 """
 from __future__ import annotations
@@ -22,18 +22,18 @@ from pathlib import Path
 from tasks.config import run_stage
 from tasks.files import DataError, atomic_path
 
-SUFFIX = ".ct2"
+SUFFIX = ".ct2-"
 MARKER = "convert.json"
-QUANTIZATIONS = ("int8", "float32", "int8_float32")
+QUANTIZATIONS = ("int8", "float32")
 # Files of an HF dir that the sampler needs besides the weights.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
               "generation_config.json", "config.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
-def converted_dir(model_dir: str | Path) -> Path:
-    """Where the conversion of `model_dir` lives by default: `models/base` -> `models/base.ct2`."""
+def converted_dir(model_dir: str | Path, quantization: str = "int8") -> Path:
+    """Where a conversion of `model_dir` lives by default: `models/base` -> `models/base.ct2-int8`."""
     model_dir = Path(model_dir)
-    return model_dir.with_name(model_dir.name + SUFFIX)
+    return model_dir.with_name(model_dir.name + SUFFIX + quantization)
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -57,21 +57,26 @@ def read_marker(path: str | Path) -> dict:
     return json.loads((Path(path) / MARKER).read_text())
 
 
-def resolve(model_dir: str | Path) -> Path:
-    """The CTranslate2 dir to sample `model_dir` with: the dir itself if it is a conversion,
-    else `<model_dir>.ct2`, checked against the model's fingerprint."""
+def resolve(model_dir: str | Path, quantization: str = "int8") -> Path:
+    """The CTranslate2 dir to sample `model_dir` with, at the given weight quantization: the dir
+    itself if it is such a conversion, else `<model_dir>.ct2-<quantization>`, checked against
+    the model's current fingerprint (a stale conversion is an error, never silently used)."""
     model_dir = Path(model_dir)
     if is_converted(model_dir):
-        return model_dir
-    target = converted_dir(model_dir)
-    command = f"python -m tasks.convert --model {model_dir} --out {target}"
-    if not is_converted(target):
-        raise DataError(f"{model_dir}: no CTranslate2 conversion at {target}; run `{command}` "
-                        "(the DVC pipeline's convert stage does this)")
-    recorded = read_marker(target).get("source_sha256")
-    if recorded != model_fingerprint(model_dir):
-        raise DataError(f"{target} was converted from a different version of {model_dir}; "
-                        f"run `{command}` again")
+        target = model_dir
+    else:
+        target = converted_dir(model_dir, quantization)
+        command = f"python -m tasks.convert --model {model_dir} --quantization {quantization}"
+        if not is_converted(target):
+            raise DataError(f"{model_dir}: no CTranslate2 conversion at {target}; run `{command}` "
+                            "(the DVC pipeline's convert stage does this)")
+        if read_marker(target).get("source_sha256") != model_fingerprint(model_dir):
+            raise DataError(f"{target} was converted from a different version of {model_dir}; "
+                            f"run `{command}` again")
+    found = read_marker(target).get("quantization")
+    if found != quantization:
+        raise DataError(f"{target} holds {found} weights, but this backend samples from {quantization} "
+                        f"weights; convert with --quantization {quantization}")
     return target
 
 
@@ -81,7 +86,7 @@ def convert(model_dir: str | Path, out_dir: str | Path | None = None, quantizati
     from ctranslate2.converters import TransformersConverter
 
     model_dir = Path(model_dir)
-    out_dir = Path(out_dir) if out_dir else converted_dir(model_dir)
+    out_dir = Path(out_dir) if out_dir else converted_dir(model_dir, quantization)
     if quantization not in QUANTIZATIONS:
         raise DataError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     if not (model_dir / "config.json").is_file():
@@ -90,6 +95,13 @@ def convert(model_dir: str | Path, out_dir: str | Path | None = None, quantizati
     with atomic_path(out_dir, is_dir=True) as tmp:
         TransformersConverter(str(model_dir), low_cpu_mem_usage=True).convert(
             str(tmp), quantization=quantization, force=True)
+        # CTranslate2 refuses to load a config whose bos/unk token is null (models without a
+        # BOS, like Qwen's, or tokenizers without an unk); the backend never uses either.
+        ct2_config = json.loads((tmp / "config.json").read_text())
+        for key in ("bos_token", "unk_token", "eos_token"):
+            if not ct2_config.get(key):
+                ct2_config[key] = ct2_config.get("eos_token") or "</s>"
+        (tmp / "config.json").write_text(json.dumps(ct2_config, indent=2) + "\n")
         # The tokenizer, chat template and generation config (EOS ids) go into hf/, apart from
         # CTranslate2's own config.json.
         (tmp / "hf").mkdir()
@@ -107,9 +119,9 @@ def convert(model_dir: str | Path, out_dir: str | Path | None = None, quantizati
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model dir, e.g. models/base")
-    parser.add_argument("--out", help="output dir (default: <model>.ct2)")
     parser.add_argument("--quantization", default="int8", choices=QUANTIZATIONS,
-                        help="weight storage; an int8 dir can still run at float32 compute (dequantized)")
+                        help="int8 for backend ctranslate2, float32 for backend ctranslate2-float32")
+    parser.add_argument("--out", help="output dir (default: <model>.ct2-<quantization>)")
     args = parser.parse_args(argv)
     convert(args.model, args.out, args.quantization)
     return 0

@@ -121,7 +121,21 @@ class TransformersBackend:
         ]
 
 
-BACKENDS = {"transformers": TransformersBackend}
+def _lazy(module: str, cls: str):
+    """A backend class imported on first use, so optional engines stay optional."""
+    def load(model_dir: str | Path):
+        import importlib
+
+        return getattr(importlib.import_module(module), cls)(model_dir)
+    return load
+
+
+BACKENDS = {
+    "transformers": TransformersBackend,
+    "ctranslate2": _lazy("tasks.backend_ct2", "CT2Backend"),
+    "ctranslate2-float32": _lazy("tasks.backend_ct2", "CT2Float32Backend"),
+    "vllm": _lazy("tasks.backend_vllm", "VLLMBackend"),
+}
 
 
 def load_backend(name: str, model_dir: str | Path):

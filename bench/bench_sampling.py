@@ -1,0 +1,175 @@
+"""Useful tokens/s of each sampling backend against transformers, same prompts, same run.
+
+    python -m bench.bench_sampling [--model models/base] [--backends transformers,ctranslate2]
+                                   [--prompts 32] [--rounds 2] [--batch-size 16] [--pass-at-1 0]
+
+Prompts are HumanEval problems in the project's chat format (the `sample` stage's prompts);
+decoding is the default `sample` config of params.yaml (T 0.8, top-k 20, top-p 0.8, 256 new
+tokens, batch 16) unless flags say otherwise. Work is planned as generate_jsonl plans it
+(sorted by prompt length, cut into batches, one seed per batch) and every backend gets the
+same plan. Rounds alternate backend by backend so that load from other work on the machine
+hits all alike; each backend's best round is reported, with the ratio to transformers.
+"Useful" tokens are the completions' tokens (EOS included, as in num_tokens): no padding.
+
+A ctranslate2* backend needs a conversion; a missing one is made first (timed, reported).
+--pass-at-1 N additionally samples N answers for each of the first --eval-problems held-out
+HumanEval problems with every backend at the `evaluate` decoding config and scores them in the
+sandbox (pass@1 per backend: what quantisation costs).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tasks.config import Params, ParamsError, load_params  # noqa: E402
+from tasks.generation import load_backend  # noqa: E402
+from tasks.problems import chat_messages, load_problems, split_problems  # noqa: E402
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def plan(prompts: list[list[int]], n: int, batch_size: int) -> list[list[int]]:
+    units = sorted(((r, s) for r in range(len(prompts)) for s in range(n)), key=lambda u: (-len(prompts[u[0]]), u))
+    return [[r for r, _ in units[i:i + batch_size]] for i in range(0, len(units), batch_size)]
+
+
+def run_once(backend, prompts, batches, cfg) -> dict:
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    outs = []
+    for b, batch in enumerate(batches):
+        outs += backend.generate_batch([prompts[r] for r in batch], cfg, seed=cfg.seed * 1_000_003 + b)
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    tokens = sum(o.num_tokens for o in outs)
+    return {"wall": wall, "cpu": cpu, "tokens": tokens, "samples": len(outs),
+            "eos": sum(o.finish_reason == "eos" for o in outs), "outs": outs}
+
+
+def ensure_converted(model: str, name: str) -> float:
+    from tasks import convert
+
+    quantization = {"ctranslate2": "int8", "ctranslate2-float32": "float32"}.get(name)
+    if quantization is None:
+        return 0.0
+    try:
+        convert.resolve(model, quantization)
+        return 0.0
+    except Exception:  # missing or stale: convert now
+        started = time.perf_counter()
+        convert.convert(model, None, quantization)
+        return time.perf_counter() - started
+
+
+def pass_at_1(backends: dict, cfg, problems: list[dict], n: int) -> dict:
+    from tasks import sandbox
+    from tasks.extract import program_from_answer
+    from tasks.passk import mean_pass_at_k
+
+    cfg = cfg.model_copy(update={"n": n})
+    result = {}
+    for name, backend in backends.items():
+        prompts = [backend.encode_chat(chat_messages(p)) for p in problems]
+        batches = plan(prompts, n, cfg.batch_size)
+        outs = run_once(backend, prompts, batches, cfg)["outs"]
+        rows = [r for batch in batches for r in batch]
+        jobs = [sandbox.Job(program=program_from_answer(problems[r]["prompt"], problems[r]["entry_point"], o.text),
+                            test=problems[r]["test"], entry_point=problems[r]["entry_point"])
+                for r, o in zip(rows, outs)]
+        verdicts = sandbox.check_programs(jobs, timeout_s=5.0)
+        counts: dict[int, list[int]] = {}
+        for r, v in zip(rows, verdicts):
+            c = counts.setdefault(r, [0, 0])
+            c[0] += 1
+            c[1] += bool(v.passed)
+        result[name] = (mean_pass_at_k([tuple(c) for c in counts.values()], 1), sum(c[1] for c in counts.values()),
+                        sum(c[0] for c in counts.values()))
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="models/base", help="HF model dir")
+    parser.add_argument("--backends", default="transformers,ctranslate2,ctranslate2-float32")
+    parser.add_argument("--prompts", type=int, default=32, help="HumanEval train-split prompts")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=0, help="0: params' sample.batch_size")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="0: params' sample.max_new_tokens")
+    parser.add_argument("--pass-at-1", type=int, default=0, help="samples per held-out problem (0: skip)")
+    parser.add_argument("--eval-problems", type=int, default=66)
+    parser.add_argument("--skip-speed", action="store_true", help="only the pass@1 comparison")
+    args = parser.parse_args()
+
+    try:
+        params = load_params() if Path("params.yaml").exists() else Params()
+    except ParamsError:
+        params = Params()
+    cfg = params.sample
+    update = {}
+    if args.batch_size:
+        update["batch_size"] = args.batch_size
+    if args.max_new_tokens:
+        update["max_new_tokens"] = args.max_new_tokens
+    cfg = cfg.model_copy(update=update)
+    problems = load_problems(params.data.problems)
+    train, held_out = split_problems(problems, params.data.eval_fraction, params.data.split_seed)
+    train = train[:args.prompts]
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    print(f"model {args.model}; {len(train)} prompts; T={cfg.temperature} top_k={cfg.top_k} top_p={cfg.top_p} "
+          f"min_p={cfg.min_p} max_new_tokens={cfg.max_new_tokens} batch_size={cfg.batch_size}; "
+          f"{os.cpu_count()} CPUs; {args.rounds} rounds, interleaved")
+
+    backends, prompts = {}, {}
+    for name in names:
+        converted = ensure_converted(args.model, name)
+        started = time.perf_counter()
+        backends[name] = load_backend(name, args.model)
+        print(f"  {name}: loaded in {time.perf_counter() - started:.1f}s"
+              + (f" (converted first, {converted:.0f}s)" if converted else ""), flush=True)
+        prompts[name] = [backends[name].encode_chat(chat_messages(p)) for p in train]
+    reference = prompts[names[0]]
+    for name in names:
+        if prompts[name] != reference:
+            raise SystemExit(f"{name} encodes the chat differently from {names[0]}")
+    batches = plan(reference, cfg.n, cfg.batch_size)
+
+    best: dict[str, dict] = {}
+    for rnd in range(0 if args.skip_speed else args.rounds):
+        for name in names:
+            r = run_once(backends[name], reference, batches, cfg)
+            print(f"  round {rnd} {name:20s} {r['tokens']:6d} tokens {r['wall']:7.1f}s wall "
+                  f"{r['tokens'] / r['wall']:6.1f} tok/s  (cpu {r['cpu']:.0f}s, eos {r['eos']}/{r['samples']})",
+                  flush=True)
+            if name not in best or r["tokens"] / r["wall"] > best[name]["tokens"] / best[name]["wall"]:
+                best[name] = r
+
+    base = best.get("transformers")
+    if best:
+        print("\nbest round per backend:")
+        print(f"  {'backend':20s} {'tok/s':>7s} {'s/1000 samples':>15s} {'tok/cpu-s':>9s} {'x transformers':>15s}")
+    for name in best:
+        r = best[name]
+        rate = r["tokens"] / r["wall"]
+        per_1000 = r["wall"] / r["samples"] * 1000
+        ratio = f"{rate / (base['tokens'] / base['wall']):.2f}x" if base else "-"
+        print(f"  {name:20s} {rate:7.1f} {per_1000:15.0f} {r['tokens'] / r['cpu']:9.1f} {ratio:>15s}")
+
+    if args.pass_at_1:
+        eval_cfg = params.evaluate
+        scored = pass_at_1(backends, eval_cfg, held_out[:args.eval_problems], args.pass_at_1)
+        print(f"\npass@1 on {min(args.eval_problems, len(held_out))} held-out problems, {args.pass_at_1} samples "
+              f"each, T={eval_cfg.temperature} top_k={eval_cfg.top_k} top_p={eval_cfg.top_p}:")
+        for name, (p1, passed, total) in scored.items():
+            print(f"  {name:20s} pass@1 {p1:.3f} ({passed}/{total} samples passed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

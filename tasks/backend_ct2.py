@@ -1,0 +1,123 @@
+"""CTranslate2 sampling backends: `ctranslate2` (int8 weights and GEMMs) and
+`ctranslate2-float32` (the HF weights unchanged).
+
+Both sample from a conversion made by `python -m tasks.convert` (see tasks/convert.py),
+checked against the HF dir's fingerprint. Semantics, as the reference backend's:
+
+- prompts are the token ids `encode_chat` made with the model's chat template;
+- CTranslate2's sampler restricts to the top-k logits, divides by the temperature, masks
+  outside the top-p nucleus (the smallest set of most probable tokens whose mass reaches
+  top_p, the crossing token kept, as transformers and vLLM do) and draws from the rest:
+  the same distribution as temperature -> top-k -> top-p, since temperature does not change
+  the ranking. temperature 0 is greedy. CTranslate2 has no min-p: a config with min_p > 0 is
+  rejected with an error that names the key, never sampled differently;
+- finished sequences leave the batch; generation stops at any of the model's EOS ids or
+  after max_new_tokens; an EOS counts in num_tokens, as in the reference backend;
+- seeds: CTranslate2's random generator lives in its worker thread and is seeded once, when
+  that thread first samples, so reseeding a running generator does nothing. Each batch
+  therefore gets a fresh generator created right after `set_random_seed(seed)`: a batch's
+  samples depend only on (prompts, config, seed), which keeps generate_jsonl's resume exact.
+  Loading costs ~1 s per batch for the 135M default (int8), small next to the batch itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tasks.config import DecodingConfig, ParamsError
+from tasks.generation import Completion
+
+
+def unsupported(cfg: DecodingConfig, backend: str) -> str | None:
+    """Why `backend` cannot sample `cfg` exactly, or None."""
+    if cfg.min_p > 0 and cfg.temperature > 0:
+        return (f"min_p={cfg.min_p}: backend {backend} has no min-p truncation; set min_p: 0 "
+                "or backend: transformers")
+    return None
+
+
+def _eos_ids(hf_dir: Path, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_config = hf_dir / "generation_config.json"
+    if gen_config.is_file():
+        configured = json.loads(gen_config.read_text()).get("eos_token_id")
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif configured:
+            ids.update(configured)
+    return sorted(i for i in ids if i is not None)
+
+
+class CT2Backend:
+    name = "ctranslate2"
+    quantization = "int8"  # weights stored and GEMMs run in int8 (per-row scales)
+    compute_type = "int8_float32"
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None):
+        import ctranslate2  # noqa: F401  (fail here, not at the first batch, if it is missing)
+        from transformers import AutoTokenizer
+
+        from tasks.convert import resolve
+
+        self.model_dir = resolve(model_dir, self.quantization)
+        hf_dir = self.model_dir / "hf"
+        self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        if self.tokenizer.chat_template is None:
+            raise ParamsError(f"{hf_dir}: the tokenizer has no chat template")
+        self.eos = _eos_ids(hf_dir, self.tokenizer)
+        self.threads = threads or max(1, os.cpu_count() or 1)
+        # The model files, read once; every batch's fresh generator loads from memory.
+        self._files = {p.name: p.read_bytes() for p in self.model_dir.iterdir()
+                       if p.name in ("model.bin", "config.json", "vocabulary.json", "vocabulary.txt",
+                                     "vocab.json", "shared_vocabulary.json", "shared_vocabulary.txt")}
+
+    def encode_chat(self, messages: list) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def check(self, cfg: DecodingConfig) -> None:
+        reason = unsupported(cfg, self.name)
+        if reason:
+            raise ParamsError(reason)
+
+    def _generator(self, seed: int):
+        import ctranslate2
+
+        ctranslate2.set_random_seed(seed % (1 << 32))
+        return ctranslate2.Generator(str(self.model_dir), device="cpu", compute_type=self.compute_type,
+                                     inter_threads=1, intra_threads=self.threads, files=self._files)
+
+    def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int) -> list[Completion]:
+        self.check(cfg)
+        greedy = cfg.temperature == 0
+        generator = self._generator(seed)
+        try:
+            results = generator.generate_batch(
+                [self.tokenizer.convert_ids_to_tokens(p) for p in prompts],
+                max_length=cfg.max_new_tokens,
+                include_prompt_in_result=False,
+                end_token=self.eos,
+                return_end_token=True,
+                beam_size=1,
+                sampling_topk=1 if greedy else cfg.top_k,  # 0: the whole vocabulary
+                sampling_topp=1.0 if greedy else cfg.top_p,
+                sampling_temperature=1.0 if greedy else cfg.temperature,
+            )
+        finally:
+            del generator
+        out = []
+        for result in results:
+            ids = list(result.sequences_ids[0])
+            finish = "eos" if ids and ids[-1] in self.eos else "length"
+            text_ids = ids[:-1] if finish == "eos" else ids
+            out.append(Completion(self.tokenizer.decode(text_ids, skip_special_tokens=True), len(ids), finish))
+        return out
+
+
+class CT2Float32Backend(CT2Backend):
+    name = "ctranslate2-float32"
+    quantization = "float32"
+    compute_type = "float32"

@@ -1,0 +1,374 @@
+"""Sampling backends: fidelity to the reference distribution, and the shared semantics.
+
+Fidelity: for fixed prompts, each backend draws many two-token continuations; their
+empirical joint distribution is compared with the reference computed from the HF model's
+fp32 logits (temperature -> top-k -> top-p -> min-p, written out independently below) by
+total-variation distance. The threshold is the 99.99th percentile of the TV that sampling
+noise alone gives at that sample size (simulated from the reference itself), so a correct
+sampler passes and a sampler that is off by more than noise fails. A negative control shows
+the threshold is tight enough to catch the likeliest bug (top-p before the temperature).
+
+The model is a tiny random llama with a character-level tokenizer (one character per token,
+so texts map back to tokens exactly) and a sharpened output layer, so that temperature,
+top-k and top-p all cut real mass.
+"""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import ctranslate2
+import numpy as np
+import pytest
+import torch
+from conftest import CHATML
+
+from tasks.config import DecodingConfig, ParamsError, SamplingConfig, validate_params
+from tasks.files import DataError
+from tasks.generation import BACKENDS, Request, TransformersBackend, generate_jsonl
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHARS = list("\n abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?()[]=+-*/_#")
+EOS = 2
+SAMPLES = 6000  # two-token continuations per (backend, config)
+
+
+def build_char_model(out_dir: Path, seed: int = 0, sharpen: float = 10.0) -> Path:
+    """Only the EOS is a special token: every other token, <|im_start|> included, survives
+    decoding, so a completion's text maps back to its tokens exactly."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.decoder = decoders.Fuse()
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in SPECIALS[:2]])
+    backend.add_special_tokens([AddedToken(SPECIALS[EOS], special=True, normalized=False)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=SPECIALS[EOS])
+    tokenizer.chat_template = CHATML
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=None, eos_token_id=EOS, pad_token_id=EOS, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpen)  # logits with a spread of a few units, not ~0.1
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.pad_token_id = EOS
+    model.generation_config.bos_token_id = None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def char_model(tmp_path_factory) -> Path:
+    return build_char_model(tmp_path_factory.mktemp("backends") / "model")
+
+
+@pytest.fixture(scope="module")
+def converted(char_model) -> Path:
+    from tasks.convert import convert
+
+    for quantization in ("int8", "float32"):
+        convert(char_model, None, quantization)
+    return char_model
+
+
+@pytest.fixture(scope="module")
+def backends(converted) -> dict:
+    from tasks.backend_ct2 import CT2Backend, CT2Float32Backend
+
+    return {
+        "transformers": TransformersBackend(converted, dtype=torch.float32),
+        "ctranslate2-float32": CT2Float32Backend(converted),
+        "ctranslate2": CT2Backend(converted),
+    }
+
+
+@pytest.fixture(scope="module")
+def hf(char_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(char_model, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(char_model)
+
+
+# --- the reference distribution, written independently of any backend -----------------------
+
+def truncated(logits: torch.Tensor, cfg: DecodingConfig) -> torch.Tensor:
+    """Probabilities after temperature -> top-k -> top-p -> min-p (vLLM's definitions)."""
+    logits = logits.double()
+    if cfg.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).double()
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if cfg.top_k:
+        keep &= probs >= probs.topk(cfg.top_k).values[-1]
+    probs = torch.where(keep, probs, 0.0)
+    probs /= probs.sum()
+    if cfg.top_p < 1:
+        order = probs.argsort(descending=True)
+        before = probs[order].cumsum(0) - probs[order]  # mass of the strictly more probable tokens
+        nucleus = torch.zeros_like(keep)
+        nucleus[order] = before < cfg.top_p  # the token that crosses top_p is kept
+        probs = torch.where(nucleus, probs, 0.0)
+        probs /= probs.sum()
+    if cfg.min_p > 0:
+        probs = torch.where(probs >= cfg.min_p * probs.max(), probs, 0.0)
+        probs /= probs.sum()
+    return probs
+
+
+def joint_reference(logits_fn, prompt: list[int], cfg: DecodingConfig) -> dict[tuple, float]:
+    """P(first two tokens) from a logits function (ids -> last-position logits); EOS ends early."""
+    first = truncated(logits_fn(prompt), cfg)
+    joint = {}
+    for t1 in torch.nonzero(first).flatten().tolist():
+        if t1 == EOS:
+            joint[(t1,)] = first[t1].item()
+            continue
+        second = truncated(logits_fn(prompt + [t1]), cfg)
+        for t2 in torch.nonzero(second).flatten().tolist():
+            joint[(t1, t2)] = first[t1].item() * second[t2].item()
+    return joint
+
+
+def hf_logits(hf):
+    model, _ = hf
+
+    @torch.no_grad()
+    def fn(ids):
+        return model(torch.tensor([ids])).logits[0, -1].float()
+    return fn
+
+
+def ct2_logits(backend):
+    generator = ctranslate2.Generator(str(backend.model_dir), compute_type=backend.compute_type)
+
+    def fn(ids):
+        out = generator.forward_batch([backend.tokenizer.convert_ids_to_tokens(ids)])
+        return torch.tensor(np.asarray(out))[0, -1].float()
+    return fn
+
+
+def outcome(completion, tokenizer) -> tuple:
+    ids = tuple(tokenizer.encode(completion.text, add_special_tokens=False))
+    if completion.finish_reason == "eos":
+        ids += (EOS,)
+    assert len(ids) == completion.num_tokens, "a text must map back to its tokens"
+    return ids
+
+
+def tv(reference: dict, counts: Counter, n: int) -> float:
+    keys = set(reference) | set(counts)
+    return 0.5 * sum(abs(reference.get(k, 0.0) - counts.get(k, 0) / n) for k in keys)
+
+
+def first_token(dist: dict | Counter) -> dict:
+    marginal: dict = {}
+    for key, value in dist.items():
+        marginal[key[:1]] = marginal.get(key[:1], 0) + value
+    return marginal
+
+
+def check(name: str, config: str, reference: dict, counts: Counter, n: int = SAMPLES) -> list[str]:
+    """TV of the first token's marginal and of the two-token joint; the failures, if any."""
+    failures = []
+    for what, ref, emp in (("first token", first_token(reference), Counter(first_token(counts))),
+                           ("two tokens", reference, counts)):
+        distance, threshold = tv(ref, emp, n), noise_threshold(ref, n)
+        print(f"\n{name} [{config}] {what}: TV {distance:.4f} (noise threshold {threshold:.4f}, "
+              f"{len(ref)} outcomes)", end="")
+        if distance >= threshold:
+            failures.append(f"{what}: TV {distance:.4f} >= {threshold:.4f}")
+    return failures
+
+
+def noise_threshold(reference: dict, n: int, quantile: float = 0.9999, sims: int = 10000) -> float:
+    """The TV that n draws from `reference` itself exceed with probability 1 - quantile (1 in
+    10,000): a correct sampler fails an assertion by chance about that rarely."""
+    p = np.array(list(reference.values()))
+    p /= p.sum()
+    rng = np.random.default_rng(0)
+    distances = np.concatenate([0.5 * np.abs(rng.multinomial(n, p, size=1000) / n - p).sum(axis=1)
+                                for _ in range(sims // 1000)])
+    return float(np.quantile(distances, quantile))
+
+
+def empirical(backend, prompt, cfg, n=SAMPLES, seed=0) -> Counter:
+    completions = backend.generate_batch([prompt] * n, cfg.model_copy(update={"max_new_tokens": 2}), seed=seed)
+    return Counter(outcome(c, backend.tokenizer) for c in completions)
+
+
+CONFIGS = {
+    "default (T0.8 k20 p0.8)": SamplingConfig(temperature=0.8, top_k=20, top_p=0.8),
+    "hot top-p only (T1.3 p0.8)": SamplingConfig(temperature=1.3, top_k=0, top_p=0.8),
+    "cool top-k only (T0.6 k5)": SamplingConfig(temperature=0.6, top_k=5, top_p=1.0),
+}
+PROMPTS = [[{"role": "user", "content": "def add(a, b):\n    return a + b"}],
+           [{"role": "user", "content": "Write a function is_prime(n)."}]]
+
+
+@pytest.mark.parametrize("name", ["transformers", "ctranslate2-float32", "ctranslate2"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_fidelity_two_token_distribution(backends, hf, name, config):
+    backend, cfg = backends[name], CONFIGS[config]
+    prompt = backend.encode_chat(PROMPTS[list(CONFIGS).index(config) % len(PROMPTS)])
+    reference = joint_reference(hf_logits(hf), prompt, cfg)
+    counts = empirical(backend, prompt, cfg)
+    if name == "ctranslate2":
+        # int8 samples from its own (quantised) logits: check the sampler against those, and
+        # report how far quantisation moved the distribution from the fp32 model's.
+        own = joint_reference(ct2_logits(backend), prompt, cfg)
+        quantisation = tv(reference, Counter({k: v * SAMPLES for k, v in own.items()}), SAMPLES)
+        print(f"\n{name} [{config}]: TV to the fp32 reference {tv(reference, counts, SAMPLES):.4f}; "
+              f"int8 vs fp32 exact TV {quantisation:.4f}", end="")
+        assert not check(name + " vs own int8 logits", config, own, counts)
+        assert quantisation < 0.15, "int8 moved the distribution far from the model's"
+    else:
+        assert not check(name, config, reference, counts)
+
+
+def test_fidelity_min_p_transformers(backends, hf):
+    """min-p (after top-p) in the reference backend; the ctranslate2 backends refuse it."""
+    backend, cfg = backends["transformers"], SamplingConfig(temperature=1.3, top_k=0, top_p=0.95, min_p=0.15)
+    prompt = backend.encode_chat(PROMPTS[0])
+    reference = joint_reference(hf_logits(hf), prompt, cfg)
+    assert not check("transformers", "min-p (T1.3 p0.95 min_p0.15)", reference, empirical(backend, prompt, cfg))
+
+
+def test_threshold_catches_top_p_before_temperature(backends, hf):
+    """Negative control: the wrong order (top-p on the untempered distribution) is detectable."""
+    cfg = CONFIGS["hot top-p only (T1.3 p0.8)"]
+    prompt = backends["transformers"].encode_chat(PROMPTS[1])
+
+    def wrong_order(logits: torch.Tensor, cfg: DecodingConfig) -> torch.Tensor:
+        nucleus = truncated(logits, cfg.model_copy(update={"temperature": 1.0})) > 0
+        probs = torch.where(nucleus, torch.softmax(logits.double() / cfg.temperature, -1), 0.0)
+        return probs / probs.sum()
+
+    logits = hf_logits(hf)(prompt)
+    reference, wrong = truncated(logits, cfg), wrong_order(logits, cfg)
+    distance = 0.5 * (reference - wrong).abs().sum().item()
+    threshold = noise_threshold({i: v for i, v in enumerate(reference.tolist()) if v > 0}, SAMPLES)
+    print(f"\nwrong order (top-p before temperature): first-token TV {distance:.4f}, noise threshold "
+          f"{threshold:.4f}", end="")
+    assert distance > 2 * threshold
+
+
+# --- shared semantics --------------------------------------------------------------------------
+
+def prompts_of(backend, count=4):
+    return [backend.encode_chat([{"role": "user", "content": "x" * (3 * i + 1)}]) for i in range(count)]
+
+
+@pytest.mark.parametrize("name", ["ctranslate2-float32", "ctranslate2"])
+def test_lengths_and_finish_reasons(backends, name):
+    backend = backends[name]
+    cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12)
+    outs = backend.generate_batch(prompts_of(backend, 6) * 20, cfg, seed=3)
+    assert {o.finish_reason for o in outs} == {"eos", "length"}
+    for o in outs:
+        assert 1 <= o.num_tokens <= 12
+        text_tokens = len(backend.tokenizer.encode(o.text, add_special_tokens=False))
+        if o.finish_reason == "length":
+            assert o.num_tokens == text_tokens == 12
+        else:
+            assert o.num_tokens == text_tokens + 1  # the EOS counts, and is not in the text
+
+
+def test_greedy_matches_transformers(backends):
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=16)
+    prompts = prompts_of(backends["transformers"], 4)
+    assert backends["ctranslate2-float32"].generate_batch(prompts, cfg, seed=0) == \
+        backends["transformers"].generate_batch(prompts, cfg, seed=0)
+
+
+@pytest.mark.parametrize("name", ["ctranslate2-float32", "ctranslate2"])
+def test_a_batch_depends_only_on_its_seed(backends, name):
+    backend = backends[name]
+    cfg = SamplingConfig(temperature=1.2, top_k=0, max_new_tokens=16)
+    prompts = prompts_of(backend, 4)
+    first = backend.generate_batch(prompts, cfg, seed=11)
+    backend.generate_batch(prompts, cfg, seed=5)  # anything in between must not matter
+    again = backend.generate_batch(prompts, cfg, seed=11)
+    other = backend.generate_batch(prompts, cfg, seed=12)
+    assert first == again
+    assert first != other
+
+
+def test_generate_jsonl_resumes_exactly_with_ct2(tmp_path, converted, backends):
+    import json
+
+    backend = backends["ctranslate2"]
+    cfg = SamplingConfig(backend="ctranslate2", n=2, max_new_tokens=10, batch_size=3)
+    requests = [Request({"prompt_id": f"p{i}"}, [{"role": "user", "content": "y" * (i + 1)}]) for i in range(4)]
+    full = generate_jsonl(converted, requests, cfg, tmp_path / "full.jsonl", backend=backend)
+    partial = tmp_path / "resumed.jsonl.partial"
+    partial.write_text("".join(json.dumps(r) + "\n" for r in full if r["batch"] == 0))
+    assert generate_jsonl(converted, requests, cfg, tmp_path / "resumed.jsonl", backend=backend) == full
+
+
+def test_ct2_rejects_min_p_naming_the_key(backends):
+    backend = backends["ctranslate2"]
+    with pytest.raises(ParamsError, match="min_p"):
+        backend.generate_batch(prompts_of(backend, 1), SamplingConfig(min_p=0.05), seed=0)
+
+
+def test_stale_or_missing_conversion_is_refused(tmp_path):
+    from tasks.backend_ct2 import CT2Backend
+    from tasks.convert import convert
+
+    model = build_char_model(tmp_path / "m", seed=1)
+    with pytest.raises(DataError, match="tasks.convert"):
+        CT2Backend(model)
+    convert(model, None, "int8")
+    CT2Backend(model)
+    (model / "generation_config.json").write_text((model / "generation_config.json").read_text() + " ")
+    with pytest.raises(DataError, match="different version"):
+        CT2Backend(model)
+
+
+def test_backend_param_accepts_the_new_backends():
+    for name in ("transformers", "ctranslate2", "ctranslate2-float32", "vllm"):
+        assert validate_params({"sample": {"backend": name}}).sample.backend == name
+        assert name in BACKENDS
+
+
+# --- vLLM: the parameter mapping, without vllm or a GPU ------------------------------------------
+
+def test_vllm_mapping():
+    from tasks.backend_vllm import sampling_params_kwargs
+
+    kw = sampling_params_kwargs(SamplingConfig(temperature=0.8, top_k=20, top_p=0.8, max_new_tokens=256),
+                                eos_ids=[2, 7], seed=5)
+    assert kw["temperature"] == 0.8 and kw["top_k"] == 20 and kw["top_p"] == 0.8 and kw["min_p"] == 0.0
+    assert kw["max_tokens"] == 256 and kw["seed"] == 5 and kw["n"] == 1
+    assert kw["stop_token_ids"] == [2, 7] and kw["ignore_eos"] is False
+    assert kw["repetition_penalty"] == 1.0 and kw["presence_penalty"] == 0 and kw["frequency_penalty"] == 0
+    assert sampling_params_kwargs(SamplingConfig(top_k=0), [2], 0)["top_k"] == -1
+    greedy = sampling_params_kwargs(SamplingConfig(temperature=0.0, top_k=20, top_p=0.5), [2], 0)
+    assert greedy["temperature"] == 0.0 and greedy["top_k"] == -1 and greedy["top_p"] == 1.0
+    # min-p commutes with top-k, not with top-p (vLLM applies it before top-p).
+    assert sampling_params_kwargs(SamplingConfig(top_k=20, top_p=1.0, min_p=0.1), [2], 0)["min_p"] == 0.1
+    with pytest.raises(ParamsError, match="min_p"):
+        sampling_params_kwargs(SamplingConfig(top_p=0.9, min_p=0.1), [2], 0)
+    assert "vllm" not in sys.modules
+
+
+def test_vllm_outputs_to_completions():
+    from types import SimpleNamespace
+
+    from tasks.backend_vllm import completion_from_output, row_seed
+
+    stop = completion_from_output(SimpleNamespace(token_ids=[5, 6, 2], text="ab", finish_reason="stop"), [2], 10)
+    assert (stop.text, stop.num_tokens, stop.finish_reason) == ("ab", 3, "eos")
+    dropped = completion_from_output(SimpleNamespace(token_ids=[5, 6], text="ab", finish_reason="stop"), [2], 10)
+    assert dropped.num_tokens == 3
+    length = completion_from_output(SimpleNamespace(token_ids=list(range(3, 13)), text="x", finish_reason="length"),
+                                    [2], 10)
+    assert (length.num_tokens, length.finish_reason) == (10, "length")
+    assert len({row_seed(s, r) for s in range(5) for r in range(5)}) == 25
