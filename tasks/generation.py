@@ -85,7 +85,6 @@ class TransformersBackend:
         cache = DynamicCache()
         logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                             cache=cache, use_cache=True).logits[:, -1, :].float()
-        history = input_ids  # warpers see the full sequence; only penalties would use it
         rows = torch.arange(len(prompts), device=self.device)
         tokens: list[list[int]] = [[] for _ in prompts]
         finish = ["length"] * len(prompts)
@@ -93,7 +92,8 @@ class TransformersBackend:
             if cfg.temperature == 0:
                 next_ids = logits.argmax(-1)
             else:
-                probs = torch.softmax(warpers(history, logits), dim=-1)
+                # None for input_ids: temperature/top-k/top-p/min-p never read the history.
+                probs = torch.softmax(warpers(None, logits), dim=-1)
                 next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             keep = []
             for i, (row, tok) in enumerate(zip(rows.tolist(), next_ids.tolist())):
@@ -109,10 +109,9 @@ class TransformersBackend:
                 idx = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(idx)
                 rows, next_ids, attention = rows[idx], next_ids[idx], attention[idx]
-                history, positions = history[idx], positions[idx]
+                positions = positions[idx]
             attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
-            history = torch.cat([history, next_ids[:, None]], dim=1)
             logits = self.model(input_ids=next_ids[:, None], attention_mask=attention, position_ids=positions,
                                 cache=cache, use_cache=True).logits[:, -1, :].float()
         return [

@@ -153,7 +153,7 @@ def train(arm: str) -> None:
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss, step_tokens = 0.0, 0
+        step_loss = 0.0
         accum = batches[step * cfg.grad_accum: (step + 1) * cfg.grad_accum]
         n_tokens = sum(sum(l != IGNORE for l in examples[i][1][1:]) for mb in accum for i in mb)
         for mb in accum:
@@ -167,11 +167,10 @@ def train(arm: str) -> None:
                                                      reduction="sum") / max(1, n_tokens)
             loss.backward()
             step_loss += loss.item()
-            step_tokens += int((labels[:, 1:] != IGNORE).sum())
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        curve.append({"step": step + 1, "loss": round(step_loss, 5), "lr": lr, "tokens": step_tokens})
+        curve.append({"step": step + 1, "loss": round(step_loss, 5), "lr": lr, "tokens": n_tokens})
         bar.set_postfix(loss=f"{step_loss:.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
