@@ -1,15 +1,19 @@
 """Useful tokens/s of each sampling backend against transformers, same prompts, same run.
 
-    python -m bench.bench_sampling [--model models/base] [--backends transformers,ctranslate2]
-                                   [--prompts 32] [--rounds 2] [--batch-size 16] [--pass-at-1 0]
+    python -m bench.bench_sampling [--model models/base] [--backends transformers.generate,continuous-int8]
+                                   [--prompts 0] [--rounds 2] [--batch-size 0] [--slots 0] [--pass-at-1 0]
 
-Prompts are HumanEval problems in the project's chat format (the `sample` stage's prompts);
-decoding is the default `sample` config of params.yaml (T 0.8, top-k 20, top-p 0.8, 256 new
-tokens, batch 16) unless flags say otherwise. Work is planned as generate_jsonl plans it
+Prompts are the `sample` stage's: HumanEval's train-split problems in the project's chat
+format; decoding is params.yaml's `sample` config (temperature, top-k, top-p, max_new_tokens,
+batch_size, slots) unless flags say otherwise. Work is planned as generate_jsonl plans it
 (sorted by prompt length, cut into batches, one seed per batch) and every backend gets the
-same plan. Rounds alternate backend by backend so that load from other work on the machine
-hits all alike; each backend's best round is reported, with the ratio to transformers.
-"Useful" tokens are the completions' tokens (EOS included, as in num_tokens): no padding.
+same plan, except the baseline `transformers.generate`, which decodes static batches of
+--generate-batch-size (32, the setting the issue's ~65 tok/s figure was taken at).
+Rounds alternate backend by backend so that load from other work on the machine hits all
+alike; each backend's best round is reported with its ratio to the first backend listed
+(the baseline) and to the `transformers` reference backend.
+"Useful" tokens are the completions' tokens (EOS included, as in num_tokens): no padding,
+and nothing decoded after an EOS; prefill time counts in the wall time.
 
 A ctranslate2* backend needs a conversion; a missing one is made first (timed, reported).
 --pass-at-1 N additionally samples N answers for each of the first --eval-problems held-out
@@ -28,8 +32,48 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tasks.config import Params, ParamsError, load_params  # noqa: E402
-from tasks.generation import load_backend  # noqa: E402
+from tasks.generation import BACKENDS, load_backend  # noqa: E402
 from tasks.problems import chat_messages, load_problems, split_problems  # noqa: E402
+
+
+DEFAULT_BACKENDS = ["transformers.generate", "transformers", "continuous", "continuous-int8", "ctranslate2"]
+
+
+class GenerateBaseline:
+    """transformers' own `model.generate` on the reference backend's model (bf16, same chat
+    template): a static, left-padded batch whose rows decode until its longest row ends.
+    The baseline the issue's target is stated against; not a product backend."""
+
+    name = "transformers.generate"
+
+    def __init__(self, model_dir: str):
+        from tasks.generation import TransformersBackend
+
+        self.reference = TransformersBackend(model_dir)
+        self.encode_chat = self.reference.encode_chat
+
+    def generate_batch(self, prompts, cfg, seed: int):
+        import torch
+
+        from tasks.generation import Completion
+
+        ref = self.reference
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[ref.pad_id] * (width - len(p)) + p for p in prompts], device=ref.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=ref.device)
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
+                    "min_p": cfg.min_p or None} if cfg.temperature > 0 else {"do_sample": False}
+        with torch.inference_mode():
+            out = ref.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                                     eos_token_id=sorted(ref.eos), pad_token_id=ref.pad_id, **sampling)
+        completions = []
+        for row in out[:, width:].tolist():
+            end = next((i for i, t in enumerate(row) if t in ref.eos), None)
+            text_ids = row if end is None else row[:end]
+            completions.append(Completion(ref.tokenizer.decode(text_ids, skip_special_tokens=True),
+                                          len(text_ids) + (end is not None), "length" if end is None else "eos"))
+        return completions
 
 
 def cpu_seconds() -> float:
@@ -97,10 +141,15 @@ def pass_at_1(backends: dict, cfg, problems: list[dict], n: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/base", help="HF model dir")
-    parser.add_argument("--backends", default="transformers,ctranslate2,ctranslate2-float32")
-    parser.add_argument("--prompts", type=int, default=32, help="HumanEval train-split prompts")
+    parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
+                        help=f"first is the baseline; known: {', '.join([GenerateBaseline.name, *BACKENDS])}")
+    parser.add_argument("--prompts", type=int, default=0, help="HumanEval train-split prompts (0: all, "
+                        "as the sample stage)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=0, help="0: params' sample.batch_size")
+    parser.add_argument("--slots", type=int, default=0, help="0: params' sample.slots")
+    parser.add_argument("--generate-batch-size", type=int, default=32,
+                        help="transformers.generate's static batch (the issue's baseline: 32)")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="0: params' sample.max_new_tokens")
     parser.add_argument("--pass-at-1", type=int, default=0, help="samples per held-out problem (0: skip)")
     parser.add_argument("--eval-problems", type=int, default=66)
@@ -115,22 +164,25 @@ def main() -> int:
     update = {}
     if args.batch_size:
         update["batch_size"] = args.batch_size
+    if args.slots:
+        update["slots"] = args.slots
     if args.max_new_tokens:
         update["max_new_tokens"] = args.max_new_tokens
     cfg = cfg.model_copy(update=update)
     problems = load_problems(params.data.problems)
     train, held_out = split_problems(problems, params.data.eval_fraction, params.data.split_seed)
-    train = train[:args.prompts]
+    train = train[:args.prompts or None]
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     print(f"model {args.model}; {len(train)} prompts; T={cfg.temperature} top_k={cfg.top_k} top_p={cfg.top_p} "
-          f"min_p={cfg.min_p} max_new_tokens={cfg.max_new_tokens} batch_size={cfg.batch_size}; "
+          f"min_p={cfg.min_p} max_new_tokens={cfg.max_new_tokens} batch_size={cfg.batch_size} slots={cfg.slots} "
+          f"(transformers.generate: static batches of {args.generate_batch_size}); "
           f"{os.cpu_count()} CPUs; {args.rounds} rounds, interleaved")
 
     backends, prompts = {}, {}
     for name in names:
         converted = ensure_converted(args.model, name)
         started = time.perf_counter()
-        backends[name] = load_backend(name, args.model)
+        backends[name] = GenerateBaseline(args.model) if name == GenerateBaseline.name else load_backend(name, args.model)
         print(f"  {name}: loaded in {time.perf_counter() - started:.1f}s"
               + (f" (converted first, {converted:.0f}s)" if converted else ""), flush=True)
         prompts[name] = [backends[name].encode_chat(chat_messages(p)) for p in train]
@@ -139,27 +191,34 @@ def main() -> int:
         if prompts[name] != reference:
             raise SystemExit(f"{name} encodes the chat differently from {names[0]}")
     batches = plan(reference, cfg.n, cfg.batch_size)
+    generate_batches = plan(reference, cfg.n, args.generate_batch_size)
 
     best: dict[str, dict] = {}
     for rnd in range(0 if args.skip_speed else args.rounds):
         for name in names:
-            r = run_once(backends[name], reference, batches, cfg)
+            r = run_once(backends[name], reference, generate_batches if name == GenerateBaseline.name else batches,
+                         cfg)
             print(f"  round {rnd} {name:20s} {r['tokens']:6d} tokens {r['wall']:7.1f}s wall "
                   f"{r['tokens'] / r['wall']:6.1f} tok/s  (cpu {r['cpu']:.0f}s, eos {r['eos']}/{r['samples']})",
                   flush=True)
             if name not in best or r["tokens"] / r["wall"] > best[name]["tokens"] / best[name]["wall"]:
                 best[name] = r
 
-    base = best.get("transformers")
     if best:
-        print("\nbest round per backend:")
-        print(f"  {'backend':20s} {'tok/s':>7s} {'s/1000 samples':>15s} {'tok/cpu-s':>9s} {'x transformers':>15s}")
+        base_name = names[0]
+        base = best[base_name]["tokens"] / best[base_name]["wall"]
+        reference = best.get("transformers")
+        print(f"\nbest round per backend (ratios: tok/s over {base_name}'s"
+              + (", and over the transformers backend's)" if reference and base_name != "transformers" else ")"))
+        print(f"  {'backend':22s} {'tok/s':>7s} {'s/1000 samples':>15s} {'tok/cpu-s':>9s} {'x ' + base_name:>24s}"
+              f" {'x transformers':>15s}")
     for name in best:
         r = best[name]
         rate = r["tokens"] / r["wall"]
         per_1000 = r["wall"] / r["samples"] * 1000
-        ratio = f"{rate / (base['tokens'] / base['wall']):.2f}x" if base else "-"
-        print(f"  {name:20s} {rate:7.1f} {per_1000:15.0f} {r['tokens'] / r['cpu']:9.1f} {ratio:>15s}")
+        over_reference = f"{rate / (reference['tokens'] / reference['wall']):.2f}x" if reference else "-"
+        print(f"  {name:22s} {rate:7.1f} {per_1000:15.0f} {r['tokens'] / r['cpu']:9.1f} {rate / base:23.2f}x"
+              f" {over_reference:>15s}")
 
     if args.pass_at_1:
         eval_cfg = params.evaluate

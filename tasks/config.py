@@ -40,7 +40,8 @@ class DataConfig(Strict):
 class DecodingConfig(Strict):
     """temperature -> top-k -> top-p -> min-p, vLLM's order; shared by sampling and evaluation."""
 
-    backend: Literal["transformers", "ctranslate2", "ctranslate2-float32", "vllm"] = "transformers"
+    backend: Literal["continuous-int8", "continuous", "transformers", "ctranslate2", "ctranslate2-float32",
+                     "vllm"] = "continuous-int8"
     temperature: float = Field(ge=0)
     top_k: int = Field(20, ge=0)  # 0 disables top-k
     top_p: float = Field(1.0, gt=0, le=1)
@@ -48,7 +49,8 @@ class DecodingConfig(Strict):
     n: int = Field(1, ge=1)
     max_new_tokens: int = Field(256, ge=1)
     seed: int = 0
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)  # sequences per seeded batch: the unit of work a resume keeps
+    slots: int = Field(64, ge=1)  # backends continuous*: sequences decoded at once within a batch
 
 
     @model_validator(mode="after")

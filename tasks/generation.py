@@ -131,6 +131,8 @@ def _lazy(module: str, cls: str):
 
 BACKENDS = {
     "transformers": TransformersBackend,
+    "continuous": _lazy("tasks.backend_continuous", "ContinuousBackend"),
+    "continuous-int8": _lazy("tasks.backend_continuous", "ContinuousInt8Backend"),
     "ctranslate2": _lazy("tasks.backend_ct2", "CT2Backend"),
     "ctranslate2-float32": _lazy("tasks.backend_ct2", "CT2Float32Backend"),
     "vllm": _lazy("tasks.backend_vllm", "VLLMBackend"),

@@ -79,10 +79,14 @@ def converted(char_model) -> Path:
 
 @pytest.fixture(scope="module")
 def backends(converted) -> dict:
+    from tasks.backend_continuous import ContinuousBackend, ContinuousInt8Backend
     from tasks.backend_ct2 import CT2Backend, CT2Float32Backend
 
     return {
         "transformers": TransformersBackend(converted, dtype=torch.float32),
+        "continuous": ContinuousBackend(converted),  # bf16, as shipped
+        "continuous-int8": ContinuousInt8Backend(converted),
+        "continuous-float32": ContinuousBackend(converted, dtype=torch.float32),  # for exact comparisons
         "ctranslate2-float32": CT2Float32Backend(converted),
         "ctranslate2": CT2Backend(converted),
     }
@@ -154,6 +158,14 @@ def ct2_logits(backend):
     return fn
 
 
+def int8_logits(backend):
+    """The int8 backend's own model: its quantised HF model (the one that prefills)."""
+    @torch.no_grad()
+    def fn(ids):
+        return backend.model(torch.tensor([ids])).logits[0, -1].float()
+    return fn
+
+
 def outcome(completion, tokenizer) -> tuple:
     ids = tuple(tokenizer.encode(completion.text, add_special_tokens=False))
     if completion.finish_reason == "eos":
@@ -199,7 +211,8 @@ def noise_threshold(reference: dict, n: int, quantile: float = 0.9999, sims: int
 
 
 def empirical(backend, prompt, cfg, n=SAMPLES, seed=0) -> Counter:
-    completions = backend.generate_batch([prompt] * n, cfg.model_copy(update={"max_new_tokens": 2}), seed=seed)
+    cfg = cfg.model_copy(update={"max_new_tokens": 2, "slots": 500})
+    completions = backend.generate_batch([prompt] * n, cfg, seed=seed)
     return Counter(outcome(c, backend.tokenizer) for c in completions)
 
 
@@ -212,17 +225,18 @@ PROMPTS = [[{"role": "user", "content": "def add(a, b):\n    return a + b"}],
            [{"role": "user", "content": "Write a function is_prime(n)."}]]
 
 
-@pytest.mark.parametrize("name", ["transformers", "ctranslate2-float32", "ctranslate2"])
+@pytest.mark.parametrize("name", ["transformers", "continuous", "continuous-int8", "ctranslate2-float32",
+                                  "ctranslate2"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_fidelity_two_token_distribution(backends, hf, name, config):
     backend, cfg = backends[name], CONFIGS[config]
     prompt = backend.encode_chat(PROMPTS[list(CONFIGS).index(config) % len(PROMPTS)])
     reference = joint_reference(hf_logits(hf), prompt, cfg)
     counts = empirical(backend, prompt, cfg)
-    if name == "ctranslate2":
+    if name in ("ctranslate2", "continuous-int8"):
         # int8 samples from its own (quantised) logits: check the sampler against those, and
         # report how far quantisation moved the distribution from the fp32 model's.
-        own = joint_reference(ct2_logits(backend), prompt, cfg)
+        own = joint_reference(ct2_logits(backend) if name == "ctranslate2" else int8_logits(backend), prompt, cfg)
         quantisation = tv(reference, Counter({k: v * SAMPLES for k, v in own.items()}), SAMPLES)
         print(f"\n{name} [{config}]: TV to the fp32 reference {tv(reference, counts, SAMPLES):.4f}; "
               f"int8 vs fp32 exact TV {quantisation:.4f}", end="")
@@ -232,12 +246,36 @@ def test_fidelity_two_token_distribution(backends, hf, name, config):
         assert not check(name, config, reference, counts)
 
 
-def test_fidelity_min_p_transformers(backends, hf):
-    """min-p (after top-p) in the reference backend; the ctranslate2 backends refuse it."""
-    backend, cfg = backends["transformers"], SamplingConfig(temperature=1.3, top_k=0, top_p=0.95, min_p=0.15)
+@pytest.mark.parametrize("name", ["transformers", "continuous"])
+def test_fidelity_min_p(backends, hf, name):
+    """min-p (after top-p); the ctranslate2 backends refuse it."""
+    backend, cfg = backends[name], SamplingConfig(temperature=1.3, top_k=0, top_p=0.95, min_p=0.15)
     prompt = backend.encode_chat(PROMPTS[0])
     reference = joint_reference(hf_logits(hf), prompt, cfg)
-    assert not check("transformers", "min-p (T1.3 p0.95 min_p0.15)", reference, empirical(backend, prompt, cfg))
+    assert not check(name, "min-p (T1.3 p0.95 min_p0.15)", reference, empirical(backend, prompt, cfg))
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(temperature=0.8, top_k=20, top_p=0.8),
+                                 SamplingConfig(temperature=1.3, top_k=0, top_p=0.9, min_p=0.05),
+                                 SamplingConfig(temperature=0.5, top_k=3, top_p=1.0),
+                                 SamplingConfig(temperature=1.0, top_k=0, top_p=1.0)], ids=str)
+def test_continuous_sampler_is_the_truncated_distribution(cfg):
+    """The sampler's inverse CDF on a fine grid of uniforms gives back, token by token, the
+    reference distribution (within one grid step per token): an exact check, no noise.
+    Row 2 has ties at the k-th logit, which transformers' top-k keeps."""
+    from tasks.backend_continuous import sample_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    logits[2, :6] = torch.tensor([5.0, 4.0, 3.0, 3.0, 3.0, 3.0])
+    grid = 20000
+    uniforms = (torch.arange(grid) + 0.5) / grid
+    for row in logits:
+        drawn = sample_tokens(row.expand(grid, -1), cfg, uniforms)
+        got = torch.bincount(drawn, minlength=row.numel()).double() / grid
+        expected = truncated(row, cfg)
+        assert torch.all((got > 0) <= (expected > 0)), "a truncated token was drawn"
+        assert (got - expected).abs().max() <= 2 / grid
 
 
 def test_threshold_catches_top_p_before_temperature(backends, hf):
@@ -265,10 +303,10 @@ def prompts_of(backend, count=4):
     return [backend.encode_chat([{"role": "user", "content": "x" * (3 * i + 1)}]) for i in range(count)]
 
 
-@pytest.mark.parametrize("name", ["ctranslate2-float32", "ctranslate2"])
+@pytest.mark.parametrize("name", ["continuous", "continuous-int8", "ctranslate2-float32", "ctranslate2"])
 def test_lengths_and_finish_reasons(backends, name):
     backend = backends[name]
-    cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12)
+    cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12, slots=16)
     outs = backend.generate_batch(prompts_of(backend, 6) * 20, cfg, seed=3)
     assert {o.finish_reason for o in outs} == {"eos", "length"}
     for o in outs:
@@ -280,14 +318,36 @@ def test_lengths_and_finish_reasons(backends, name):
             assert o.num_tokens == text_tokens + 1  # the EOS counts, and is not in the text
 
 
-def test_greedy_matches_transformers(backends):
-    cfg = SamplingConfig(temperature=0.0, max_new_tokens=16)
-    prompts = prompts_of(backends["transformers"], 4)
-    assert backends["ctranslate2-float32"].generate_batch(prompts, cfg, seed=0) == \
+@pytest.mark.parametrize("name", ["ctranslate2-float32", "continuous-float32"])
+def test_greedy_matches_transformers(backends, name):
+    """Prompts of different lengths; with 2 slots for 6 sequences the continuous backend
+    admits sequences into slots that held longer ones."""
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=24, slots=2)
+    prompts = prompts_of(backends["transformers"], 6)
+    assert backends[name].generate_batch(prompts, cfg, seed=0) == \
         backends["transformers"].generate_batch(prompts, cfg, seed=0)
 
 
-@pytest.mark.parametrize("name", ["ctranslate2-float32", "ctranslate2"])
+def test_continuous_samples_do_not_depend_on_slots(backends):
+    backend = backends["continuous-float32"]
+    cfg = SamplingConfig(temperature=1.2, top_k=0, max_new_tokens=20)
+    prompts = prompts_of(backend, 5) * 2
+    outs = [backend.generate_batch(prompts, cfg.model_copy(update={"slots": slots}), seed=4) for slots in (1, 3, 10)]
+    assert len({o.num_tokens for o in outs[0]}) > 2, "the test needs sequences that end at different steps"
+    assert outs[0] == outs[1] == outs[2]
+    assert outs[0][:5] != outs[0][5:], "each sequence draws from its own generator"
+
+
+def test_continuous_refuses_other_architectures():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tasks.backend_continuous import _check_architecture
+
+    with pytest.raises(ParamsError, match="backend"):
+        _check_architecture(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)))
+
+
+@pytest.mark.parametrize("name", ["continuous", "continuous-int8", "ctranslate2-float32", "ctranslate2"])
 def test_a_batch_depends_only_on_its_seed(backends, name):
     backend = backends[name]
     cfg = SamplingConfig(temperature=1.2, top_k=0, max_new_tokens=16)
@@ -300,11 +360,12 @@ def test_a_batch_depends_only_on_its_seed(backends, name):
     assert first != other
 
 
-def test_generate_jsonl_resumes_exactly_with_ct2(tmp_path, converted, backends):
+@pytest.mark.parametrize("name", ["ctranslate2", "continuous-int8"])
+def test_generate_jsonl_resumes_exactly(tmp_path, converted, backends, name):
     import json
 
-    backend = backends["ctranslate2"]
-    cfg = SamplingConfig(backend="ctranslate2", n=2, max_new_tokens=10, batch_size=3)
+    backend = backends[name]
+    cfg = SamplingConfig(backend=name, n=2, max_new_tokens=10, batch_size=3, slots=2)
     requests = [Request({"prompt_id": f"p{i}"}, [{"role": "user", "content": "y" * (i + 1)}]) for i in range(4)]
     full = generate_jsonl(converted, requests, cfg, tmp_path / "full.jsonl", backend=backend)
     partial = tmp_path / "resumed.jsonl.partial"
@@ -333,7 +394,7 @@ def test_stale_or_missing_conversion_is_refused(tmp_path):
 
 
 def test_backend_param_accepts_the_new_backends():
-    for name in ("transformers", "ctranslate2", "ctranslate2-float32", "vllm"):
+    for name in ("transformers", "continuous", "continuous-int8", "ctranslate2", "ctranslate2-float32", "vllm"):
         assert validate_params({"sample": {"backend": name}}).sample.backend == name
         assert name in BACKENDS
 
