@@ -309,8 +309,8 @@ class ContinuousBackend(TransformersBackend):
                     feed[s] = tok
             if all(j is None for j in slot_seq) and not waiting:
                 break
-            free = sum(j is None for j in slot_seq)
-            if not waiting and free * 4 >= len(slot_seq):
+            empty = sum(j is None for j in slot_seq)
+            if not waiting and empty * 4 >= len(slot_seq):
                 # Nothing left to admit: drop the empty slots instead of decoding them.
                 keep = torch.tensor([s for s, j in enumerate(slot_seq) if j is not None])
                 cache.keep(keep)
