@@ -7,7 +7,7 @@
 FROM python:3.11-slim
 
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git make bubblewrap \
+    && apt-get install -y --no-install-recommends git make bubblewrap g++ \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 1000 selfdistill

@@ -4,19 +4,26 @@ decoded the way an inference server decodes, on a CPU budget.
 What makes it fast (numbers in README, from bench/bench_sampling.py):
 - continuous batching: up to `slots` sequences decode together; one that ends leaves at
   once and the next waiting sequence takes its slot, so the batch stays full;
-- a preallocated KV cache per layer, [slots, kv_heads, capacity, head_dim], written in
-  place and read contiguously (no torch.cat per step), and grouped-query attention done as
-  two batched matmuls without repeating K/V per head: for one query token, torch's CPU
-  SDPA kernel spends most of a decode step on what is a matrix-vector product;
+- a preallocated KV cache per layer, written in place (no torch.cat per step);
+- fused C++ kernels (tasks/cpu_kernels.cpp, compiled for this CPU on first use): one call
+  per decode step and layer does RoPE, the cache write and grouped-query attention, reading
+  each slot's K/V only up to its own position; one call per int8 linear does the norm or the
+  SiLU gate before it, the quantization, the GEMM, the dequantization and the residual add.
+  Eager PyTorch dispatched ~50 small ops per layer and step, and its attention matmuls read
+  every slot up to the longest one. Where no compiler is found, the same arithmetic runs as
+  PyTorch ops (`_eager_attention`, Int8Linear.forward), about half as fast;
 - q/k/v and gate/up projections fused into one GEMM each;
+- prefill: the batch's common prompt prefix (the chat template's system turn and the task's
+  instructions) computed once, the rest of the prompts concatenated into ~2k-token forwards;
 - a sampler that works on the top-k candidates instead of sorting the vocabulary;
 - `continuous-int8` only: W8A8 GEMMs (see Int8Linear), about 2x bf16's on VNNI cores.
 
 Semantics are the reference backend's (this is its subclass): the chat template, the
-weights in bf16 (or int8), prompts prefilled by the HF model itself, temperature -> top-k -> top-p
--> min-p with transformers' warper rules (ties at the k-th logit kept; top-p removes the
-tokens whose ascending cumulative mass is <= 1 - top_p; min-p against the top token), an
-EOS ends a sequence and counts in num_tokens, at most max_new_tokens.
+weights in bf16 (or int8), the HF model's embedding, rotary embedding, norms and attention
+arithmetic, temperature -> top-k -> top-p -> min-p with transformers' warper rules (ties at
+the k-th logit kept; top-p removes the tokens whose ascending cumulative mass is <= 1 - top_p;
+min-p against the top token), an EOS ends a sequence and counts in num_tokens, at most
+max_new_tokens.
 
 Seeds: every sequence draws its uniforms from its own generator, seeded from (batch seed,
 its index in the batch), so its random draws do not depend on `slots` or on which other
@@ -28,6 +35,7 @@ is refused with an error that names the backend key, never decoded approximately
 """
 from __future__ import annotations
 
+import os
 from collections import deque
 from pathlib import Path
 
@@ -35,16 +43,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tasks import cpu_kernels
 from tasks.config import DecodingConfig, ParamsError
 from tasks.generation import Completion, TransformersBackend
 
-CAPACITY_STEP = 64  # KV positions added at a time; attention reads the whole capacity
+CAPACITY_STEP = 64  # KV positions added at a time (the eager path reads the whole capacity)
+BLOCK = 16  # positions per block of the fused kernel's K layout
+MIN_SHARED_PREFIX = 8  # prompt tokens in common worth a prefill of their own
+PREFILL_TOKENS = 2048  # prompt tokens per prefill forward: big GEMMs, activations that fit in cache
 
 
 class _Layer(torch.nn.Module):
-    """One decoder layer's projections, q/k/v and gate/up fused into one GEMM each."""
+    """One decoder layer's projections, q/k/v and gate/up fused into one GEMM each, and the
+    three steps around attention. For int8 layers with the fused kernels, each step is one
+    call: the norm, the SiLU gate and the residual add happen inside the int8 linear."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, hidden_act: str):
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
@@ -54,13 +68,55 @@ class _Layer(torch.nn.Module):
         self.gate_up = _fused([mlp.gate_proj, mlp.up_proj])
         self.down = mlp.down_proj
         self.act = mlp.act_fn
+        self.silu = hidden_act in ("silu", "swish")  # what the fused kernel computes
         self.scaling = attn.scaling
+        self.kernels = None  # the compiled module, once the projections are int8 (_to_int8)
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """qkv(input_norm(x))"""
+        kernels = self.kernels
+        if kernels is None:
+            return self.qkv(_rms_norm(self.input_norm, x))
+        return self.qkv.fused(kernels, x, norm=self.input_norm)
+
+    def attention_out(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """x + o(attended)"""
+        kernels = self.kernels
+        if kernels is None:
+            return x + self.o(attended.to(x.dtype))
+        return self.o.fused(kernels, attended, residual=x)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """x + down(act(gate) * up), gate and up from gate_up(post_norm(x))"""
+        kernels = self.kernels
+        gate_up = self.gate_up(_rms_norm(self.post_norm, x)) if kernels is None else \
+            self.gate_up.fused(kernels, x, norm=self.post_norm)
+        if kernels is None or not self.silu:
+            gate, up = gate_up.chunk(2, -1)
+            return x + self.down(self.act(gate) * up)
+        return self.down.fused(kernels, gate_up, gated=True, residual=x)
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """An HF RMSNorm module's computation (in fp32, weight applied in x's dtype) as one kernel."""
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
     return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype) * norm.weight
+
+
+def _chunks(prompts: list, tokens: int) -> list[list]:
+    """Consecutive groups of prompts of about `tokens` tokens together (at least one each)."""
+    groups, size = [[]], 0
+    for prompt in prompts:
+        if groups[-1] and size + len(prompt) > tokens:
+            groups, size = groups + [[]], 0
+        groups[-1].append(prompt)
+        size += len(prompt)
+    return groups
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)
 
 
 def _fused(projections: list[torch.nn.Linear]) -> torch.nn.Linear:
@@ -82,8 +138,9 @@ class Int8Linear(torch.nn.Module):
     per-tensor scale (torch's dynamic quantization) does: that made SmolLM2 unusable (mean TV
     0.5 per token) where this costs 0.05."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, kernels=None):
         super().__init__()
+        self.kernels = kernels  # tasks.cpu_kernels' module, or None: eager PyTorch
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(1).clamp(min=1e-12) / 127
         self.register_buffer("weight_t", (weight / scale[:, None]).round().to(torch.int8).t())
@@ -92,6 +149,8 @@ class Int8Linear(torch.nn.Module):
         self.out_features = linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.fused(self.kernels, x).to(x.dtype)
         flat = x.reshape(-1, x.shape[-1]).float()
         token_max = flat.abs().amax(-1, keepdim=True).clamp_(min=1e-12)  # (linalg's inf-norm is 10x slower)
         quantized = (flat * (127 / token_max)).round_().to(torch.int8)
@@ -100,13 +159,26 @@ class Int8Linear(torch.nn.Module):
             out += self.bias
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def fused(self, kernels, x: torch.Tensor, norm=None, gated: bool = False, residual=None) -> torch.Tensor:
+        """forward's arithmetic in one kernel call (fp32 out), with what makes its input fused
+        in: an RMSNorm module's `norm`, or `gated` (x is gate and up: the input is
+        silu(gate) * up); `residual` is added to the output."""
+        flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+        eps = (getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)) if norm is not None else 0.0
+        out = kernels.linear_int8(flat, self.weight_t, self.scale, self.bias,
+                                  norm.weight if norm is not None else None, eps, gated,
+                                  None if residual is None else residual.reshape(-1, self.out_features).float())
+        return out.view(*x.shape[:-1], self.out_features)
 
-def _to_int8(module: torch.nn.Module) -> None:
+
+def _to_int8(module: torch.nn.Module, kernels) -> None:
     for name, child in module.named_children():
         if isinstance(child, torch.nn.Linear):
-            setattr(module, name, Int8Linear(child))
+            setattr(module, name, Int8Linear(child, kernels))
         else:
-            _to_int8(child)
+            if isinstance(child, _Layer):
+                child.kernels = kernels
+            _to_int8(child, kernels)
 
 
 def _check_architecture(model) -> None:
@@ -129,26 +201,43 @@ def _check_architecture(model) -> None:
 
 
 class _KVCache:
-    """Keys and values of every slot, [slots, kv_heads, capacity, head_dim] per layer."""
+    """Keys and values of every slot, per layer. V: [slots, kv_heads, capacity, head_dim].
+    K: the same, or with `blocked` (the fused kernel's layout) [slots, kv_heads, capacity / 16,
+    head_dim, 16]: 16 positions stored dimension-major, so that their scores are 16-lane FMAs."""
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int, dtype):
-        self.k = [torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype) for _ in range(layers)]
-        self.v = [torch.zeros_like(t) for t in self.k]
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int, dtype,
+                 blocked: bool = False):
+        self.blocked = blocked
+        self.v = [torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype) for _ in range(layers)]
+        k_shape = (slots, kv_heads, capacity // BLOCK, head_dim, BLOCK) if blocked else self.v[0].shape
+        self.k = [torch.zeros(k_shape, dtype=dtype) for _ in range(layers)]
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[2]
+        return self.v[0].shape[2]
 
     def grow(self, needed: int) -> None:
         if needed <= self.capacity:
             return
         extra = -(-(needed - self.capacity) // CAPACITY_STEP) * CAPACITY_STEP
-        self.k = [F.pad(t, (0, 0, 0, extra)) for t in self.k]
         self.v = [F.pad(t, (0, 0, 0, extra)) for t in self.v]
+        self.k = [F.pad(t, (0, 0, 0, 0, 0, extra // BLOCK)) if self.blocked else F.pad(t, (0, 0, 0, extra))
+                  for t in self.k]
 
     def keep(self, rows: torch.Tensor) -> None:
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
+
+    def write(self, slot: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """A prompt's keys and values, [kv_heads, length, head_dim], at positions 0..length-1."""
+        length = keys.shape[1]
+        self.v[layer][slot, :, :length] = values
+        if not self.blocked:
+            self.k[layer][slot, :, :length] = keys
+            return
+        blocks = -(-length // BLOCK)
+        padded = F.pad(keys, (0, 0, 0, blocks * BLOCK - length))
+        self.k[layer][slot, :, :blocks] = padded.view(keys.shape[0], blocks, BLOCK, -1).transpose(-1, -2)
 
 
 def sample_tokens(logits: torch.Tensor, cfg: DecodingConfig, uniforms: torch.Tensor) -> torch.Tensor:
@@ -194,7 +283,7 @@ class ContinuousBackend(TransformersBackend):
 
     quantized = False
 
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype | None = None):
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype | None = None, kernels: bool = True):
         # int8 GEMMs dequantize to fp32; the plain variant runs in bf16 like the reference
         # (dtype: float32 for exact comparisons in tests).
         super().__init__(model_dir, dtype or (torch.float32 if self.quantized else torch.bfloat16))
@@ -207,58 +296,109 @@ class ContinuousBackend(TransformersBackend):
         _check_architecture(self.model)
         config = self.model.config
         self.inner = self.model.model
-        self.layers = torch.nn.ModuleList(_Layer(layer) for layer in self.inner.layers)
+        # tasks/cpu_kernels.cpp compiled for this CPU, or None: the eager PyTorch path (no
+        # compiler, or kernels=False: the tests compare the two).
+        compiled = cpu_kernels.load() if kernels else None
+        self.layers = torch.nn.ModuleList(_Layer(layer, getattr(config, "hidden_act", "")) for layer in self.inner.layers)
         if self.quantized:
-            # The HF model too, so that prefill and decode use the same int8 weights.
-            for module in (self.layers, self.model):
-                _to_int8(module)
+            # Of the HF model only the embedding, the final norm and the output layer are used.
+            _to_int8(self.layers, compiled)
+            self.model.lm_head = Int8Linear(self.model.lm_head, compiled)
         attn = self.inner.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         window = getattr(config, "sliding_window", None)
         self.window = window if window and getattr(config, "use_sliding_window", True) is not False else None
+        self.attention_kernel = compiled if compiled is not None and compiled.supports(
+            self.heads, self.kv_heads, self.head_dim) else None
 
-    def _prefill(self, prompt: list[int]):
-        """The HF model's own forward over one prompt: (first-token logits, keys, values per
-        layer). One prompt per forward: batching prompts measured no faster (prefill is bound
-        by its GEMMs) and would need padding."""
-        out = self.model(input_ids=torch.tensor([prompt], device=self.device), use_cache=True, logits_to_keep=1)
-        layers = (out.cache if hasattr(out, "cache") else out.past_key_values).layers  # renamed in transformers 5.x
-        return out.logits[0, -1].float(), [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers]
+    def _prefill(self, prompts: list[list[int]], prefix=None) -> list[tuple]:
+        """Prompts through the decoder together: per prompt, (next-token logits, keys, values per
+        layer, each [kv_heads, length, head_dim] in the model's dtype). `prefix`, the result
+        for the prompts' common first tokens, is reused: only the rest is computed.
+
+        The HF model's arithmetic (its embedding, rotary embedding, norms, causal attention
+        through SDPA) with the fused projections of decode; HF's own forward spent two thirds
+        of a prompt's time outside the GEMMs. The prompts' tokens are concatenated, not
+        padded: every op but attention works row by row, so it is the same arithmetic as one
+        prompt at a time, in fewer and larger GEMMs; attention runs per prompt."""
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        start = prefix[1][0].shape[1] if prefix else 0
+        lengths = [len(p) - start for p in prompts]
+        ends = np.cumsum(lengths).tolist()
+        spans = [(end - n, end) for n, end in zip(lengths, ends)]
+        x = self.inner.embed_tokens(torch.tensor([t for p in prompts for t in p[start:]]))
+        positions = torch.cat([torch.arange(start, len(p)) for p in prompts])
+        cos, sin = (t[0] for t in self.inner.rotary_emb(x, positions[None]))  # [tokens, head_dim]
+        keys, values = [[] for _ in prompts], [[] for _ in prompts]
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.project_qkv(x).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+            q, k, v = (t.unflatten(-1, (-1, head_dim)).transpose(0, 1) for t in (q, k, v))  # [heads, tokens, head_dim]
+            if layer.q_norm is not None:
+                q, k = _rms_norm(layer.q_norm, q), _rms_norm(layer.k_norm, k)
+            q, k = (t * cos + _rotate_half(t) * sin for t in (q, k))
+            attended = []
+            for p, (a, b) in enumerate(spans):
+                k_p, v_p = k[:, a:b], v[:, a:b]
+                if prefix:
+                    k_p, v_p = torch.cat([prefix[1][i], k_p], 1), torch.cat([prefix[2][i], v_p], 1)
+                keys[p].append(k_p)
+                values[p].append(v_p)
+                # Query j (at position start + j) sees keys 0..start + j.
+                mask = torch.arange(start + b - a)[None, :] <= torch.arange(start, start + b - a)[:, None] \
+                    if prefix else None
+                attended.append(F.scaled_dot_product_attention(q[None, :, a:b], k_p[None], v_p[None], attn_mask=mask,
+                                                               is_causal=not prefix, scale=layer.scaling,
+                                                               enable_gqa=True)[0])
+            x = layer.attention_out(x, torch.cat(attended, 1).transpose(0, 1).reshape(x.shape[0], heads * head_dim))
+            x = layer.mlp(x)
+        logits = self.model.lm_head(_rms_norm(self.inner.norm, x[[end - 1 for end in ends]])).float()
+        return [(logits[p], keys[p], values[p]) for p in range(len(prompts))]
 
     def _decode(self, cache: _KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token for every slot at its position; the logits, [slots, vocab] fp32.
 
         Written for few tensor ops per layer: at ~100 rows an op costs as much in dispatch
-        as in arithmetic, so q and k are rotated together and norms are single kernels."""
-        slots = tokens.shape[0]
-        heads, kv_heads, head_dim, kv_dtype = self.heads, self.kv_heads, self.head_dim, self.kv_dtype
+        as in arithmetic. With the fused kernel (tasks/cpu_kernels.cpp), RoPE, the cache write
+        and attention are one call that reads each slot's K/V only up to its own position;
+        `_eager_attention` is the same arithmetic in PyTorch ops."""
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         x = self.inner.embed_tokens(tokens)
         cos, sin = self.inner.rotary_emb(x, positions[:, None])  # [slots, 1, head_dim]: broadcast over heads
-        # rotate_half(t) * sin == roll(t, half) * [-sin_a, sin_b] for sin = [sin_a, sin_b].
-        half = head_dim // 2
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
-        visible = torch.arange(cache.capacity, device=self.device)[None, :] <= positions[:, None]
-        bias = torch.zeros(visible.shape, device=self.device).masked_fill_(~visible, float("-inf"))[:, None, None]
-        rows = torch.arange(slots, device=self.device)
-        qk_width = (heads + kv_heads) * head_dim
+        if self.attention_kernel is not None:
+            cos, sin = cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()
+        else:
+            # rotate_half(t) * sin == roll(t, half) * [-sin_a, sin_b] for sin = [sin_a, sin_b].
+            sin = torch.cat([-sin[..., :head_dim // 2], sin[..., head_dim // 2:]], -1)
+            visible = torch.arange(cache.capacity)[None, :] <= positions[:, None]
+            bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None]
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(_rms_norm(layer.input_norm, x))
-            qk = qkv[:, :qk_width].view(slots, heads + kv_heads, head_dim)
+            qkv = layer.project_qkv(x)
             if layer.q_norm is not None:
-                qk = torch.cat([_rms_norm(layer.q_norm, qk[:, :heads]), _rms_norm(layer.k_norm, qk[:, heads:])], 1)
-            qk = qk * cos + qk.roll(half, -1) * sin
-            cache.k[i][rows, :, positions] = qk[:, heads:].to(kv_dtype)
-            cache.v[i][rows, :, positions] = qkv[:, qk_width:].view(slots, kv_heads, head_dim).to(kv_dtype)
-            # Grouped-query attention: the query heads of one K/V head share a matmul.
-            q = (qk[:, :heads] * layer.scaling).to(kv_dtype).view(slots, kv_heads, heads // kv_heads, head_dim)
-            weights = torch.softmax(torch.matmul(q, cache.k[i].transpose(-1, -2)) + bias, -1).to(kv_dtype)
-            attended = torch.matmul(weights, cache.v[i]).view(slots, heads * head_dim).to(x.dtype)
-            x = x + layer.o(attended)
-            gate, up = layer.gate_up(_rms_norm(layer.post_norm, x)).chunk(2, -1)
-            x = x + layer.down(layer.act(gate) * up)
+                q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+                qkv = torch.cat([_rms_norm(layer.q_norm, q.unflatten(-1, (heads, head_dim))).flatten(-2),
+                                 _rms_norm(layer.k_norm, k.unflatten(-1, (kv_heads, head_dim))).flatten(-2), v], -1)
+            if self.attention_kernel is not None:
+                attended = self.attention_kernel.decode_attention(qkv.float().contiguous(), cos, sin, positions,
+                                                         cache.k[i], cache.v[i], heads, layer.scaling, True)
+            else:
+                attended = self._eager_attention(layer, cache.k[i], cache.v[i], qkv, positions, cos, sin, bias)
+            x = layer.mlp(layer.attention_out(x, attended))
         return self.model.lm_head(_rms_norm(self.inner.norm, x)).float()
+
+    def _eager_attention(self, layer, k, v, qkv, positions, cos, sin, bias):
+        slots, heads, kv_heads, head_dim = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
+        qk_width = (heads + kv_heads) * head_dim
+        qk = qkv[:, :qk_width].view(slots, heads + kv_heads, head_dim)
+        qk = qk * cos + qk.roll(head_dim // 2, -1) * sin  # q and k rotated together
+        rows = torch.arange(slots)
+        k[rows, :, positions] = qk[:, heads:].to(self.kv_dtype)
+        v[rows, :, positions] = qkv[:, qk_width:].view(slots, kv_heads, head_dim).to(self.kv_dtype)
+        # Grouped-query attention: the query heads of one K/V head share a matmul.
+        q = (qk[:, :heads] * layer.scaling).to(self.kv_dtype).view(slots, kv_heads, heads // kv_heads, head_dim)
+        weights = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) + bias, -1).to(self.kv_dtype)
+        return torch.matmul(weights, v).view(slots, heads * head_dim)
 
     @torch.inference_mode()
     def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int) -> list[Completion]:
@@ -272,23 +412,29 @@ class ContinuousBackend(TransformersBackend):
         tokens: list[list[int]] = [[] for _ in prompts]
         finish = ["length"] * len(prompts)
         cache = _KVCache(len(self.layers), slots, self.kv_heads, self.head_dim,
-                         CAPACITY_STEP * -(-(max(len(p) for p in prompts) + 1) // CAPACITY_STEP), self.kv_dtype)
+                         CAPACITY_STEP * -(-(max(len(p) for p in prompts) + 1) // CAPACITY_STEP), self.kv_dtype,
+                         blocked=self.attention_kernel is not None)
         slot_seq: list[int | None] = [None] * slots  # which sequence a slot holds
+        # The chat template's system turn and the task's instructions: a quarter of the default
+        # prompts' tokens. At least one token of every prompt is left to compute its logits.
+        shared = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
+        prefix = self._prefill([prompts[0][:shared]])[0] if shared >= MIN_SHARED_PREFIX else None
         positions = torch.zeros(slots, dtype=torch.long)
         logits = torch.zeros(slots, self.model.config.vocab_size)
         while True:
             free = [s for s, j in enumerate(slot_seq) if j is None]
             admitted = [(s, waiting.popleft()) for s in free[:len(waiting)]]
             if admitted:
-                # A prompt's n samples share one prefill.
-                prefilled = {key: self._prefill(list(key))
-                             for key in dict.fromkeys(tuple(prompts[j]) for _, j in admitted)}
+                # A prompt's n samples share one prefill, and every prompt the batch's common prefix.
+                unique = list(dict.fromkeys(tuple(prompts[j]) for _, j in admitted))
+                prefilled = {}
+                for chunk in _chunks(unique, PREFILL_TOKENS):
+                    prefilled.update(zip(chunk, self._prefill([list(key) for key in chunk], prefix)))
                 cache.grow(max(len(prompts[j]) for _, j in admitted) + 1)
                 for s, j in admitted:
                     first, keys, values = prefilled[tuple(prompts[j])]
                     for i in range(len(self.layers)):
-                        cache.k[i][s, :, :len(prompts[j])] = keys[i]
-                        cache.v[i][s, :, :len(prompts[j])] = values[i]
+                        cache.write(s, i, keys[i], values[i])
                     logits[s], positions[s], slot_seq[s] = first, len(prompts[j]), j
                 del prefilled
             live = [s for s, j in enumerate(slot_seq) if j is not None]

@@ -50,7 +50,7 @@ class DecodingConfig(Strict):
     max_new_tokens: int = Field(256, ge=1)
     seed: int = 0
     batch_size: int = Field(16, ge=1)  # sequences per seeded batch: the unit of work a resume keeps
-    slots: int = Field(64, ge=1)  # backends continuous*: sequences decoded at once within a batch
+    slots: int = Field(128, ge=1)  # backends continuous*: sequences decoded at once within a batch
 
 
     @model_validator(mode="after")

@@ -33,15 +33,18 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
                                         pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    # head_dim 64 (128 / 2 heads): a shape the continuous backends' fused kernels take, as SmolLM2's.
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
                          bos_token_id=0, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         # Steer the random model: point the newline and EOS rows of the output layer along the
-        # mean final hidden state, so samples span several lines, as real answers do, and some
-        # finish before max_new_tokens.
-        probe = torch.randint(3, len(vocab), (8, 64))
+        # mean final hidden state of chat prompts and what follows them, so samples span
+        # several lines, as real answers do, and some finish before max_new_tokens.
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": "def f(x):"}], add_generation_prompt=True)
+        chat = torch.tensor(chat["input_ids"] if hasattr(chat, "keys") else chat)
+        probe = torch.stack([torch.cat([chat, torch.randint(3, len(vocab), (48,))]) for _ in range(8)])
         mean_hidden = model(probe, output_hidden_states=True).hidden_states[-1].mean(dim=(0, 1))
         direction = mean_hidden / mean_hidden.norm() ** 2
         model.lm_head.weight[vocab["Ċ"]] = direction * 4.0

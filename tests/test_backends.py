@@ -14,6 +14,7 @@ top-k and top-p all cut real mass.
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -48,8 +49,9 @@ def build_char_model(out_dir: Path, seed: int = 0, sharpen: float = 10.0) -> Pat
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=SPECIALS[EOS])
     tokenizer.chat_template = CHATML
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    # head_dim 64 (128 / 2 heads): a shape the continuous backends' fused kernels take, as SmolLM2's.
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                          bos_token_id=None, eos_token_id=EOS, pad_token_id=EOS, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -87,6 +89,9 @@ def backends(converted) -> dict:
         "continuous": ContinuousBackend(converted),  # bf16, as shipped
         "continuous-int8": ContinuousInt8Backend(converted),
         "continuous-float32": ContinuousBackend(converted, dtype=torch.float32),  # for exact comparisons
+        # The eager PyTorch path that runs where the fused kernels cannot be compiled.
+        "continuous-int8-eager": ContinuousInt8Backend(converted, kernels=False),
+        "continuous-float32-eager": ContinuousBackend(converted, dtype=torch.float32, kernels=False),
         "ctranslate2-float32": CT2Float32Backend(converted),
         "ctranslate2": CT2Backend(converted),
     }
@@ -159,10 +164,10 @@ def ct2_logits(backend):
 
 
 def int8_logits(backend):
-    """The int8 backend's own model: its quantised HF model (the one that prefills)."""
+    """The int8 backend's own model: its quantised layers, through its prefill."""
     @torch.no_grad()
     def fn(ids):
-        return backend.model(torch.tensor([ids])).logits[0, -1].float()
+        return backend._prefill([list(ids)])[0][0]
     return fn
 
 
@@ -318,7 +323,7 @@ def test_lengths_and_finish_reasons(backends, name):
             assert o.num_tokens == text_tokens + 1  # the EOS counts, and is not in the text
 
 
-@pytest.mark.parametrize("name", ["ctranslate2-float32", "continuous-float32"])
+@pytest.mark.parametrize("name", ["ctranslate2-float32", "continuous-float32", "continuous-float32-eager"])
 def test_greedy_matches_transformers(backends, name):
     """Prompts of different lengths; with 2 slots for 6 sequences the continuous backend
     admits sequences into slots that held longer ones."""
@@ -326,6 +331,97 @@ def test_greedy_matches_transformers(backends, name):
     prompts = prompts_of(backends["transformers"], 6)
     assert backends[name].generate_batch(prompts, cfg, seed=0) == \
         backends["transformers"].generate_batch(prompts, cfg, seed=0)
+
+
+@torch.no_grad()
+def test_fused_int8_layer_matches_the_eager_path(backends):
+    """tasks/cpu_kernels.cpp's linear_int8, with the norm, the SiLU gate and the residual add
+    fused in, against the same layer in PyTorch ops. The projection alone is the same
+    arithmetic; around a norm, a last-bit difference may move a value across an int8 rounding
+    boundary, so those compare by relative error (a missing norm weight or gate is O(1))."""
+    fused, eager = backends["continuous-int8"].layers[0], backends["continuous-int8-eager"].layers[0]
+    assert fused.kernels is not None and eager.kernels is None
+    torch.manual_seed(0)
+    x = torch.randn(7, fused.qkv.weight_t.shape[0]) * 3
+    torch.testing.assert_close(fused.qkv(x), eager.qkv(x), rtol=1e-5, atol=1e-5)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    assert rel(fused.project_qkv(x), eager.project_qkv(x)) < 1e-2
+    attended = torch.randn(7, fused.o.weight_t.shape[0])
+    assert rel(fused.attention_out(x, attended), eager.attention_out(x, attended)) < 1e-2
+    assert rel(fused.mlp(x), eager.mlp(x)) < 1e-2
+
+
+@pytest.mark.parametrize("name", ["continuous-float32", "continuous"])
+def test_decode_attention_kernel_matches_the_eager_path(backends, name):
+    """RoPE, the cache write and attention in one call, against the PyTorch ops, for slots at
+    positions 0, either side of a 16-position block, and the cache's last position."""
+    from tasks.backend_continuous import _KVCache
+
+    backend = backends[name]
+    assert backend.attention_kernel is not None, "the test model's shape must take the kernel"
+    torch.manual_seed(1)
+    capacity, layer = 64, backend.layers[0]
+    positions = torch.tensor([0, 15, 16, 17, 40, capacity - 1])
+    slots = len(positions)
+    caches = {blocked: _KVCache(1, slots, backend.kv_heads, backend.head_dim, capacity, backend.kv_dtype, blocked)
+              for blocked in (True, False)}
+    keys = torch.randn(slots, backend.kv_heads, capacity, backend.head_dim)
+    values = torch.randn_like(keys)
+    for cache in caches.values():
+        for s in range(slots):
+            cache.write(s, 0, keys[s], values[s])
+    qkv = torch.randn(slots, (backend.heads + 2 * backend.kv_heads) * backend.head_dim)
+    cos, sin = backend.inner.rotary_emb(qkv, positions[:, None])
+    kernel = backend.attention_kernel.decode_attention(qkv, cos[:, 0].float().contiguous(),
+                                                       sin[:, 0].float().contiguous(), positions,
+                                                       caches[True].k[0], caches[True].v[0], backend.heads,
+                                                       layer.scaling, True)
+    half = backend.head_dim // 2
+    rolled_sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+    visible = torch.arange(capacity)[None, :] <= positions[:, None]
+    bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None]
+    eager = backend._eager_attention(layer, caches[False].k[0], caches[False].v[0], qkv, positions, cos,
+                                     rolled_sin, bias)
+    tolerance = 1e-5 if backend.kv_dtype == torch.float32 else 2e-2  # bf16 K/V: q rounds to bf16 in the eager path
+    torch.testing.assert_close(kernel, eager.float(), rtol=tolerance, atol=tolerance)
+    unblocked = caches[True].k[0].transpose(-1, -2).reshape(slots, backend.kv_heads, capacity, backend.head_dim)
+    torch.testing.assert_close(unblocked.float(), caches[False].k[0].float(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(caches[True].v[0], caches[False].v[0])
+
+
+def test_without_a_compiler_the_eager_path_runs(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    from tasks import cpu_kernels
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    cpu_kernels.load.cache_clear()
+    try:
+        assert cpu_kernels.load() is None
+        assert "c++: command not found" in caplog.text and "eager" in caplog.text
+    finally:
+        cpu_kernels.load.cache_clear()
+
+
+def test_a_shared_prompt_prefix_is_computed_once_with_the_same_result(backends):
+    backend = backends["continuous-float32"]
+    prompts = [backend.encode_chat([{"role": "user", "content": "Complete the function: " + "x" * (3 * i + 1)}])
+               for i in range(3)]
+    shared = len(os.path.commonprefix(prompts))
+    assert shared >= 8, "the prompts share their template's and instructions' tokens"
+    prefix = backend._prefill([prompts[0][:shared]])[0]
+    together = backend._prefill(prompts, prefix)
+    for prompt, (logits, keys, values) in zip(prompts, together):
+        alone, alone_keys, alone_values = backend._prefill([prompt])[0]
+        torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(keys[-1], alone_keys[-1], rtol=1e-4, atol=1e-4)
+        assert keys[0].shape[1] == len(prompt)
 
 
 def test_continuous_samples_do_not_depend_on_slots(backends):

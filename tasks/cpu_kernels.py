@@ -1,0 +1,52 @@
+"""The fused C++ kernels of the continuous backends (tasks/cpu_kernels.cpp), compiled for this
+CPU on first use and cached by torch (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR).
+
+Building needs a C++ compiler (g++ or clang++) and ninja (a dependency). Where the build fails,
+`load()` returns None with a warning that says why, and the backends run their eager-PyTorch
+path: the same arithmetic, about half the speed (README: Sampling backends).
+SELFDISTILL_CPU_KERNELS=0 selects that path on purpose.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from functools import cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+# -march=native: the 16-lane vector types compile to whatever this CPU has (AVX-512, AVX2, NEON).
+# -fopenmp: at::parallel_for is an OpenMP pragma in a header; without it the kernels run on one
+# thread. Not linked: the GOMP symbols resolve to the OpenMP runtime torch itself loaded, so
+# the kernels share torch's thread pool instead of starting a second one.
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: a cache shared by different machines (an NFS home)
+    must not hand one CPU's build to another."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+
+
+@cache
+def load():
+    """The compiled module, or None (the eager path) with the reason logged."""
+    if os.environ.get("SELFDISTILL_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        return build(name=f"selfdistill_cpu_kernels_{_cpu_id()}", sources=[str(SOURCE)],
+                     extra_cflags=CFLAGS, verbose=False)
+    except Exception as error:  # no compiler, no ninja, a toolchain that rejects the flags
+        log.warning("continuous backends: the fused CPU kernels did not build (%s); using the eager "
+                    "PyTorch path, about half as fast", str(error).strip().splitlines()[-1] if str(error) else error)
+        return None
