@@ -30,8 +30,8 @@ its index in the batch), so its random draws do not depend on `slots` or on whic
 sequences share its steps, and a batch's samples depend only on (prompts, config, seed).
 
 Supported models: decoders built like Llama (llama, mistral without a sliding window in
-reach, qwen2, qwen3 and the like: q/k/v/o projections, RMSNorm, a gated MLP). Anything else
-is refused with an error that names the backend key, never decoded approximately.
+reach, qwen2, qwen3: q/k/v/o projections, RMSNorm, a gated MLP). Anything else is refused
+with an error that names the backend key, never decoded approximately.
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ from tasks.generation import Completion, TransformersBackend
 CAPACITY_STEP = 64  # KV positions added at a time (the eager path reads the whole capacity)
 BLOCK = 16  # positions per block of the fused kernel's K layout
 MIN_SHARED_PREFIX = 8  # prompt tokens in common worth a prefill of their own
+LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")  # model types decoded with Llama's arithmetic
 PREFILL_TOKENS = 2048  # prompt tokens per prefill forward: big GEMMs, activations that fit in cache
 
 
@@ -74,27 +75,26 @@ class _Layer(torch.nn.Module):
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """qkv(input_norm(x))"""
-        kernels = self.kernels
-        if kernels is None:
+        if self.kernels is None:
             return self.qkv(_rms_norm(self.input_norm, x))
-        return self.qkv.fused(kernels, x, norm=self.input_norm)
+        return self.qkv.fused(self.kernels, x, norm=self.input_norm)
 
     def attention_out(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """x + o(attended)"""
-        kernels = self.kernels
-        if kernels is None:
+        if self.kernels is None:
             return x + self.o(attended.to(x.dtype))
-        return self.o.fused(kernels, attended, residual=x)
+        return self.o.fused(self.kernels, attended, residual=x)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """x + down(act(gate) * up), gate and up from gate_up(post_norm(x))"""
-        kernels = self.kernels
-        gate_up = self.gate_up(_rms_norm(self.post_norm, x)) if kernels is None else \
-            self.gate_up.fused(kernels, x, norm=self.post_norm)
-        if kernels is None or not self.silu:
-            gate, up = gate_up.chunk(2, -1)
+        if self.kernels is None:
+            gate, up = self.gate_up(_rms_norm(self.post_norm, x)).chunk(2, -1)
             return x + self.down(self.act(gate) * up)
-        return self.down.fused(kernels, gate_up, gated=True, residual=x)
+        gate_up = self.gate_up.fused(self.kernels, x, norm=self.post_norm)
+        if not self.silu:
+            gate, up = gate_up.chunk(2, -1)
+            return self.down.fused(self.kernels, self.act(gate) * up, residual=x)
+        return self.down.fused(self.kernels, gate_up, gated=True, residual=x)
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +194,10 @@ def _check_architecture(model) -> None:
             module = getattr(module, part, None)
         return module is not None
 
-    if layers is None or not all(has(layer, n) for layer in layers for n in needed) \
+    # By name as well as by shape: Gemma has these modules too, but scales its embeddings and
+    # norms differently, and would be decoded wrongly without an error.
+    if config.model_type not in LLAMA_STYLE or layers is None \
+            or not all(has(layer, n) for layer in layers for n in needed) \
             or not hasattr(inner, "rotary_emb") or not hasattr(inner, "embed_tokens"):
         raise ParamsError(f"backend continuous: model type {config.model_type!r} is not a Llama-style decoder; "
                           "set sample.backend / evaluate.backend to transformers")

@@ -42,10 +42,13 @@ def load():
     if os.environ.get("SELFDISTILL_CPU_KERNELS", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import load as build
+        from torch.utils.cpp_extension import load_inline
 
-        return build(name=f"selfdistill_cpu_kernels_{_cpu_id()}", sources=[str(SOURCE)],
-                     extra_cflags=CFLAGS, verbose=False)
+        # Inline, so that torch copies the source into its build dir: a build is then keyed by
+        # the source's content, and another checkout of the same code (a DVC or CI workspace)
+        # reuses it instead of rebuilding because the path differs.
+        return load_inline(name=f"selfdistill_cpu_kernels_{_cpu_id()}", cpp_sources=[SOURCE.read_text()],
+                           extra_cflags=CFLAGS, verbose=False)
     except Exception as error:  # no compiler, no ninja, a toolchain that rejects the flags
         log.warning("continuous backends: the fused CPU kernels did not build (%s); using the eager "
                     "PyTorch path, about half as fast", str(error).strip().splitlines()[-1] if str(error) else error)

@@ -400,7 +400,7 @@ def test_without_a_compiler_the_eager_path_runs(monkeypatch, caplog):
     def no_compiler(**kwargs):
         raise RuntimeError("Error building extension: c++: command not found")
 
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
     cpu_kernels.load.cache_clear()
     try:
         assert cpu_kernels.load() is None
@@ -441,6 +441,13 @@ def test_continuous_refuses_other_architectures():
 
     with pytest.raises(ParamsError, match="backend"):
         _check_architecture(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)))
+    # Gemma has Llama's module names but scales its embeddings and norms otherwise.
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    gemma = GemmaForCausalLM(GemmaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=16,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=10))
+    with pytest.raises(ParamsError, match="'gemma' is not a Llama-style decoder"):
+        _check_architecture(gemma)
 
 
 @pytest.mark.parametrize("name", ["continuous", "continuous-int8", "ctranslate2-float32", "ctranslate2"])
