@@ -25,15 +25,19 @@ SOURCE = Path(__file__).with_suffix(".cpp")
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
 
-def _cpu_id() -> str:
-    """What -march=native compiles for: a cache shared by different machines (an NFS home)
-    must not hand one CPU's build to another."""
+def _build_id() -> str:
+    """What a build is for: -march=native compiles for this CPU (a cache shared by different
+    machines, an NFS home, must not hand one CPU's build to another), and against one torch
+    install (two venvs alternating on one build dir would rebuild it each time)."""
+    import torch
+
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith(("flags", "Features"))), "")
     except OSError:
         flags = ""
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+    key = f"{platform.machine()} {flags} {torch.__version__} {Path(torch.__file__).parent}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 @cache
@@ -47,7 +51,7 @@ def load():
         # Inline, so that torch copies the source into its build dir: a build is then keyed by
         # the source's content, and another checkout of the same code (a DVC or CI workspace)
         # reuses it instead of rebuilding because the path differs.
-        return load_inline(name=f"selfdistill_cpu_kernels_{_cpu_id()}", cpp_sources=[SOURCE.read_text()],
+        return load_inline(name=f"selfdistill_cpu_kernels_{_build_id()}", cpp_sources=[SOURCE.read_text()],
                            extra_cflags=CFLAGS, verbose=False)
     except Exception as error:  # no compiler, no ninja, a toolchain that rejects the flags
         log.warning("continuous backends: the fused CPU kernels did not build (%s); using the eager "
