@@ -20,7 +20,7 @@ CHATML = (
 def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -33,11 +33,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
                                         pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
     torch.manual_seed(seed)
-    # head_dim 64 (128 / 2 heads): a shape the continuous backends' fused kernels take, as SmolLM2's.
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         bos_token_id=0, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(len(vocab), max_positions=4096, bos=0, eos=2, pad=0)
     with torch.no_grad():
         # Steer the random model: point the newline and EOS rows of the output layer along the
         # mean final hidden state of chat prompts and what follows them, so samples span
@@ -49,8 +45,24 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
         direction = mean_hidden / mean_hidden.norm() ** 2
         model.lm_head.weight[vocab["Ċ"]] = direction * 4.0
         model.lm_head.weight[vocab["<|im_end|>"]] = direction * 3.0
-    model.generation_config.eos_token_id = 2
-    model.generation_config.pad_token_id = 0
+    return save_tiny(model, tokenizer, out_dir)
+
+
+def tiny_llama(vocab_size: int, max_positions: int, bos: int | None, eos: int, pad: int):
+    """A 2-layer random Llama. head_dim 64 (128 / 2 heads): a shape the continuous backends'
+    fused kernels take, as SmolLM2's, so the tests run the kernels."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=max_positions, bos_token_id=bos, eos_token_id=eos,
+        pad_token_id=pad, tie_word_embeddings=False))
+
+
+def save_tiny(model, tokenizer, out_dir: Path) -> Path:
+    """Save as an HF model dir, generation config matching the model config's special tokens."""
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(model.config, key))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

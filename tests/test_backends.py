@@ -23,7 +23,7 @@ import ctranslate2
 import numpy as np
 import pytest
 import torch
-from conftest import CHATML
+from conftest import CHATML, save_tiny, tiny_llama
 
 from tasks.config import DecodingConfig, ParamsError, SamplingConfig, validate_params
 from tasks.files import DataError
@@ -39,7 +39,7 @@ def build_char_model(out_dir: Path, seed: int = 0, sharpen: float = 10.0) -> Pat
     """Only the EOS is a special token: every other token, <|im_start|> included, survives
     decoding, so a completion's text maps back to its tokens exactly."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -49,20 +49,10 @@ def build_char_model(out_dir: Path, seed: int = 0, sharpen: float = 10.0) -> Pat
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=SPECIALS[EOS])
     tokenizer.chat_template = CHATML
     torch.manual_seed(seed)
-    # head_dim 64 (128 / 2 heads): a shape the continuous backends' fused kernels take, as SmolLM2's.
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         bos_token_id=None, eos_token_id=EOS, pad_token_id=EOS, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(len(vocab), max_positions=512, bos=None, eos=EOS, pad=EOS)
     with torch.no_grad():
         model.lm_head.weight.mul_(sharpen)  # logits with a spread of a few units, not ~0.1
-    model.generation_config.eos_token_id = EOS
-    model.generation_config.pad_token_id = EOS
-    model.generation_config.bos_token_id = None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return save_tiny(model, tokenizer, out_dir)
 
 
 @pytest.fixture(scope="module")
