@@ -372,8 +372,6 @@ class ContinuousBackend(TransformersBackend):
         if self.attention_kernel is not None:
             cos, sin = cos[:, 0].float().contiguous(), sin[:, 0].float().contiguous()
         else:
-            # rotate_half(t) * sin == roll(t, half) * [-sin_a, sin_b] for sin = [sin_a, sin_b].
-            sin = torch.cat([-sin[..., :head_dim // 2], sin[..., head_dim // 2:]], -1)
             visible = torch.arange(cache.capacity)[None, :] <= positions[:, None]
             bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None]
         for i, layer in enumerate(self.layers):
@@ -384,7 +382,7 @@ class ContinuousBackend(TransformersBackend):
                                  _rms_norm(layer.k_norm, k.unflatten(-1, (kv_heads, head_dim))).flatten(-2), v], -1)
             if self.attention_kernel is not None:
                 attended = self.attention_kernel.decode_attention(qkv.float().contiguous(), cos, sin, positions,
-                                                         cache.k[i], cache.v[i], heads, layer.scaling, True)
+                                                         cache.k[i], cache.v[i], heads, layer.scaling)
             else:
                 attended = self._eager_attention(layer, cache.k[i], cache.v[i], qkv, positions, cos, sin, bias)
             x = layer.mlp(layer.attention_out(x, attended))
@@ -394,7 +392,7 @@ class ContinuousBackend(TransformersBackend):
         slots, heads, kv_heads, head_dim = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
         qk_width = (heads + kv_heads) * head_dim
         qk = qkv[:, :qk_width].view(slots, heads + kv_heads, head_dim)
-        qk = qk * cos + qk.roll(head_dim // 2, -1) * sin  # q and k rotated together
+        qk = qk * cos + _rotate_half(qk) * sin  # q and k rotated together
         rows = torch.arange(slots)
         k[rows, :, positions] = qk[:, heads:].to(self.kv_dtype)
         v[rows, :, positions] = qkv[:, qk_width:].view(slots, kv_heads, head_dim).to(self.kv_dtype)

@@ -80,7 +80,7 @@ inline f16v exp_nonpositive(f16v x) {
 // G and D / 16 are compile-time so that the accumulators live in registers.
 template <int G, int CH, typename KV>
 void attend(const float* qkv, const float* cos, const float* sin, const int64_t* positions, KV* k_cache,
-            KV* v_cache, float* out, int64_t S, int64_t KVH, int64_t CAP, float scaling, bool rotate) {
+            KV* v_cache, float* out, int64_t S, int64_t KVH, int64_t CAP, float scaling) {
   constexpr int64_t D = CH * W, half = D / 2;
   const int64_t H = G * KVH, row = (H + 2 * KVH) * D;
   at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
@@ -94,10 +94,6 @@ void attend(const float* qkv, const float* cos, const float* sin, const int64_t*
       const float* sn = sin + s * D;
       // rotate_half(x) = cat(-x[half:], x[:half]); x * cos + rotate_half(x) * sin.
       auto rope = [&](const float* x, float* y, float scale) {
-        if (!rotate) {
-          for (int64_t d = 0; d < D; ++d) y[d] = x[d] * scale;
-          return;
-        }
         for (int64_t d = 0; d < half; ++d) y[d] = (x[d] * c[d] - x[d + half] * sn[d]) * scale;
         for (int64_t d = half; d < D; ++d) y[d] = (x[d] * c[d] + x[d - half] * sn[d]) * scale;
       };
@@ -163,12 +159,12 @@ void attend(const float* qkv, const float* cos, const float* sin, const int64_t*
 }
 
 template <typename KV>
-bool dispatch(int64_t G, int64_t D, const float* qkv, const float* cos, const float* sin, const int64_t* positions,
-              KV* k_cache, KV* v_cache, float* out, int64_t S, int64_t KVH, int64_t CAP, float scaling, bool rotate) {
+void dispatch(int64_t G, int64_t D, const float* qkv, const float* cos, const float* sin, const int64_t* positions,
+              KV* k_cache, KV* v_cache, float* out, int64_t S, int64_t KVH, int64_t CAP, float scaling) {
 #define SELFDISTILL_CASE(g, ch)                                                                             \
   if (G == g && D == ch * W) {                                                                              \
-    attend<g, ch>(qkv, cos, sin, positions, k_cache, v_cache, out, S, KVH, CAP, scaling, rotate);          \
-    return true;                                                                                            \
+    attend<g, ch>(qkv, cos, sin, positions, k_cache, v_cache, out, S, KVH, CAP, scaling);                  \
+    return;                                                                                                 \
   }
 #define SELFDISTILL_CASES(ch) \
   SELFDISTILL_CASE(1, ch) SELFDISTILL_CASE(2, ch) SELFDISTILL_CASE(3, ch) SELFDISTILL_CASE(4, ch) \
@@ -177,7 +173,7 @@ bool dispatch(int64_t G, int64_t D, const float* qkv, const float* cos, const fl
   SELFDISTILL_CASES(8)  // head_dim 128
 #undef SELFDISTILL_CASES
 #undef SELFDISTILL_CASE
-  return false;
+  TORCH_CHECK(false, "no kernel for ", G, " query heads per K/V head, head_dim ", D);
 }
 
 // Whether decode_attention has a kernel for this shape (the backend uses eager PyTorch otherwise).
@@ -187,8 +183,7 @@ bool supports(int64_t heads, int64_t kv_heads, int64_t head_dim) {
 }
 
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
-                               torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads, double scaling,
-                               bool rotate) {
+                               torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads, double scaling) {
   TORCH_CHECK(qkv.dtype() == torch::kFloat && qkv.is_contiguous() && qkv.dim() == 2, "qkv: contiguous fp32 [S, W]");
   TORCH_CHECK(cos.dtype() == torch::kFloat && sin.dtype() == torch::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous(), "cos/sin: contiguous fp32 [S, D]");
@@ -203,18 +198,17 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
   TORCH_CHECK(heads % KVH == 0 && qkv.size(1) == (heads + 2 * KVH) * D, "qkv width is not (H + 2 KVH) D");
   TORCH_CHECK(positions.numel() == 0 || (positions.max().item<int64_t>() < CAP && positions.min().item<int64_t>() >= 0),
               "a position is outside the cache");
-  TORCH_CHECK(supports(heads, KVH, D), "no kernel for ", heads, " heads, ", KVH, " K/V heads, head_dim ", D);
   auto out = torch::empty({S, heads * D}, qkv.options());
   const int64_t G = heads / KVH;
   const float scale = static_cast<float>(scaling);
   if (k_cache.dtype() == torch::kBFloat16) {
     dispatch(G, D, qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
              k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), out.data_ptr<float>(), S, KVH, CAP,
-             scale, rotate);
+             scale);
   } else {
     TORCH_CHECK(k_cache.dtype() == torch::kFloat, "caches: bf16 or fp32");
     dispatch(G, D, qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
-             k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>(), S, KVH, CAP, scale, rotate);
+             k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>(), S, KVH, CAP, scale);
   }
   return out;
 }

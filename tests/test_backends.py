@@ -368,13 +368,10 @@ def test_decode_attention_kernel_matches_the_eager_path(backends, name):
     kernel = backend.attention_kernel.decode_attention(qkv, cos[:, 0].float().contiguous(),
                                                        sin[:, 0].float().contiguous(), positions,
                                                        caches[True].k[0], caches[True].v[0], backend.heads,
-                                                       layer.scaling, True)
-    half = backend.head_dim // 2
-    rolled_sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+                                                       layer.scaling)
     visible = torch.arange(capacity)[None, :] <= positions[:, None]
     bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None]
-    eager = backend._eager_attention(layer, caches[False].k[0], caches[False].v[0], qkv, positions, cos,
-                                     rolled_sin, bias)
+    eager = backend._eager_attention(layer, caches[False].k[0], caches[False].v[0], qkv, positions, cos, sin, bias)
     tolerance = 1e-5 if backend.kv_dtype == torch.float32 else 2e-2  # bf16 K/V: q rounds to bf16 in the eager path
     torch.testing.assert_close(kernel, eager.float(), rtol=tolerance, atol=tolerance)
     unblocked = caches[True].k[0].transpose(-1, -2).reshape(slots, backend.kv_heads, capacity, backend.head_dim)
