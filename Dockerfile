@@ -32,4 +32,4 @@ RUN git config --global user.email selfdistill@localhost && git config --global 
 # Docker often forbids the user namespaces bubblewrap needs; the sandbox then falls back to
 # a weaker isolation level, warns, and records it in every metrics file. For full isolation:
 #   docker run --security-opt seccomp=unconfined --security-opt apparmor=unconfined ...
-CMD ["sh", "-c", "python -m tasks.validate && dvc repro && cat report/summary.md"]
+CMD ["sh", "-c", "selfdistill validate && dvc repro && cat report/summary.md"]

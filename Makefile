@@ -17,7 +17,7 @@ install: $(BIN)/python
 
 demo: install
 	@git rev-parse --git-dir >/dev/null 2>&1 || (git init -q && git add -A && git commit -qm "selfdistill")
-	$(BIN)/python -m tasks.validate
+	$(BIN)/selfdistill validate
 	PATH=$(BIN):$$PATH $(BIN)/dvc repro
 	@cat report/summary.md
 

@@ -29,11 +29,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-from tasks.config import Params, ParamsError, load_params  # noqa: E402
-from tasks.generation import BACKENDS, load_backend  # noqa: E402
-from tasks.problems import chat_messages, load_problems, split_problems  # noqa: E402
+from tasks.core.config import load_params  # noqa: E402
+from tasks.sampling.backends import BACKENDS, batch_seed, load_backend  # noqa: E402
+from tasks.sampling.generate import plan_batches  # noqa: E402
+from tasks.core.problems import chat_messages, load_problems, split_problems  # noqa: E402
 
 
 DEFAULT_BACKENDS = ["transformers.generate", "transformers", "continuous", "continuous-int8", "ctranslate2"]
@@ -47,7 +49,7 @@ class GenerateBaseline:
     name = "transformers.generate"
 
     def __init__(self, model_dir: str):
-        from tasks.generation import TransformersBackend
+        from tasks.sampling.backend_transformers import TransformersBackend
 
         self.reference = TransformersBackend(model_dir)
         self.encode_chat = self.reference.encode_chat
@@ -55,7 +57,7 @@ class GenerateBaseline:
     def generate_batch(self, prompts, cfg, seed: int):
         import torch
 
-        from tasks.generation import Completion
+        from tasks.sampling.backends import Completion
 
         ref = self.reference
         width = max(len(p) for p in prompts)
@@ -82,15 +84,15 @@ def cpu_seconds() -> float:
 
 
 def plan(prompts: list[list[int]], n: int, batch_size: int) -> list[list[int]]:
-    units = sorted(((r, s) for r in range(len(prompts)) for s in range(n)), key=lambda u: (-len(prompts[u[0]]), u))
-    return [[r for r, _ in units[i:i + batch_size]] for i in range(0, len(units), batch_size)]
+    """generate_jsonl's own plan of batches, as request indices."""
+    return [[r for r, _ in batch] for batch in plan_batches([len(p) for p in prompts], n, batch_size)]
 
 
 def run_once(backend, prompts, batches, cfg) -> dict:
     wall, cpu = time.perf_counter(), cpu_seconds()
     outs = []
     for b, batch in enumerate(batches):
-        outs += backend.generate_batch([prompts[r] for r in batch], cfg, seed=cfg.seed * 1_000_003 + b)
+        outs += backend.generate_batch([prompts[r] for r in batch], cfg, seed=batch_seed(cfg.seed, b))
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
     tokens = sum(o.num_tokens for o in outs)
     return {"wall": wall, "cpu": cpu, "tokens": tokens, "samples": len(outs),
@@ -98,7 +100,7 @@ def run_once(backend, prompts, batches, cfg) -> dict:
 
 
 def ensure_converted(model: str, name: str) -> float:
-    from tasks import convert
+    from tasks.sampling import convert_ctranslate2 as convert
 
     quantization = {"ctranslate2": "int8", "ctranslate2-float32": "float32"}.get(name)
     if quantization is None:
@@ -114,8 +116,8 @@ def ensure_converted(model: str, name: str) -> float:
 
 def pass_at_1(backends: dict, cfg, problems: list[dict], n: int) -> dict:
     from tasks import sandbox
-    from tasks.extract import program_from_answer
-    from tasks.passk import mean_pass_at_k
+    from tasks.core.metrics import mean_pass_at_k, per_problem_counts
+    from tasks.core.jobs import answer_job
 
     cfg = cfg.model_copy(update={"n": n})
     result = {}
@@ -124,17 +126,10 @@ def pass_at_1(backends: dict, cfg, problems: list[dict], n: int) -> dict:
         batches = plan(prompts, n, cfg.batch_size)
         outs = run_once(backend, prompts, batches, cfg)["outs"]
         rows = [r for batch in batches for r in batch]
-        jobs = [sandbox.Job(program=program_from_answer(problems[r]["prompt"], problems[r]["entry_point"], o.text),
-                            test=problems[r]["test"], entry_point=problems[r]["entry_point"])
-                for r, o in zip(rows, outs)]
+        jobs = [answer_job(problems[r], o.text) for r, o in zip(rows, outs)]
         verdicts = sandbox.check_programs(jobs, timeout_s=5.0)
-        counts: dict[int, list[int]] = {}
-        for r, v in zip(rows, verdicts):
-            c = counts.setdefault(r, [0, 0])
-            c[0] += 1
-            c[1] += bool(v.passed)
-        result[name] = (mean_pass_at_k([tuple(c) for c in counts.values()], 1), sum(c[1] for c in counts.values()),
-                        sum(c[0] for c in counts.values()))
+        counts = per_problem_counts([{"task_id": r, "passed": v.passed} for r, v in zip(rows, verdicts)]).values()
+        result[name] = (mean_pass_at_k(list(counts), 1), sum(c for _, c in counts), sum(n for n, _ in counts))
     return result
 
 
@@ -156,10 +151,8 @@ def main() -> int:
     parser.add_argument("--skip-speed", action="store_true", help="only the pass@1 comparison")
     args = parser.parse_args()
 
-    try:
-        params = load_params() if Path("params.yaml").exists() else Params()
-    except ParamsError:
-        params = Params()
+    # The workspace's params, else the project's defaults.
+    params = load_params() if Path("params.yaml").exists() else load_params(REPO / "params.yaml")
     cfg = params.sample
     update = {}
     if args.batch_size:

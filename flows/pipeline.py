@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.config import PARAMS_FILE, ParamsError, apply_overrides, load_params, validate_params
+from tasks.core.config import PARAMS_FILE, ParamsError, update_params_file
 
 FLOW_NAME = "selfdistill"
 # dvc.yaml writes every model under models/ (models/base, models/<arm>); each one gets a lineage
@@ -116,7 +116,7 @@ def read_stage_graph(repo_dir: str | os.PathLike, targets: list[str] | None = No
 
 
 def params_path(repo_dir: str | os.PathLike) -> Path:
-    # The file every stage reads (tasks/config.py); relative to the repo when not absolute.
+    # The file every stage reads (tasks/core/config.py); relative to the repo when not absolute.
     return Path(repo_dir) / PARAMS_FILE
 
 
@@ -127,28 +127,7 @@ def apply_param_overrides(repo_dir: str | os.PathLike, overrides: list[str], wri
     DVC then sees exactly which stages the change touches and records the values in dvc.lock),
     written atomically, comments and key order kept. Nothing is written unless the result
     passes the schema."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError
-
-    from tasks.files import write_text
-
-    path = params_path(repo_dir)
-    if not overrides:
-        load_params(path)
-        return
-    yaml = YAML()  # round-trip mode: keeps the file's comments and key order
-    try:
-        raw = yaml.load(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: file not found") from None
-    except YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    raw = apply_overrides(raw if raw is not None else {}, overrides)
-    validate_params(raw, f"{path} with --set {' '.join(overrides)}")
-    if write:
-        text = io.StringIO()
-        yaml.dump(raw, text)
-        write_text(path, text.getvalue())
+    update_params_file(params_path(repo_dir), overrides, write=write)
 
 
 # ---------------------------------------------------------------------------------------------

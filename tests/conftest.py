@@ -2,6 +2,7 @@
 ChatML chat template, saved as a standard HF dir, so stage tests run real code in seconds."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -77,23 +78,44 @@ def tiny_model(tmp_path_factory) -> Path:
 TINY_PROFILE = REPO / "profiles" / "tiny.yaml"
 
 
-def make_workspace(root: Path, model_dir: Path, overrides: dict | None = None) -> Path:
-    """A git + DVC repo holding the project's pipeline files and the tiny profile as params.yaml."""
-    import yaml
+def default_params():
+    """params.yaml, the one home of every default."""
+    from tasks.core.config import load_params
 
+    return load_params(REPO / "params.yaml")
+
+
+def decoding(**overrides):
+    """params.yaml's sample settings with `overrides`, validated (a SamplingConfig)."""
+    from tasks.core.config import SamplingConfig
+
+    return SamplingConfig.model_validate({**default_params().sample.model_dump(), **overrides})
+
+
+def train_config(**overrides):
+    from tasks.core.config import TrainConfig
+
+    return TrainConfig.model_validate({**default_params().train.model_dump(), **overrides})
+
+
+def write_params(root: Path, profile: Path | None = None, overrides: dict | None = None) -> Path:
+    """The project's params.yaml in `root`, with a profile and then `overrides` (sections of
+    keys, as in params.yaml) applied."""
+    from tasks.core.config import update_params_file
+
+    path = root / "params.yaml"
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "tasks", "problems", ".dvcignore"):
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, root / name)
-    params = yaml.safe_load(TINY_PROFILE.read_text())
-    params["model"]["base"] = str(model_dir)
-    for section, values in (overrides or {}).items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True)
+    shutil.copy(REPO / "params.yaml", path)
+    pairs = [f"{section}.{key}={json.dumps(value)}" for section, values in (overrides or {}).items()
+             for key, value in values.items()]  # JSON is YAML 1.2
+    update_params_file(path, pairs, profile=profile)
+    return path
+
+
+def init_repo(root: Path) -> Path:
+    """Make `root` a git + DVC repo and commit what it holds."""
+    root.mkdir(parents=True, exist_ok=True)
+    run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, capture_output=True, text=True)  # noqa: E731
     run("git", "init", "-q")
     run("git", "config", "user.email", "test@selfdistill.invalid")
     run("git", "config", "user.name", "selfdistill test")
@@ -101,6 +123,20 @@ def make_workspace(root: Path, model_dir: Path, overrides: dict | None = None) -
     run("git", "add", "-A")
     run("git", "commit", "-qm", "workspace")
     return root
+
+
+def make_workspace(root: Path, model_dir: Path, overrides: dict | None = None) -> Path:
+    """A git + DVC repo holding the project's pipeline files, params.yaml with the tiny profile
+    applied and `model.base` set to `model_dir`."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", "tasks", "problems", ".dvcignore"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, root / name)
+    write_params(root, TINY_PROFILE, {"model": {"base": str(model_dir)}, **(overrides or {})})
+    return init_repo(root)
 
 
 def stage_env(root: Path) -> dict:

@@ -23,11 +23,13 @@ import ctranslate2
 import numpy as np
 import pytest
 import torch
-from conftest import CHATML, save_tiny, tiny_llama
+from conftest import CHATML, decoding, save_tiny, tiny_llama
 
-from tasks.config import DecodingConfig, ParamsError, SamplingConfig, validate_params
-from tasks.files import DataError
-from tasks.generation import BACKENDS, Request, TransformersBackend, generate_jsonl
+from tasks.core.config import DecodingConfig, ParamsError
+from tasks.core.files import DataError
+from tasks.sampling.backend_transformers import TransformersBackend
+from tasks.sampling.backends import BACKENDS
+from tasks.sampling.generate import Request, generate_jsonl
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHARS = list("\n abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?()[]=+-*/_#")
@@ -62,7 +64,7 @@ def char_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def converted(char_model) -> Path:
-    from tasks.convert import convert
+    from tasks.sampling.convert_ctranslate2 import convert
 
     for quantization in ("int8", "float32"):
         convert(char_model, None, quantization)
@@ -71,8 +73,8 @@ def converted(char_model) -> Path:
 
 @pytest.fixture(scope="module")
 def backends(converted) -> dict:
-    from tasks.backend_continuous import ContinuousBackend, ContinuousInt8Backend
-    from tasks.backend_ct2 import CT2Backend, CT2Float32Backend
+    from tasks.sampling.backend_continuous import ContinuousBackend, ContinuousInt8Backend
+    from tasks.sampling.backend_ctranslate2 import CT2Backend, CT2Float32Backend
 
     return {
         "transformers": TransformersBackend(converted, dtype=torch.float32),
@@ -212,9 +214,9 @@ def empirical(backend, prompt, cfg, n=SAMPLES, seed=0) -> Counter:
 
 
 CONFIGS = {
-    "default (T0.8 k20 p0.8)": SamplingConfig(temperature=0.8, top_k=20, top_p=0.8),
-    "hot top-p only (T1.3 p0.8)": SamplingConfig(temperature=1.3, top_k=0, top_p=0.8),
-    "cool top-k only (T0.6 k5)": SamplingConfig(temperature=0.6, top_k=5, top_p=1.0),
+    "default (T0.8 k20 p0.8)": decoding(temperature=0.8, top_k=20, top_p=0.8),
+    "hot top-p only (T1.3 p0.8)": decoding(temperature=1.3, top_k=0, top_p=0.8),
+    "cool top-k only (T0.6 k5)": decoding(temperature=0.6, top_k=5, top_p=1.0),
 }
 PROMPTS = [[{"role": "user", "content": "def add(a, b):\n    return a + b"}],
            [{"role": "user", "content": "Write a function is_prime(n)."}]]
@@ -244,21 +246,21 @@ def test_fidelity_two_token_distribution(backends, hf, name, config):
 @pytest.mark.parametrize("name", ["transformers", "continuous"])
 def test_fidelity_min_p(backends, hf, name):
     """min-p (after top-p); the ctranslate2 backends refuse it."""
-    backend, cfg = backends[name], SamplingConfig(temperature=1.3, top_k=0, top_p=0.95, min_p=0.15)
+    backend, cfg = backends[name], decoding(temperature=1.3, top_k=0, top_p=0.95, min_p=0.15)
     prompt = backend.encode_chat(PROMPTS[0])
     reference = joint_reference(hf_logits(hf), prompt, cfg)
     assert not check(name, "min-p (T1.3 p0.95 min_p0.15)", reference, empirical(backend, prompt, cfg))
 
 
-@pytest.mark.parametrize("cfg", [SamplingConfig(temperature=0.8, top_k=20, top_p=0.8),
-                                 SamplingConfig(temperature=1.3, top_k=0, top_p=0.9, min_p=0.05),
-                                 SamplingConfig(temperature=0.5, top_k=3, top_p=1.0),
-                                 SamplingConfig(temperature=1.0, top_k=0, top_p=1.0)], ids=str)
+@pytest.mark.parametrize("cfg", [decoding(temperature=0.8, top_k=20, top_p=0.8),
+                                 decoding(temperature=1.3, top_k=0, top_p=0.9, min_p=0.05),
+                                 decoding(temperature=0.5, top_k=3, top_p=1.0),
+                                 decoding(temperature=1.0, top_k=0, top_p=1.0)], ids=str)
 def test_continuous_sampler_is_the_truncated_distribution(cfg):
     """The sampler's inverse CDF on a fine grid of uniforms gives back, token by token, the
     reference distribution (within one grid step per token): an exact check, no noise.
     Row 2 has ties at the k-th logit, which transformers' top-k keeps."""
-    from tasks.backend_continuous import sample_tokens
+    from tasks.sampling.backend_continuous import sample_tokens
 
     torch.manual_seed(0)
     logits = torch.randn(3, 50) * 3
@@ -301,7 +303,7 @@ def prompts_of(backend, count=4):
 @pytest.mark.parametrize("name", ["continuous", "continuous-int8", "ctranslate2-float32", "ctranslate2"])
 def test_lengths_and_finish_reasons(backends, name):
     backend = backends[name]
-    cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12, slots=16)
+    cfg = decoding(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12, slots=16)
     outs = backend.generate_batch(prompts_of(backend, 6) * 20, cfg, seed=3)
     assert {o.finish_reason for o in outs} == {"eos", "length"}
     for o in outs:
@@ -317,7 +319,7 @@ def test_lengths_and_finish_reasons(backends, name):
 def test_greedy_matches_transformers(backends, name):
     """Prompts of different lengths; with 2 slots for 6 sequences the continuous backend
     admits sequences into slots that held longer ones."""
-    cfg = SamplingConfig(temperature=0.0, max_new_tokens=24, slots=2)
+    cfg = decoding(temperature=0.0, max_new_tokens=24, slots=2)
     prompts = prompts_of(backends["transformers"], 6)
     assert backends[name].generate_batch(prompts, cfg, seed=0) == \
         backends["transformers"].generate_batch(prompts, cfg, seed=0)
@@ -348,7 +350,7 @@ def test_fused_int8_layer_matches_the_eager_path(backends):
 def test_decode_attention_kernel_matches_the_eager_path(backends, name):
     """RoPE, the cache write and attention in one call, against the PyTorch ops, for slots at
     positions 0, either side of a 16-position block, and the cache's last position."""
-    from tasks.backend_continuous import _KVCache
+    from tasks.sampling.backend_continuous import _KVCache
 
     backend = backends[name]
     assert backend.attention_kernel is not None, "the test model's shape must take the kernel"
@@ -382,7 +384,7 @@ def test_decode_attention_kernel_matches_the_eager_path(backends, name):
 def test_without_a_compiler_the_eager_path_runs(monkeypatch, caplog):
     import torch.utils.cpp_extension
 
-    from tasks import cpu_kernels
+    from tasks.sampling import cpu_kernels
 
     def no_compiler(**kwargs):
         raise RuntimeError("Error building extension: c++: command not found")
@@ -413,7 +415,7 @@ def test_a_shared_prompt_prefix_is_computed_once_with_the_same_result(backends):
 
 def test_continuous_samples_do_not_depend_on_slots(backends):
     backend = backends["continuous-float32"]
-    cfg = SamplingConfig(temperature=1.2, top_k=0, max_new_tokens=20)
+    cfg = decoding(temperature=1.2, top_k=0, max_new_tokens=20)
     prompts = prompts_of(backend, 5) * 2
     outs = [backend.generate_batch(prompts, cfg.model_copy(update={"slots": slots}), seed=4) for slots in (1, 3, 10)]
     assert len({o.num_tokens for o in outs[0]}) > 2, "the test needs sequences that end at different steps"
@@ -424,7 +426,7 @@ def test_continuous_samples_do_not_depend_on_slots(backends):
 def test_continuous_refuses_other_architectures():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tasks.backend_continuous import _check_architecture
+    from tasks.sampling.backend_continuous import _check_architecture
 
     with pytest.raises(ParamsError, match="backend"):
         _check_architecture(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)))
@@ -440,7 +442,7 @@ def test_continuous_refuses_other_architectures():
 @pytest.mark.parametrize("name", ["continuous", "continuous-int8", "ctranslate2-float32", "ctranslate2"])
 def test_a_batch_depends_only_on_its_seed(backends, name):
     backend = backends[name]
-    cfg = SamplingConfig(temperature=1.2, top_k=0, max_new_tokens=16)
+    cfg = decoding(temperature=1.2, top_k=0, max_new_tokens=16)
     prompts = prompts_of(backend, 4)
     first = backend.generate_batch(prompts, cfg, seed=11)
     backend.generate_batch(prompts, cfg, seed=5)  # anything in between must not matter
@@ -455,7 +457,7 @@ def test_generate_jsonl_resumes_exactly(tmp_path, converted, backends, name):
     import json
 
     backend = backends[name]
-    cfg = SamplingConfig(backend=name, n=2, max_new_tokens=10, batch_size=3, slots=2)
+    cfg = decoding(backend=name, n=2, max_new_tokens=10, batch_size=3, slots=2)
     requests = [Request({"prompt_id": f"p{i}"}, [{"role": "user", "content": "y" * (i + 1)}]) for i in range(4)]
     full = generate_jsonl(converted, requests, cfg, tmp_path / "full.jsonl", backend=backend)
     partial = tmp_path / "resumed.jsonl.partial"
@@ -466,15 +468,15 @@ def test_generate_jsonl_resumes_exactly(tmp_path, converted, backends, name):
 def test_ct2_rejects_min_p_naming_the_key(backends):
     backend = backends["ctranslate2"]
     with pytest.raises(ParamsError, match="min_p"):
-        backend.generate_batch(prompts_of(backend, 1), SamplingConfig(min_p=0.05), seed=0)
+        backend.generate_batch(prompts_of(backend, 1), decoding(min_p=0.05), seed=0)
 
 
 def test_stale_or_missing_conversion_is_refused(tmp_path):
-    from tasks.backend_ct2 import CT2Backend
-    from tasks.convert import convert
+    from tasks.sampling.backend_ctranslate2 import CT2Backend
+    from tasks.sampling.convert_ctranslate2 import convert
 
     model = build_char_model(tmp_path / "m", seed=1)
-    with pytest.raises(DataError, match="tasks.convert"):
+    with pytest.raises(DataError, match="selfdistill convert"):
         CT2Backend(model)
     convert(model, None, "int8")
     CT2Backend(model)
@@ -485,35 +487,36 @@ def test_stale_or_missing_conversion_is_refused(tmp_path):
 
 def test_backend_param_accepts_the_new_backends():
     for name in ("transformers", "continuous", "continuous-int8", "ctranslate2", "ctranslate2-float32", "vllm"):
-        assert validate_params({"sample": {"backend": name}}).sample.backend == name
+        assert decoding(backend=name).backend == name
         assert name in BACKENDS
 
 
 # --- vLLM: the parameter mapping, without vllm or a GPU ------------------------------------------
 
 def test_vllm_mapping():
-    from tasks.backend_vllm import sampling_params_kwargs
+    from tasks.sampling.backend_vllm import sampling_params_kwargs
 
-    kw = sampling_params_kwargs(SamplingConfig(temperature=0.8, top_k=20, top_p=0.8, max_new_tokens=256),
+    kw = sampling_params_kwargs(decoding(temperature=0.8, top_k=20, top_p=0.8, max_new_tokens=256),
                                 eos_ids=[2, 7], seed=5)
     assert kw["temperature"] == 0.8 and kw["top_k"] == 20 and kw["top_p"] == 0.8 and kw["min_p"] == 0.0
     assert kw["max_tokens"] == 256 and kw["seed"] == 5 and kw["n"] == 1
     assert kw["stop_token_ids"] == [2, 7] and kw["ignore_eos"] is False
     assert kw["repetition_penalty"] == 1.0 and kw["presence_penalty"] == 0 and kw["frequency_penalty"] == 0
-    assert sampling_params_kwargs(SamplingConfig(top_k=0), [2], 0)["top_k"] == -1
-    greedy = sampling_params_kwargs(SamplingConfig(temperature=0.0, top_k=20, top_p=0.5), [2], 0)
+    assert sampling_params_kwargs(decoding(top_k=0), [2], 0)["top_k"] == -1
+    greedy = sampling_params_kwargs(decoding(temperature=0.0, top_k=20, top_p=0.5), [2], 0)
     assert greedy["temperature"] == 0.0 and greedy["top_k"] == -1 and greedy["top_p"] == 1.0
     # min-p commutes with top-k, not with top-p (vLLM applies it before top-p).
-    assert sampling_params_kwargs(SamplingConfig(top_k=20, top_p=1.0, min_p=0.1), [2], 0)["min_p"] == 0.1
+    assert sampling_params_kwargs(decoding(top_k=20, top_p=1.0, min_p=0.1), [2], 0)["min_p"] == 0.1
     with pytest.raises(ParamsError, match="min_p"):
-        sampling_params_kwargs(SamplingConfig(top_p=0.9, min_p=0.1), [2], 0)
+        sampling_params_kwargs(decoding(top_p=0.9, min_p=0.1), [2], 0)
     assert "vllm" not in sys.modules
 
 
 def test_vllm_outputs_to_completions():
     from types import SimpleNamespace
 
-    from tasks.backend_vllm import completion_from_output, row_seed
+    from tasks.sampling.backend_vllm import completion_from_output
+    from tasks.sampling.backends import sequence_seed
 
     stop = completion_from_output(SimpleNamespace(token_ids=[5, 6, 2], text="ab", finish_reason="stop"), [2], 10)
     assert (stop.text, stop.num_tokens, stop.finish_reason) == ("ab", 3, "eos")
@@ -522,4 +525,4 @@ def test_vllm_outputs_to_completions():
     length = completion_from_output(SimpleNamespace(token_ids=list(range(3, 13)), text="x", finish_reason="length"),
                                     [2], 10)
     assert (length.num_tokens, length.finish_reason) == (10, "length")
-    assert len({row_seed(s, r) for s in range(5) for r in range(5)}) == 25
+    assert len({sequence_seed(s, r) for s in range(5) for r in range(5)}) == 25

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from tasks.config import ParamsError, Params, apply_overrides, load_params, validate_params
-from conftest import REPO
+from tasks.core.config import ParamsError, Params, apply_overrides, load_params, validate_params
+from conftest import REPO, write_params
 
 
 def raw_params():
@@ -17,10 +17,50 @@ def error_for(mutate) -> str:
     return str(err.value)
 
 
-def test_shipped_params_and_profiles_are_valid():
+def test_shipped_params_and_profiles_are_valid(tmp_path):
     assert isinstance(load_params(REPO / "params.yaml"), Params)
+    profiles = sorted((REPO / "profiles").glob("*.yaml"))
+    assert {p.stem for p in profiles} >= {"tiny", "gpu"}
+    for profile in profiles:
+        write_params(tmp_path / profile.stem, profile)
+        load_params(tmp_path / profile.stem / "params.yaml")
+
+
+def test_profiles_are_overlays_of_only_the_keys_they_change():
+    """params.yaml is the one source of defaults: a profile that repeats a default is a copy
+    that can drift."""
+    defaults = raw_params()
     for profile in (REPO / "profiles").glob("*.yaml"):
-        load_params(profile)
+        overlay = yaml.safe_load(profile.read_text())
+        for section, values in overlay.items():
+            for key, value in values.items():
+                assert key in defaults[section], f"{profile.name}: {section}.{key} is not a param"
+                assert defaults[section][key] != value, f"{profile.name}: {section}.{key} repeats params.yaml"
+
+
+def test_every_key_must_be_in_params_yaml():
+    assert "sample.slots: missing" in error_for(lambda p: p["sample"].pop("slots"))
+    with pytest.raises(ParamsError, match="model: missing"):
+        validate_params({})
+
+
+def test_profile_command_writes_the_overlay_keeping_comments(tmp_path, capsys):
+    from tasks.commands import cli
+
+    path = write_params(tmp_path)
+    before = path.read_text()
+    assert cli.main(["profile", str(REPO / "profiles/tiny.yaml"), "--params", str(path),
+                     "--set", "train.epochs=3"]) == 0
+    params = load_params(path)
+    assert params.sample.max_new_tokens == 48 and params.train.epochs == 3
+    assert params.sample.temperature == load_params(REPO / "params.yaml").sample.temperature
+    assert "# T_eval, tuned separately from T_train" in path.read_text()
+    # A profile that fails the schema writes nothing.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sample:\n  top_p: 2\n")
+    path.write_text(before)
+    assert cli.main(["profile", str(bad), "--params", str(path)]) == 2
+    assert "sample.top_p" in capsys.readouterr().err and path.read_text() == before
 
 
 @pytest.mark.parametrize("mutate, key", [

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import init_repo, write_params
 from flows.pipeline import FLOW_NAME
 
 pytestmark = pytest.mark.slow
@@ -72,19 +73,13 @@ def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 300) -> str:
 
 
 def make_repo(root: Path) -> Path:
-    root.mkdir(parents=True)
-    (root / "params.yaml").write_text("train:\n  epochs: 1\n")  # must pass the project's schema
+    write_params(root, overrides={"train": {"epochs": 1}})  # must pass the project's schema
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
         "prepare": {"cmd": "python -c \"open('data.txt', 'w').write('rows')\"", "outs": ["data.txt"]},
         "train": {"cmd": "python -c \"open('model.txt', 'w').write(open('data.txt').read() + ' trained')\"",
                   "deps": ["data.txt"], "params": ["train.epochs"], "outs": ["model.txt"]},
     }}))
-    for args in (["init", "-q"], ["config", "user.email", "t@selfdistill.invalid"], ["config", "user.name", "t"]):
-        subprocess.run(["git", *args], cwd=root, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run(["git", "commit", "-qm", "pipeline"], cwd=root, check=True)
-    return root
+    return init_repo(root)
 
 
 def flow_runs(env: dict) -> list:
@@ -120,7 +115,7 @@ def test_deployment_runs_on_a_process_worker(prefect_server, tmp_path):
     assert set(yaml.safe_load((root / "dvc.lock").read_text())["stages"]) == {"prepare", "train"}
 
     # The CLI with PREFECT_API_URL set records its run on this server; DVC finds nothing to do.
-    out = run([sys.executable, "-m", "tasks.cli", "flow", "run", "--repo", str(root)], env, PROJECT)
+    out = run([sys.executable, "-m", "tasks.commands.cli", "flow", "run", "--repo", str(root)], env, PROJECT)
     assert env["PREFECT_API_URL"] in out and "Running stage" not in out
     assert out.count("unchanged: skipped") >= 2
     runs = flow_runs(env)

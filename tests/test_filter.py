@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from tasks.config import load_params
+from tasks.core.config import load_params
 from tasks.filter import drop_reasons
-from tasks.problems import load_problems
+from tasks.core.problems import load_problems
 
 PROBLEMS = {p["task_id"]: p for p in load_problems("humaneval")[:2]}
 P0 = PROBLEMS["HumanEval/0"]

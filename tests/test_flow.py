@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import init_repo, write_params
 from flows.lineage import lineage
 from flows.pipeline import main, read_stage_graph, selfdistill_pipeline
 
@@ -40,13 +41,7 @@ STEP = textwrap.dedent("""
 """)
 
 # params.yaml must pass the project's schema: the flow validates it before any stage runs.
-PARAMS = textwrap.dedent("""
-    # a comment the flow's --set must keep
-    filter:
-      arms: [none, passes]
-    train:
-      epochs: 1   # epochs
-""")
+PARAMS_OVERRIDES = {"filter": {"arms": ["none", "passes"]}, "train": {"epochs": 1}}
 
 PIPELINE = {
     "prepare": {"cmd": "python step.py prepare data/train.jsonl", "deps": ["step.py"], "outs": ["data/train.jsonl"]},
@@ -58,23 +53,13 @@ PIPELINE = {
 }
 
 
-def git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
-
-
 def make_repo(root: Path, stages: dict) -> Path:
     root.mkdir(parents=True)
     (root / "step.py").write_text(STEP)
-    (root / "params.yaml").write_text(PARAMS)
+    write_params(root, overrides=PARAMS_OVERRIDES)
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     (root / ".gitignore").write_text("runs.log\ntimes.log\n")
-    git(root, "init", "-q")
-    git(root, "config", "user.email", "test@selfdistill.invalid")
-    git(root, "config", "user.name", "selfdistill test")
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
-    git(root, "add", "-A")
-    git(root, "commit", "-qm", "pipeline")
-    return root
+    return init_repo(root)
 
 
 def runs(root: Path) -> list[str]:
@@ -167,7 +152,7 @@ def test_flow_runs_dvc_yaml_then_skips_what_did_not_change(tmp_path, capsys):
     assert main(["run", "--repo", str(root), "--target", "train@none", "--set", "train.epochs=3"]) == 0
     assert runs(root).count("train@none") == 2 and len(runs(root)) == len(plan) + 1
     text = (root / "params.yaml").read_text()
-    assert "# a comment the flow's --set must keep" in text and yaml.safe_load(text)["train"]["epochs"] == 3
+    assert "# T_eval, tuned separately from T_train" in text and yaml.safe_load(text)["train"]["epochs"] == 3
     assert yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train@none"]["params"]["params.yaml"] == {
         "train.epochs": 3}
 

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from conftest import make_workspace, stage_env
-from tasks.config import SamplingConfig
-from tasks.generation import Request, TransformersBackend, generate_jsonl
+from conftest import decoding, make_workspace, stage_env
+from tasks.sampling.backend_transformers import TransformersBackend
+from tasks.sampling.generate import Request, generate_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def requests(count=5):
 
 
 def test_rows_counts_and_finish_reasons(tmp_path, backend, tiny_model):
-    cfg = SamplingConfig(n=3, max_new_tokens=24, batch_size=4, temperature=1.0, top_k=0, top_p=1.0)
+    cfg = decoding(n=3, max_new_tokens=24, batch_size=4, temperature=1.0, top_k=0, top_p=1.0)
     rows = generate_jsonl(tiny_model, requests(), cfg, tmp_path / "s.jsonl", backend=backend)
     assert [(r["prompt_id"], r["sample_index"]) for r in rows] == [(f"p{i}", s) for i in range(5) for s in range(3)]
     assert {r["finish_reason"] for r in rows} == {"eos", "length"}
@@ -39,7 +39,7 @@ def test_rows_counts_and_finish_reasons(tmp_path, backend, tiny_model):
 
 
 def test_same_seed_same_samples_other_seed_differs(tmp_path, backend, tiny_model):
-    cfg = SamplingConfig(n=2, max_new_tokens=16, batch_size=3)
+    cfg = decoding(n=2, max_new_tokens=16, batch_size=3)
     a = generate_jsonl(tiny_model, requests(), cfg, tmp_path / "a.jsonl", backend=backend)
     b = generate_jsonl(tiny_model, requests(), cfg, tmp_path / "b.jsonl", backend=backend)
     c = generate_jsonl(tiny_model, requests(), cfg.model_copy(update={"seed": 7}), tmp_path / "c.jsonl",
@@ -49,7 +49,7 @@ def test_same_seed_same_samples_other_seed_differs(tmp_path, backend, tiny_model
 
 
 def test_greedy_is_batch_invariant(backend):
-    cfg = SamplingConfig(temperature=0.0, max_new_tokens=12)
+    cfg = decoding(temperature=0.0, max_new_tokens=12)
     prompts = [backend.encode_chat(r.messages) for r in requests(3)]
     batched = backend.generate_batch(prompts, cfg, seed=0)
     alone = [backend.generate_batch([p], cfg, seed=0)[0] for p in prompts]
@@ -58,13 +58,13 @@ def test_greedy_is_batch_invariant(backend):
 
 def test_top_k_one_is_greedy(backend):
     prompts = [backend.encode_chat(r.messages) for r in requests(2)]
-    greedy = backend.generate_batch(prompts, SamplingConfig(temperature=0.0, max_new_tokens=10), seed=0)
-    top1 = backend.generate_batch(prompts, SamplingConfig(temperature=1.5, top_k=1, max_new_tokens=10), seed=3)
+    greedy = backend.generate_batch(prompts, decoding(temperature=0.0, max_new_tokens=10), seed=0)
+    top1 = backend.generate_batch(prompts, decoding(temperature=1.5, top_k=1, max_new_tokens=10), seed=3)
     assert greedy == top1
 
 
 def test_resume_drops_torn_batches(tmp_path, backend, tiny_model):
-    cfg = SamplingConfig(n=2, max_new_tokens=16, batch_size=3)
+    cfg = decoding(n=2, max_new_tokens=16, batch_size=3)
     full = generate_jsonl(tiny_model, requests(), cfg, tmp_path / "full.jsonl", backend=backend)
     # A crash mid-write: batch 0 complete, one row of batch 1, then a torn line.
     first_run = generate_jsonl(tiny_model, requests(), cfg, tmp_path / "x.jsonl", backend=backend)

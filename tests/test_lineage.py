@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_workspace, stage_env
+from conftest import init_repo, make_workspace, stage_env
 from flows.lineage import lineage, main, render_text
+from tasks.core.config import update_params_file
 
 # Writes every output the stage declares; a directory (a model) gets weights.bin, and
 # models/base the origin note tasks/prepare.py leaves.
@@ -124,8 +125,7 @@ def test_lineage_flags_hand_edits_and_changed_params(project, tmp_path, monkeypa
     with open(root / "samples/samples.jsonl", "a") as f:
         f.write('{"text": "edited by hand"}\n')
     (root / "models/base/weights.bin").write_text("edited by hand")
-    params = (root / "params.yaml").read_text()
-    (root / "params.yaml").write_text(params.replace("lr: 5.0e-05", "lr: 0.001"))
+    update_params_file(root / "params.yaml", ["train.lr=0.001"])
 
     assert main([f"models/{arm}", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
@@ -149,16 +149,12 @@ def test_lineage_flags_hand_edits_and_changed_params(project, tmp_path, monkeypa
 
 
 def test_lineage_of_any_dvc_yaml_with_added_data_and_a_subdirectory_pipeline(tmp_path):
-    root = tmp_path / "ws"
+    root = init_repo(tmp_path / "ws")
     (root / "raw").mkdir(parents=True)
     (root / "raw/rows.txt").write_text("1\n2\n3\n")
     (root / "sub").mkdir()
     (root / "sub/dvc.yaml").write_text(yaml.safe_dump({"stages": {"count": {
         "cmd": "wc -l < ../raw/rows.txt > count.txt", "deps": ["../raw"], "outs": ["count.txt"]}}}))
-    git(root, "init", "-q")
-    git(root, "config", "user.email", "test@selfdistill.invalid")
-    git(root, "config", "user.name", "selfdistill test")
-    dvc(root, "init", "-q")
     dvc(root, "add", "-q", "raw")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "data")

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from tasks.extract import last_fenced_block, one_line_stub, program_from_answer
-from tasks.files import DataError
-from tasks.problems import chat_messages, load_problems, split_problems
+from tasks.core.extract import last_fenced_block, one_line_stub, program_from_answer
+from tasks.core.files import DataError
+from tasks.core.problems import chat_messages, load_problems, split_problems
 
 
 def test_humaneval_split_is_disjoint_and_seeded():

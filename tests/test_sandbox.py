@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import sandbox, sandbox_compare, sandbox_wire
+from tasks import sandbox
+from tasks.sandbox.jail import compare as sandbox_compare, wire as sandbox_wire
 
 SQUARE_TEST = "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(3) == 9\n"
 SQUARE = "def f(x):\n    return x * x\n"
@@ -182,7 +183,7 @@ def test_program_runs_unprivileged_without_network_in_its_own_pid_namespace(box)
 def test_isolation_level_is_reported():
     level = sandbox.isolation_level()
     assert level in ("bubblewrap", "namespaces", "rlimits")
-    if sandbox.sandbox_launch.bwrap_candidates():
+    if sandbox.launch.bwrap_candidates():
         assert level == "bubblewrap"
 
 

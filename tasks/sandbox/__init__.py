@@ -12,7 +12,7 @@ Kinds of job:
 A program of None means the model's answer had no code.
 
 Each worker is a long-lived zygote inside bubblewrap that forks a fresh, isolated process tree
-per program (see tasks/sandbox_zygote.py for what isolates it and why a pass cannot be forged).
+per program (see tasks/sandbox/jail/zygote.py for what isolates it and why a pass cannot be forged).
 Where bubblewrap cannot run, the zygote runs bare with the strongest isolation that still
 works; `isolation_level()` says which, and a warning is printed once.
 """
@@ -31,7 +31,8 @@ import threading
 import time
 from typing import Any, Iterable, Sequence
 
-from tasks import sandbox_launch, sandbox_wire
+from tasks.sandbox import launch
+from tasks.sandbox.jail import wire
 
 RESULTS = ("passed", "failed: ...", "timed out", "memory limit", "output limit", "no code",
            "syntax error")
@@ -133,8 +134,8 @@ class _Zygote:
 
     def _receive(self, timeout: float):
         self.sock.settimeout(timeout)
-        header = self._exact(sandbox_wire.HEADER.size)
-        (size,) = sandbox_wire.HEADER.unpack(header)
+        header = self._exact(wire.HEADER.size)
+        (size,) = wire.HEADER.unpack(header)
         return json.loads(self._exact(size))
 
     def _exact(self, size: int) -> bytes:
@@ -147,12 +148,12 @@ class _Zygote:
         return bytes(data)
 
     def run(self, header: dict, secrets: dict, timeout: float) -> Verdict:
-        frame = sandbox_wire.pack(header)
+        frame = wire.pack(header)
         fd = _sealed_memfd(json.dumps(secrets).encode())
         try:
             self.sock.settimeout(timeout)
-            socket.send_fds(self.sock, [frame[:sandbox_wire.HEADER.size]], [fd])
-            self.sock.sendall(frame[sandbox_wire.HEADER.size:])
+            socket.send_fds(self.sock, [frame[:wire.HEADER.size]], [fd])
+            self.sock.sendall(frame[wire.HEADER.size:])
         finally:
             os.close(fd)
         reply = self._receive(timeout)
@@ -194,7 +195,7 @@ class Sandbox:
     def __init__(self, workers: int = 0, use_bwrap: bool | None = None,
                  hide: Iterable[str] = ()):
         self.workers = workers or os.cpu_count() or 1
-        self.hide = sandbox_launch.hidden_paths(tuple(hide))
+        self.hide = launch.hidden_paths(tuple(hide))
         self._use_bwrap = use_bwrap
         self._command_for = None
         self.level: str | None = None
@@ -223,8 +224,8 @@ class Sandbox:
             return _Zygote(self._command_for, uid)
         errors = []
         if self._use_bwrap is not False:
-            for bwrap in sandbox_launch.bwrap_candidates():
-                command_for = lambda config, b=bwrap: sandbox_launch.bwrap_command(  # noqa: E731
+            for bwrap in launch.bwrap_candidates():
+                command_for = lambda config, b=bwrap: launch.bwrap_command(  # noqa: E731
                     b, config, self.hide)
                 try:
                     zygote = _Zygote(command_for, uid)
@@ -237,7 +238,7 @@ class Sandbox:
                 return zygote
             if self._use_bwrap:
                 raise SandboxError("bubblewrap failed: " + "; ".join(errors or ["not found"]))
-        command_for = lambda config: sandbox_launch.bare_command(config, self.hide)  # noqa: E731
+        command_for = lambda config: launch.bare_command(config, self.hide)  # noqa: E731
         zygote = _Zygote(command_for, uid)
         self._self_check(zygote)
         self._command_for, self.level = command_for, zygote.level

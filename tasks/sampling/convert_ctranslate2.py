@@ -1,26 +1,25 @@
-"""Stage `convert`: an HF model dir -> a CTranslate2 model dir for the fast CPU backend.
+"""`selfdistill convert`: an HF model dir -> a CTranslate2 model dir for the `ctranslate2*` backends.
 
-    python -m tasks.convert --model models/base [--quantization int8] [--out models/base.ct2-int8]
+    selfdistill convert --model models/base [--quantization int8] [--out models/base.ct2-int8]
+
+Not a pipeline stage: the default backends sample from the HF dir directly, so a user who picks a
+`ctranslate2*` backend converts each model once by hand (the backend says so, with the command).
 
 The converted dir sits beside the model (`<model>.ct2-<quantization>` unless --out says so)
 and is self-contained: CTranslate2's model.bin and vocabulary, plus (in hf/) the tokenizer,
 chat template and generation config copied from the HF dir. `convert.json` in it records the
 sha256 of the HF dir it came from; the `ctranslate2*` backends refuse a converted dir whose
 recorded fingerprint does not match the model they were asked to sample from, so a retrained
-arm can never be sampled through a stale conversion. In the DVC pipeline the stage is keyed on the
-model dir, so each model (base and every trained arm) is converted once and cached.
+arm can never be sampled through a stale conversion.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
-from tasks.config import run_stage
-from tasks.files import DataError, atomic_path
+from tasks.core.files import DataError, atomic_path, dir_sha256
 
 SUFFIX = ".ct2-"
 MARKER = "convert.json"
@@ -34,18 +33,6 @@ def converted_dir(model_dir: str | Path, quantization: str = "int8") -> Path:
     """Where a conversion of `model_dir` lives by default: `models/base` -> `models/base.ct2-int8`."""
     model_dir = Path(model_dir)
     return model_dir.with_name(model_dir.name + SUFFIX + quantization)
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over the names and contents of the HF dir's top-level files (weights included)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(model_dir).iterdir() if p.is_file()):
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()
 
 
 def is_converted(path: str | Path) -> bool:
@@ -66,11 +53,10 @@ def resolve(model_dir: str | Path, quantization: str = "int8") -> Path:
         target = model_dir
     else:
         target = converted_dir(model_dir, quantization)
-        command = f"python -m tasks.convert --model {model_dir} --quantization {quantization}"
+        command = f"selfdistill convert --model {model_dir} --quantization {quantization}"
         if not is_converted(target):
-            raise DataError(f"{model_dir}: no CTranslate2 conversion at {target}; run `{command}` "
-                            "(the DVC pipeline's convert stage does this)")
-        if read_marker(target).get("source_sha256") != model_fingerprint(model_dir):
+            raise DataError(f"{model_dir}: no CTranslate2 conversion at {target}; run `{command}`")
+        if read_marker(target).get("source_sha256") != dir_sha256(model_dir):
             raise DataError(f"{target} was converted from a different version of {model_dir}; "
                             f"run `{command}` again")
     found = read_marker(target).get("quantization")
@@ -91,7 +77,7 @@ def convert(model_dir: str | Path, out_dir: str | Path | None = None, quantizati
         raise DataError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     if not (model_dir / "config.json").is_file():
         raise DataError(f"{model_dir}: not an HF model dir (no config.json)")
-    fingerprint = model_fingerprint(model_dir)
+    fingerprint = dir_sha256(model_dir)
     with atomic_path(out_dir, is_dir=True) as tmp:
         TransformersConverter(str(model_dir), low_cpu_mem_usage=True).convert(
             str(tmp), quantization=quantization, force=True)
@@ -117,7 +103,7 @@ def convert(model_dir: str | Path, out_dir: str | Path | None = None, quantizati
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="selfdistill convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model dir, e.g. models/base")
     parser.add_argument("--quantization", default="int8", choices=QUANTIZATIONS,
                         help="int8 for backend ctranslate2, float32 for backend ctranslate2-float32")
@@ -126,6 +112,3 @@ def main(argv: list[str] | None = None) -> int:
     convert(args.model, args.out, args.quantization)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run_stage(main))

@@ -5,7 +5,7 @@ What makes it fast (numbers in README, from bench/bench_sampling.py):
 - continuous batching: up to `slots` sequences decode together; one that ends leaves at
   once and the next waiting sequence takes its slot, so the batch stays full;
 - a preallocated KV cache per layer, written in place (no torch.cat per step);
-- fused C++ kernels (tasks/cpu_kernels.cpp, compiled for this CPU on first use): one call
+- fused C++ kernels (tasks/sampling/cpu_kernels.cpp, compiled for this CPU on first use): one call
   per decode step and layer does RoPE, the cache write and grouped-query attention, reading
   each slot's K/V only up to its own position; one call per int8 linear does the norm or the
   SiLU gate before it, the quantization, the GEMM, the dequantization and the residual add.
@@ -43,9 +43,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks import cpu_kernels
-from tasks.config import DecodingConfig, ParamsError
-from tasks.generation import Completion, TransformersBackend
+from tasks.core.config import DecodingConfig, ParamsError
+from tasks.sampling import cpu_kernels
+from tasks.sampling.backend_transformers import TransformersBackend
+from tasks.sampling.backends import Completion, sequence_seed
 
 CAPACITY_STEP = 64  # KV positions added at a time (the eager path reads the whole capacity)
 BLOCK = 16  # positions per block of the fused kernel's K layout
@@ -275,10 +276,6 @@ def sample_tokens(logits: torch.Tensor, cfg: DecodingConfig, uniforms: torch.Ten
     choice = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True)
     choice = choice.clamp(max=vals.shape[-1] - 1)
     return idx.gather(-1, choice).squeeze(-1)
-
-
-def sequence_seed(batch_seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([batch_seed % (1 << 63), index]).generate_state(2, np.uint64)[0] >> 1)
 
 
 class ContinuousBackend(TransformersBackend):

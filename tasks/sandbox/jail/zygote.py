@@ -1,15 +1,15 @@
 """The long-lived process inside the sandbox that runs one untrusted program after another.
 
-Started by tasks/sandbox.py (under bubblewrap when it works) and spoken to over a Unix socket.
+Started by tasks/sandbox/__init__.py (under bubblewrap when it works) and spoken to over a Unix socket.
 Standard library only; never imports the project.
 
 Per run it forks a fresh process tree, so every program starts from the same clean state:
 
     zygote (Z)         long-lived (this module); receives programs, never tests or expected
       |                outputs, so no ancestor of a program ever holds them in memory;
-      runner (T)       trusted (sandbox_runner.py); forks the program, and only then reads the
+      runner (T)       trusted (runner.py); forks the program, and only then reads the
         |              tests from a sealed memfd and runs them against the program;
-        program (Q)    untrusted (sandbox_program.py); PID 1 of a fresh PID namespace (when it
+        program (Q)    untrusted (program.py); PID 1 of a fresh PID namespace (when it
                        dies the kernel kills every process in it), with its own mount namespace
                        (fresh /proc, tmpfs /tmp and /dev/shm) and IPC namespace; unprivileged
                        uid, no capabilities, no new privileges, rlimits; stdin/stdout/stderr on
@@ -30,11 +30,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sandbox_wire  # noqa: E402
-from sandbox_os import (CLONE_NEWNS, CLONE_NEWPID, MS_NODEV, MS_NOEXEC, MS_NOSUID,  # noqa: E402
+import wire  # noqa: E402
+from syscalls import (CLONE_NEWNS, CLONE_NEWPID, MS_NODEV, MS_NOEXEC, MS_NOSUID,  # noqa: E402
                         MS_PRIVATE, MS_REC, PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, Config,
                         _process_parents, mount, prctl, unshare)
-from sandbox_runner import runner_process  # noqa: E402
+from runner import runner_process  # noqa: E402
 
 # Modules programs commonly import, loaded once here so each forked run finds them ready.
 PRELOAD = ("math", "re", "collections", "itertools", "functools", "heapq", "bisect", "string",
@@ -77,7 +77,7 @@ def run_once(config: Config, job: dict, secret_fd: int, case_index: int | None) 
         while time.monotonic() < deadline:
             ready, _, _ = select.select([result_r], [], [], deadline - time.monotonic())
             if ready:
-                verdict = sandbox_wire.read_frame(result_r)
+                verdict = wire.read_frame(result_r)
                 break
     except (OSError, ValueError, EOFError):
         verdict = None
@@ -115,15 +115,15 @@ def sweep_strays() -> int:
 
 def receive_job(sock: socket.socket):
     """One job: a frame header carrying the tests' memfd, then the JSON body."""
-    header, fds, _, _ = socket.recv_fds(sock, sandbox_wire.HEADER.size, 1)
+    header, fds, _, _ = socket.recv_fds(sock, wire.HEADER.size, 1)
     if not header:
         return None, None
-    while len(header) < sandbox_wire.HEADER.size:
-        more = sock.recv(sandbox_wire.HEADER.size - len(header))
+    while len(header) < wire.HEADER.size:
+        more = sock.recv(wire.HEADER.size - len(header))
         if not more:
             return None, None
         header += more
-    (size,) = sandbox_wire.HEADER.unpack(header)
+    (size,) = wire.HEADER.unpack(header)
     body = bytearray()
     while len(body) < size:
         chunk = sock.recv(min(1 << 20, size - len(body)))
@@ -154,7 +154,7 @@ def main() -> int:
     else:
         level = "rlimits"
     sock = socket.socket(fileno=config.socket_fd)
-    sock.sendall(sandbox_wire.pack({"hello": True, "level": level, "uid": os.getuid(),
+    sock.sendall(wire.pack({"hello": True, "level": level, "uid": os.getuid(),
                                     "program_uid": config.program_uid}))
     while True:
         job, secret_fd = receive_job(sock)
@@ -174,7 +174,7 @@ def main() -> int:
             sweep_strays()
         if secret_fd is not None:
             os.close(secret_fd)
-        sock.sendall(sandbox_wire.pack(verdict))
+        sock.sendall(wire.pack(verdict))
 
 
 if __name__ == "__main__":

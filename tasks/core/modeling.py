@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import EMBEDDED_MODEL
+from tasks.core.config import EMBEDDED_MODEL
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -66,11 +66,27 @@ def load_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-def eos_token_ids(model, tokenizer) -> set[int]:
+def eos_token_ids(model_dir: str | Path, tokenizer) -> list[int]:
+    """Every id that ends a sequence: the tokenizer's EOS and the generation config's (an
+    instruct model's end-of-turn token is often only there), as transformers' generate stops."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        configured = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json: generate() derives it from config.json
+        configured = getattr(AutoConfig.from_pretrained(model_dir), "eos_token_id", None)
     ids = {tokenizer.eos_token_id}
-    configured = getattr(model.generation_config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:
         ids.update(configured)
-    return {i for i in ids if i is not None}
+    return sorted(i for i in ids if i is not None)
+
+
+def chat_token_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The chat rendered with the model's own template, as token ids (what every backend and
+    training feed the model)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)

@@ -1,4 +1,4 @@
-"""The fused C++ kernels of the continuous backends (tasks/cpu_kernels.cpp), compiled for this
+"""The fused C++ kernels of the continuous backends (tasks/sampling/cpu_kernels.cpp), compiled for this
 CPU on first use and cached by torch (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR).
 
 Building needs a C++ compiler (g++ or clang++) and ninja (a dependency). Where the build fails,

@@ -1,7 +1,7 @@
 """The trusted runner (T): forks the program, then runs the tests against it and decides.
 
 The tests run here, not in the program's process: `candidate` in the test code is a proxy that
-sends the arguments to the program and decodes its reply as plain data (tasks/sandbox_wire.py).
+sends the arguments to the program and decodes its reply as plain data (tasks/sandbox/jail/wire.py).
 The program cannot reach this process's memory, the test source, its builtins or its result
 pipe, so the only way to pass is to return the right values. Call-based and stdin/stdout
 answers are compared here too. Standard library only: this module is loaded inside the sandbox.
@@ -18,11 +18,11 @@ import tempfile
 import time
 import traceback
 
-import sandbox_compare
-import sandbox_wire
-from sandbox_os import (CLONE_NEWPID, PR_SET_CHILD_SUBREAPER, Config, kill_descendants, prctl,
+import compare
+import wire
+from syscalls import (CLONE_NEWPID, PR_SET_CHILD_SUBREAPER, Config, kill_descendants, prctl,
                         unshare)
-from sandbox_program import program_process
+from program import program_process
 
 MAX_REPLY_BYTES = 64 << 20  # one reply (a returned value) from the program
 STDERR_TAIL = 4096
@@ -67,7 +67,7 @@ class Session:
         self.stdout = bytearray()
         self.stderr_tail = b""
         self.output_bytes = 0
-        self.replies = sandbox_wire.FrameBuffer(MAX_REPLY_BYTES)
+        self.replies = wire.FrameBuffer(MAX_REPLY_BYTES)
         self.reply_eof = False
         self.open_streams = {self.out_r, self.err_r}
         self.exit_status = None
@@ -175,7 +175,7 @@ class Session:
     def request(self, message):
         if self.stop_reason:
             raise Stop(self.stop_reason)
-        self._pump(lambda: True, sandbox_wire.pack(message))
+        self._pump(lambda: True, wire.pack(message))
         return self.next_message()
 
     def wait_exit(self) -> int:
@@ -239,9 +239,9 @@ class RemoteFunction:
 
     def __call__(self, *args, **kwargs):
         try:
-            payload = ["call", self.name, sandbox_wire.encode(list(args)),
-                       sandbox_wire.encode(kwargs)]
-        except sandbox_wire.Unsupported as err:
+            payload = ["call", self.name, wire.encode(list(args)),
+                       wire.encode(kwargs)]
+        except wire.Unsupported as err:
             raise TypeError(f"test argument cannot be sent to the program: {err}") from None
         return interpret_reply(self.session.request(payload))
 
@@ -250,7 +250,7 @@ def interpret_reply(reply):
     kind = reply[0]
     if kind == "value":
         try:
-            return sandbox_wire.decode(reply[1])
+            return wire.decode(reply[1])
         except (ValueError, RecursionError) as err:
             raise RemoteError(f"malformed value from the program: {err}") from None
     if kind == "raise":
@@ -342,7 +342,7 @@ def run_call_cases(session: Session, secrets: dict) -> tuple[bool, str]:
     function = RemoteFunction(session, secrets["entry_point"])
     for number, case in enumerate(secrets["cases"], 1):
         result = function(*case["args"])
-        if not sandbox_compare.values_match(result, case["expected"]):
+        if not compare.values_match(result, case["expected"]):
             return False, f"failed: wrong answer on test {number}"
     return True, "passed"
 
@@ -361,7 +361,7 @@ def run_io_case(session: Session, secrets: dict, case_index: int) -> tuple[bool,
             reason = f"failed: program exited with status {os.WEXITSTATUS(status)}"
         return False, reason
     expected = secrets["cases"][case_index]["output"]
-    if not sandbox_compare.lines_match(session.stdout.decode(errors="replace"), expected):
+    if not compare.lines_match(session.stdout.decode(errors="replace"), expected):
         return False, f"failed: wrong answer on test {case_index + 1}"
     return True, "passed"
 
@@ -435,7 +435,7 @@ def runner_process(config: Config, job: dict, secret_fd: int, case_index: int | 
     stop_program(config, program_pid, session.exit_status is not None)
     if limits.get("workdir"):
         shutil.rmtree(limits["workdir"], ignore_errors=True)
-    sandbox_wire.write_frame(result_w, {"passed": passed, "result": result})
+    wire.write_frame(result_w, {"passed": passed, "result": result})
     os._exit(0)
 
 

@@ -1,7 +1,7 @@
 """CTranslate2 sampling backends: `ctranslate2` (int8 weights and GEMMs) and
 `ctranslate2-float32` (the HF weights unchanged).
 
-Both sample from a conversion made by `python -m tasks.convert` (see tasks/convert.py),
+Both sample from a conversion made by `selfdistill convert` (tasks/sampling/convert_ctranslate2.py),
 checked against the HF dir's fingerprint. Semantics, as the reference backend's:
 
 - prompts are the token ids `encode_chat` made with the model's chat template;
@@ -21,32 +21,12 @@ checked against the HF dir's fingerprint. Semantics, as the reference backend's:
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from tasks.config import DecodingConfig, ParamsError
-from tasks.generation import Completion
-
-
-def unsupported(cfg: DecodingConfig, backend: str) -> str | None:
-    """Why `backend` cannot sample `cfg` exactly, or None."""
-    if cfg.min_p > 0 and cfg.temperature > 0:
-        return (f"min_p={cfg.min_p}: backend {backend} has no min-p truncation; set min_p: 0 "
-                "or backend: transformers")
-    return None
-
-
-def _eos_ids(hf_dir: Path, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    gen_config = hf_dir / "generation_config.json"
-    if gen_config.is_file():
-        configured = json.loads(gen_config.read_text()).get("eos_token_id")
-        if isinstance(configured, int):
-            ids.add(configured)
-        elif configured:
-            ids.update(configured)
-    return sorted(i for i in ids if i is not None)
+from tasks.core.config import DecodingConfig, ParamsError
+from tasks.core.modeling import chat_token_ids, eos_token_ids
+from tasks.sampling.backends import Completion, check_supported
 
 
 class CT2Backend:
@@ -58,14 +38,14 @@ class CT2Backend:
         import ctranslate2  # noqa: F401  (fail here, not at the first batch, if it is missing)
         from transformers import AutoTokenizer
 
-        from tasks.convert import resolve
+        from tasks.sampling.convert_ctranslate2 import resolve
 
         self.model_dir = resolve(model_dir, self.quantization)
         hf_dir = self.model_dir / "hf"
         self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         if self.tokenizer.chat_template is None:
             raise ParamsError(f"{hf_dir}: the tokenizer has no chat template")
-        self.eos = _eos_ids(hf_dir, self.tokenizer)
+        self.eos = eos_token_ids(hf_dir, self.tokenizer)
         self.threads = threads or max(1, os.cpu_count() or 1)
         # The model files, read once; every batch's fresh generator loads from memory.
         self._files = {p.name: p.read_bytes() for p in self.model_dir.iterdir()
@@ -73,15 +53,7 @@ class CT2Backend:
                                      "vocab.json", "shared_vocabulary.json", "shared_vocabulary.txt")}
 
     def encode_chat(self, messages: list) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
-
-    def check(self, cfg: DecodingConfig) -> None:
-        reason = unsupported(cfg, self.name)
-        if reason:
-            raise ParamsError(reason)
+        return chat_token_ids(self.tokenizer, messages)
 
     def _generator(self, seed: int):
         import ctranslate2
@@ -91,7 +63,7 @@ class CT2Backend:
                                      inter_threads=1, intra_threads=self.threads, files=self._files)
 
     def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int) -> list[Completion]:
-        self.check(cfg)
+        check_supported(cfg, self.name)
         greedy = cfg.temperature == 0
         generator = self._generator(seed)
         try:

@@ -13,34 +13,20 @@ pure function, tested without vllm installed. Semantics kept:
   tokens than min-p over the top-p nucleus. A config with both min_p > 0 and top_p < 1 is
   therefore rejected (naming the keys) rather than sampled in a different order;
 - seeds: each prompt of a batch gets its own per-request seed derived from (batch seed,
-  row), so a batch's samples depend only on its prompts, config and seed (vLLM's
+  row) by `sequence_seed`, as the continuous backends seed theirs, so a batch's samples depend only on its prompts, config and seed (vLLM's
   per-request generators), which keeps generate_jsonl's resume exact.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.config import DecodingConfig, ParamsError
-from tasks.generation import Completion
-
-
-def unsupported(cfg: DecodingConfig) -> str | None:
-    if cfg.temperature > 0 and cfg.min_p > 0 and cfg.top_p < 1:
-        return (f"min_p={cfg.min_p} with top_p={cfg.top_p}: vLLM applies min-p before top-p, "
-                "not after; set min_p: 0 or top_p: 1 for backend vllm")
-    return None
-
-
-def row_seed(seed: int, row: int) -> int:
-    """A per-request seed for row `row` of a batch seeded `seed` (fits vLLM's int64)."""
-    return (seed * 1_000_003 + row) % (1 << 63)
+from tasks.core.config import DecodingConfig, ParamsError
+from tasks.sampling.backends import Completion, check_supported, sequence_seed
 
 
 def sampling_params_kwargs(cfg: DecodingConfig, eos_ids: list[int], seed: int) -> dict:
     """Keyword arguments for vllm.SamplingParams that sample exactly `cfg` (one completion)."""
-    reason = unsupported(cfg)
-    if reason:
-        raise ParamsError(reason)
+    check_supported(cfg, "vllm")
     greedy = cfg.temperature == 0
     return {
         "n": 1,  # generate_jsonl already expands n samples into separate rows
@@ -80,33 +66,25 @@ class VLLMBackend:
         except ImportError as err:
             raise ParamsError("backend vllm needs the vllm extra on a GPU machine: "
                               "pip install -e '.[vllm]'") from err
-        from transformers import AutoTokenizer, GenerationConfig
+        from transformers import AutoTokenizer
+
+        from tasks.core.modeling import eos_token_ids
 
         self.model_dir = str(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        ids = {self.tokenizer.eos_token_id}
-        try:
-            configured = GenerationConfig.from_pretrained(self.model_dir).eos_token_id
-        except OSError:
-            configured = None
-        if isinstance(configured, int):
-            ids.add(configured)
-        elif configured:
-            ids.update(configured)
-        self.eos = sorted(i for i in ids if i is not None)
+        self.eos = eos_token_ids(self.model_dir, self.tokenizer)
         self.llm = LLM(model=self.model_dir, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                        seed=0, enable_prefix_caching=True)
 
     def encode_chat(self, messages: list) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        from tasks.core.modeling import chat_token_ids
+
+        return chat_token_ids(self.tokenizer, messages)
 
     def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int) -> list[Completion]:
         from vllm import SamplingParams
 
-        params = [SamplingParams(**sampling_params_kwargs(cfg, self.eos, row_seed(seed, i)))
+        params = [SamplingParams(**sampling_params_kwargs(cfg, self.eos, sequence_seed(seed, i)))
                   for i in range(len(prompts))]
         inputs = [{"prompt_token_ids": p} for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)

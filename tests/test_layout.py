@@ -1,0 +1,121 @@
+"""The layout's rules, checked on the code itself: stages on one floor, dvc.yaml's deps cover
+everything each stage runs, and dvc.yaml's paths are the ones tasks/core/paths.py defines."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from tasks.core import paths
+from tasks.sandbox import launch
+
+STAGES = ("prepare", "sample", "filter", "train", "evaluate", "report")
+
+
+def project_imports(module_file: Path) -> set[Path]:
+    """The project files a module imports (at any depth of its code: lazy imports count too)."""
+    found = set()
+    for node in ast.walk(ast.parse(module_file.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            if name.split(".")[0] not in ("tasks", "flows"):
+                continue
+            base = REPO / Path(*name.split("."))
+            for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+                if candidate.is_file():
+                    found.add(candidate)
+            # A package's __init__ runs for every module imported from it.
+            for parent in Path(*name.split(".")).parents:
+                init = REPO / parent / "__init__.py"
+                if parent != Path(".") and init.is_file():
+                    found.add(init)
+    return found
+
+
+def docstring_only(file: Path) -> bool:
+    if file.suffix != ".py":
+        return False
+    body = ast.parse(file.read_text()).body
+    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
+
+
+def import_closure(module_file: Path) -> set[Path]:
+    closure, todo = set(), [module_file]
+    while todo:
+        current = todo.pop()
+        if current in closure:
+            continue
+        closure.add(current)
+        todo += sorted(project_imports(current) - closure)
+        if current.suffix == ".py" and current.with_suffix(".cpp").is_file():
+            closure.add(current.with_suffix(".cpp"))  # the kernels' source, compiled at import
+        if current == Path(launch.__file__):
+            todo += sorted(launch.JAIL_DIR.glob("*.py"))  # run inside the jail, not imported
+    return closure
+
+
+def stage_bodies() -> dict[str, dict]:
+    """dvc.yaml's stages by the module their command runs."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    bodies = {}
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        module = body["cmd"].split("python -m tasks.", 1)[1].split()[0]
+        bodies[name] = dict(body, module=module)
+    return bodies
+
+
+def test_no_stage_imports_another_stage():
+    for stage in STAGES:
+        imported = {p.relative_to(REPO).as_posix() for p in project_imports(REPO / "tasks" / f"{stage}.py")}
+        assert not imported & {f"tasks/{other}.py" for other in STAGES}, f"tasks/{stage}.py imports a stage"
+
+
+def test_the_report_stage_loads_without_torch():
+    code = "import sys, tasks.report; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+@pytest.mark.parametrize("name", sorted(stage_bodies()))
+def test_dvc_deps_cover_every_file_the_stage_imports(name):
+    """Editing any file a stage runs must make `dvc status` see the stage as changed."""
+    body = stage_bodies()[name]
+    deps = [d.rstrip("/") for d in body["deps"]]
+    closure = import_closure(REPO / "tasks" / f"{body['module']}.py")
+    missing = []
+    for file in sorted(closure):
+        rel = file.relative_to(REPO).as_posix()
+        if docstring_only(file):
+            continue  # a package's __init__ holding only its docstring cannot change a result
+        if not any(rel == dep or rel.startswith(dep + "/") for dep in deps):
+            missing.append(rel)
+    assert not missing, f"dvc.yaml stage {name} runs {missing} but does not list them (or a folder holding them) in deps"
+
+
+def test_dvc_yaml_paths_are_the_ones_the_stages_write():
+    bodies = stage_bodies()
+
+    def declared(body):
+        return {next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics", "plots")
+                for o in body.get(key, [])}
+
+    arm = "${item}"
+    assert declared(bodies["prepare"]) == {paths.BASE_MODEL, paths.TRAIN_PROBLEMS, paths.EVAL_PROBLEMS,
+                                           paths.DATA_SOURCE}
+    assert declared(bodies["sample"]) == {paths.SAMPLES, paths.SAMPLE_STATS}
+    assert declared(bodies["filter"]) == {paths.filtered_samples(arm), paths.filter_stats(arm)}
+    assert declared(bodies["train"]) == {paths.trained_model(arm), paths.train_curve(arm)}
+    assert declared(bodies["evaluate-base"]) == {paths.eval_samples("base"), paths.eval_metrics("base")}
+    assert declared(bodies["evaluate"]) == {paths.eval_samples(arm), paths.eval_metrics(arm)}
+    assert declared(bodies["report"]) == {paths.REPORT_JSON, paths.REPORT_MD}
+    assert f"--out {paths.eval_dir('base')}" in bodies["evaluate-base"]["cmd"]
+    assert f"--model {paths.trained_model(arm)} --out {paths.eval_dir(arm)}" in bodies["evaluate"]["cmd"]
