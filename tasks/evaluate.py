@@ -36,8 +36,8 @@ def evaluate(model_dir: str, out_dir: str) -> dict:
     rows = generate_jsonl(model_dir, requests, cfg, samples_file, desc=f"evaluate[{out.name}]")
     by_id = {p["task_id"]: p for p in problems}
     jobs = [answer_job(by_id[row["task_id"]], row["text"]) for row in rows]
-    verdicts = sandbox.check_programs(jobs, timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb,
-                                      workers=cfg.workers, progress=True)
+    verdicts = sandbox.check_programs(jobs, timeout_s=cfg.timeout_s, memory_mb=params.sandbox.memory_mb,
+                                      workers=params.sandbox.workers, progress=True)
     for row, verdict in zip(rows, verdicts):
         row.pop("batch")
         row["extractable"] = last_fenced_block(row["text"]) is not None

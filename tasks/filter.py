@@ -42,7 +42,7 @@ def drop_reasons(arm: str, rows: list[dict], params, problems: dict[str, dict]) 
         pending = [i for i, why in enumerate(reasons) if why is None]
         jobs = [answer_job(problems[rows[i]["prompt_id"]], rows[i]["text"]) for i in pending]
         verdicts = sandbox.check_programs(jobs, timeout_s=params.filter.timeout_s,
-                                          memory_mb=params.evaluate.memory_mb, workers=params.evaluate.workers,
+                                          memory_mb=params.sandbox.memory_mb, workers=params.sandbox.workers,
                                           progress=True)
         for i, verdict in zip(pending, verdicts):
             if not verdict.passed:

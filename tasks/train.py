@@ -11,7 +11,6 @@ evaluation decoding settings, README.md model card) and plots/train/<arm>.csv.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import random
@@ -24,7 +23,8 @@ from tqdm import tqdm
 
 from tasks.core import paths
 from tasks.core.config import FILTER_ARMS, load_params, run_stage
-from tasks.core.files import DataError, atomic_path, file_sha256, read_jsonl, write_text
+from tasks.core.files import (DataError, atomic_path, dir_sha256, file_sha256, key_differences, read_jsonl,
+                              resume_key, write_text)
 from tasks.core.modeling import chat_token_ids, device, load_pretrained, use_all_cores
 
 IGNORE = -100
@@ -129,17 +129,19 @@ def train(arm: str) -> None:
 
     # Resume only from a checkpoint of this exact data and config.
     ckpt_dir = Path(paths.CHECKPOINTS) / arm
-    fingerprint = hashlib.sha256((file_sha256(data_file) + file_sha256(Path(paths.BASE_MODEL) / "model.safetensors")
-                                  + cfg.model_dump_json()).encode()).hexdigest()
+    key = resume_key(data=file_sha256(data_file), model=dir_sha256(paths.BASE_MODEL), train=cfg.model_dump())
     start, curve = 0, []
     state_file = ckpt_dir / "state.pt"
     if state_file.exists():
         state = torch.load(state_file, weights_only=False, map_location=dev)
-        if state["fingerprint"] == fingerprint:
+        if state.get("resume_key") == key:
             model.load_state_dict(state["model"], strict=False)
             optimizer.load_state_dict(state["optimizer"])
             start, curve = state["step"], state["curve"]
             print(f"train[{arm}]: resuming at step {start}/{total_steps}")
+        else:
+            why = "; ".join(key_differences(state.get("resume_key"), key))
+            print(f"train[{arm}]: discarding the checkpoint in {ckpt_dir}: another run's ({why})")
 
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc=f"train[{arm}]", unit="step")
@@ -169,7 +171,7 @@ def train(arm: str) -> None:
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(state_file) as tmp:
-                torch.save({"fingerprint": fingerprint, "step": step + 1, "curve": curve,
+                torch.save({"resume_key": key, "step": step + 1, "curve": curve,
                             "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp)
 
     if cfg.method == "lora":

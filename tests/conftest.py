@@ -145,3 +145,32 @@ def stage_env(root: Path) -> dict:
     env["PYTHONPATH"] = str(root)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     return env
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupted_run(model_dir, requests, cfg, out_path: Path, backend, batches: int) -> Path:
+    """Run generate_jsonl and stop it, as a kill would, after `batches` batches: the real partial
+    file it leaves (its resume key first, then the finished batches)."""
+    from tasks.sampling.generate import generate_jsonl
+
+    class Stopping:
+        def __init__(self):
+            self.calls = 0
+
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def generate_batch(self, *args, **kwargs):
+            if self.calls == batches:
+                raise Interrupted
+            self.calls += 1
+            return backend.generate_batch(*args, **kwargs)
+
+    with pytest.raises(Interrupted):
+        generate_jsonl(model_dir, requests, cfg, out_path, backend=Stopping())
+    partial = out_path.with_name(out_path.name + ".partial")
+    assert partial.exists() and not out_path.exists()
+    return partial

@@ -23,7 +23,7 @@ import ctranslate2
 import numpy as np
 import pytest
 import torch
-from conftest import CHATML, decoding, save_tiny, tiny_llama
+from conftest import CHATML, decoding, interrupted_run, save_tiny, tiny_llama
 
 from tasks.core.config import DecodingConfig, ParamsError
 from tasks.core.files import DataError
@@ -460,8 +460,7 @@ def test_generate_jsonl_resumes_exactly(tmp_path, converted, backends, name):
     cfg = decoding(backend=name, n=2, max_new_tokens=10, batch_size=3, slots=2)
     requests = [Request({"prompt_id": f"p{i}"}, [{"role": "user", "content": "y" * (i + 1)}]) for i in range(4)]
     full = generate_jsonl(converted, requests, cfg, tmp_path / "full.jsonl", backend=backend)
-    partial = tmp_path / "resumed.jsonl.partial"
-    partial.write_text("".join(json.dumps(r) + "\n" for r in full if r["batch"] == 0))
+    interrupted_run(converted, requests, cfg, tmp_path / "resumed.jsonl", backend, batches=1)
     assert generate_jsonl(converted, requests, cfg, tmp_path / "resumed.jsonl", backend=backend) == full
 
 
@@ -526,3 +525,93 @@ def test_vllm_outputs_to_completions():
                                     [2], 10)
     assert (length.num_tokens, length.finish_reason) == (10, "length")
     assert len({sequence_seed(s, r) for s in range(5) for r in range(5)}) == 25
+
+
+# --- the load-time self-check: a backend that computes wrong refuses to sample ---------------------
+
+@pytest.mark.parametrize("name", ["transformers", "continuous", "continuous-int8", "ctranslate2",
+                                  "ctranslate2-float32", "continuous-int8-eager"])
+def test_every_backend_passes_its_self_check(backends, name):
+    from tasks.sampling.backends import self_check
+
+    self_check(backends[name])
+
+
+def test_load_backend_runs_the_self_check(converted):
+    from tasks.sampling.backends import load_backend
+
+    assert load_backend("continuous-int8", converted).name == "continuous-int8"
+
+
+def test_the_cache_keyword_is_the_one_this_transformers_takes(backends):
+    import inspect
+
+    backend = backends["transformers"]
+    assert backend.cache_kwarg in inspect.signature(backend.model.forward).parameters
+
+
+def lose_context(backend):
+    """The bug transformers 5.17 met: the KV cache passed by a keyword the forward swallows, so
+    every decode step sees only its own token."""
+    backend.cache_kwarg = "cache_under_a_name_the_model_ignores"
+    return backend
+
+
+def test_a_backend_that_loses_its_context_is_refused(char_model):
+    from tasks.sampling.backends import BackendError, self_check
+
+    with pytest.raises(BackendError, match="backend transformers failed its load-time self-check"):
+        self_check(lose_context(TransformersBackend(char_model, dtype=torch.float32)))
+
+
+@pytest.mark.slow
+def test_the_real_model_losing_its_context_is_refused(tmp_path):
+    """SmolLM2 (the embedded default): its healthy backends pass, a context-losing decode fails."""
+    from tasks.core.modeling import load_base
+    from tasks.sampling.backends import BackendError, load_backend, self_check
+
+    model, tokenizer = load_base("embedded:smollm2-135m-instruct")
+    model.save_pretrained(tmp_path / "smol")
+    tokenizer.save_pretrained(tmp_path / "smol")
+    for name in ("transformers", "continuous-int8"):
+        load_backend(name, tmp_path / "smol")
+    with pytest.raises(BackendError, match="rank below the top 5"):
+        self_check(lose_context(TransformersBackend(tmp_path / "smol")))
+
+
+LOWEST_TRANSFORMERS_CHECK = """
+import sys
+import transformers
+from tasks.sampling.backend_transformers import TransformersBackend
+from tasks.sampling.backends import BackendError, load_backend, self_check
+
+for name in ("transformers", "continuous", "continuous-int8"):
+    load_backend(name, sys.argv[1])  # passes its self-check
+broken = TransformersBackend(sys.argv[1])
+broken.cache_kwarg = "cache"  # what transformers 5.17 silently ignored
+try:
+    self_check(broken)
+except BackendError:
+    print("lowest transformers", transformers.__version__, "ok")
+"""
+
+
+@pytest.mark.slow
+def test_the_lowest_transformers_pyproject_allows(tmp_path, char_model):
+    """pyproject's lower bound on transformers is the one this test proves: the backends pass their
+    self-checks under it, and a cache passed by the keyword it ignores is caught."""
+    import re
+    import subprocess
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    lowest = re.search(r'"transformers>=([\d.]+),', pyproject).group(1)
+    target = tmp_path / "site"
+    # transformers' own pins at 5.0 (its METADATA), without its other, unpinned, dependencies.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                    f"transformers=={lowest}", "tokenizers>=0.22,<=0.23.0", "huggingface-hub>=1.3,<2"],
+                   check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(Path(__file__).resolve().parents[1])])}
+    proc = subprocess.run([sys.executable, "-c", LOWEST_TRANSFORMERS_CHECK, str(char_model)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"lowest transformers {lowest} ok" in proc.stdout

@@ -22,8 +22,13 @@ def test_shipped_params_and_profiles_are_valid(tmp_path):
     profiles = sorted((REPO / "profiles").glob("*.yaml"))
     assert {p.stem for p in profiles} >= {"tiny", "gpu"}
     for profile in profiles:
-        write_params(tmp_path / profile.stem, profile)
-        load_params(tmp_path / profile.stem / "params.yaml")
+        workspace = tmp_path / profile.stem
+        problems = yaml.safe_load(profile.read_text()).get("data", {}).get("problems")
+        if problems:  # a problem set the user brings (profiles/gpu.yaml): here, a stand-in file
+            (workspace / problems).parent.mkdir(parents=True)
+            (workspace / problems).write_text("{}\n")
+        write_params(workspace, profile)
+        load_params(workspace / "params.yaml")
 
 
 def test_profiles_are_overlays_of_only_the_keys_they_change():
@@ -92,3 +97,33 @@ def test_overrides_are_parsed_as_yaml():
     assert params.sample.temperature == 1.6 and params.filter.arms == ["none", "syntax"]
     with pytest.raises(ParamsError, match="key=value"):
         apply_overrides(raw_params(), ["sample.temperature"])
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda p: p["evaluate"].update(k=[]), "evaluate.k: List should have at least 1 item"),
+    (lambda p: p["data"].update(problems="problems/nope.jsonl"), "data.problems: problems/nope.jsonl: no such file"),
+])
+def test_values_that_would_fail_later_fail_now(mutate, key):
+    assert key in error_for(mutate)
+
+
+def test_a_relative_problem_file_is_found_in_the_params_files_workspace(tmp_path, monkeypatch):
+    (tmp_path / "problems").mkdir()
+    (tmp_path / "problems/mine.jsonl").write_text("{}\n")
+    write_params(tmp_path, overrides={"data": {"problems": "problems/mine.jsonl"}})
+    monkeypatch.chdir(REPO)  # elsewhere, as `selfdistill flow run --repo DIR` is
+    assert load_params(tmp_path / "params.yaml").data.problems == "problems/mine.jsonl"
+
+
+def test_validate_command_errors_are_one_line_naming_the_file(tmp_path, capsys):
+    from tasks.commands import cli
+
+    bad = tmp_path / "params.yaml"
+    bad.write_text("sample: [unclosed\n")
+    assert cli.main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f'in "{bad}", line' in err and "<unicode string>" not in err and "Traceback" not in err
+    bad.write_text("")
+    assert cli.main(["validate", str(bad)]) == 2
+    assert "model: missing" in capsys.readouterr().err
+    assert cli.main(["validate", str(REPO / "params.yaml")]) == 0

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import decoding, make_workspace, stage_env
+from conftest import build_tiny_model, decoding, interrupted_run, make_workspace, stage_env
 from tasks.sampling.backend_transformers import TransformersBackend
 from tasks.sampling.generate import Request, generate_jsonl
 
@@ -63,17 +63,57 @@ def test_top_k_one_is_greedy(backend):
     assert greedy == top1
 
 
-def test_resume_drops_torn_batches(tmp_path, backend, tiny_model):
+def test_resume_drops_torn_batches(tmp_path, backend, tiny_model, capsys):
     cfg = decoding(n=2, max_new_tokens=16, batch_size=3)
     full = generate_jsonl(tiny_model, requests(), cfg, tmp_path / "full.jsonl", backend=backend)
     # A crash mid-write: batch 0 complete, one row of batch 1, then a torn line.
-    first_run = generate_jsonl(tiny_model, requests(), cfg, tmp_path / "x.jsonl", backend=backend)
-    by_batch = sorted((r for r in first_run), key=lambda r: r["batch"])
-    partial = tmp_path / "resumed.jsonl.partial"
-    kept = [r for r in by_batch if r["batch"] == 0] + [next(r for r in by_batch if r["batch"] == 1)]
-    partial.write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"prompt_id": "p0", "sam')
+    partial = interrupted_run(tiny_model, requests(), cfg, tmp_path / "resumed.jsonl", backend, batches=1)
+    row_of_batch_1 = next(r for r in full if r["batch"] == 1)
+    partial.write_text(partial.read_text() + json.dumps(row_of_batch_1) + "\n" + '{"prompt_id": "p0", "sam')
     resumed = generate_jsonl(tiny_model, requests(), cfg, tmp_path / "resumed.jsonl", backend=backend)
     assert resumed == full
+    assert "resuming, 3 of 10 completions already written" in capsys.readouterr().out
+
+
+def test_resume_after_a_param_change_equals_a_clean_run_at_the_new_value(tmp_path, backend, tiny_model, capsys):
+    old, new = decoding(n=2, max_new_tokens=16, batch_size=3), decoding(n=2, max_new_tokens=16, batch_size=3,
+                                                                       temperature=1.5)
+    clean = generate_jsonl(tiny_model, requests(), new, tmp_path / "clean.jsonl", backend=backend)
+    interrupted_run(tiny_model, requests(), old, tmp_path / "out.jsonl", backend, batches=2)
+    rows = generate_jsonl(tiny_model, requests(), new, tmp_path / "out.jsonl", backend=backend)
+    assert rows == clean
+    out = capsys.readouterr().out
+    assert "discarding" in out and "decoding.temperature 0.8 -> 1.5" in out and "resuming" not in out
+
+
+def test_resume_after_the_model_changed_equals_a_clean_run_of_the_new_model(tmp_path, backend, tiny_model, capsys):
+    """evaluate@<arm> after the arm was retrained: the old model's rows must not be reused."""
+    cfg = decoding(n=2, max_new_tokens=16, batch_size=3)
+    retrained = build_tiny_model(tmp_path / "retrained", seed=1)
+    other = TransformersBackend(retrained, dtype=torch.float32)
+    clean = generate_jsonl(retrained, requests(), cfg, tmp_path / "clean.jsonl", backend=other)
+    interrupted_run(tiny_model, requests(), cfg, tmp_path / "out.jsonl", backend, batches=2)
+    assert generate_jsonl(retrained, requests(), cfg, tmp_path / "out.jsonl", backend=other) == clean
+    assert "model changed" in capsys.readouterr().out
+
+
+def test_a_partial_file_without_a_resume_key_is_discarded(tmp_path, backend, tiny_model, capsys):
+    cfg = decoding(n=1, max_new_tokens=8, batch_size=2)
+    (tmp_path / "out.jsonl.partial").write_text('{"prompt_id": "p0", "sample_index": 0, "text": "stale", "batch": 0}\n')
+    rows = generate_jsonl(tiny_model, requests(), cfg, tmp_path / "out.jsonl", backend=backend)
+    assert "stale" not in [r["text"] for r in rows]
+    assert "no resume key recorded" in capsys.readouterr().out
+
+
+def test_degenerate_output_is_refused_and_not_written(tmp_path):
+    from tasks.core.files import DataError
+    from tasks.sampling.generate import check_not_degenerate
+
+    garbage = [{"text": "```" + "-" * 40, "finish_reason": "length"}] * 3
+    with pytest.raises(DataError, match="none of the 3 samples ended at EOS"):
+        check_not_degenerate(garbage, tmp_path / "s.jsonl")
+    check_not_degenerate(garbage + [{"text": "x", "finish_reason": "eos"}], "s.jsonl")  # one healthy row
+    check_not_degenerate([{"text": "```python\nx = 1\n```", "finish_reason": "length"}], "s.jsonl")
 
 
 @pytest.mark.slow

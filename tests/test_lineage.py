@@ -4,6 +4,7 @@ dvc.yaml with `dvc add`-ed data and a pipeline in a subdirectory."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def test_lineage_of_a_trained_model_names_samples_params_and_origins(project):
 
     filter_stage = filtered["stage"]
     assert filter_stage["name"] == f"filter@{arm}"
-    assert filter_stage["params"]["params.yaml"]["filter.arms"] == params["filter"]["arms"]
+    assert filter_stage["params"]["params.yaml"]["filter.shortest_fraction"] == params["filter"]["shortest_fraction"]
     sample = inputs(filter_stage)["samples/samples.jsonl"]["stage"]
     assert sample["name"] == "sample"
     assert sample["params"]["params.yaml"]["sample.temperature"] == params["sample"]["temperature"]
@@ -189,3 +190,26 @@ def test_lineage_of_any_dvc_yaml_with_added_data_and_a_subdirectory_pipeline(tmp
     assert problems[:3] == ["sub/twice.txt: sub/dvc.yaml:twice has no hash recorded for it (not run with it yet)",
                             "sub/dvc.yaml:twice: never run (no entry in sub/dvc.lock)",
                             "sub/count.txt: sub/dvc.yaml:twice has no hash recorded for it (not run with it yet)"]
+
+
+def cli_env(root: Path) -> dict:
+    # The workspace's copy of tasks/, then this checkout's flows/ (the code under test).
+    env = stage_env(root)
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).resolve().parents[1])
+    return env
+
+
+def test_lineage_into_a_pipe_closed_early_ends_quietly(project):
+    # The reader is gone before the report is written (`| head -c0`, or `| head -1` on a report
+    # larger than the pipe's buffer): the write fails with EPIPE.
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.commands.cli", "lineage", "report/summary.md"],
+                            cwd=project, env=cli_env(project), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141, err  # 128 + SIGPIPE, as for any filter whose reader left
+    assert err == ""
+
+    # A reader that takes only the first line.
+    head = subprocess.run(f"{sys.executable} -m tasks.commands.cli lineage report/summary.md --json | head -1",
+                          shell=True, cwd=project, env=cli_env(project), capture_output=True, text=True)
+    assert head.stdout == "{\n" and head.stderr == ""

@@ -14,8 +14,8 @@ from conftest import make_workspace, stage_env
 pytestmark = pytest.mark.slow
 
 
-def repro(root, *args) -> str:
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", *args], cwd=root, env=stage_env(root),
+def repro(root, *args, env: dict | None = None) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", *args], cwd=root, env={**stage_env(root), **(env or {})},
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
@@ -28,7 +28,8 @@ def ran(output: str) -> set[str]:
 def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
     # The tiny model's tokenizer is byte-level: prompts take ~1k tokens.
     root = make_workspace(tmp_path / "ws", tiny_model, {"train": {"max_length": 2048}})
-    out = repro(root)
+    trace = tmp_path / "params-read.jsonl"
+    out = repro(root, env={"SELFDISTILL_TRACE_PARAMS": str(trace)})
     arms = ["none", "shortest"]
     assert ran(out) == {"prepare", "sample", "evaluate-base", "report"} | {
         f"{stage}@{arm}" for stage in ("filter", "train", "evaluate") for arm in arms}
@@ -60,6 +61,18 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
         assert lo <= summary["models"][arm]["delta_pass@1"] <= hi
     assert "| shortest |" in (root / "report/summary.md").read_text()
 
+    # dvc.yaml declares exactly the params each stage reads: nothing read is missing, nothing
+    # declared goes unread (the sandbox limits of filter are read by its `passes` arm only).
+    read = check_params_read(root, trace)
+    subprocess.run([sys.executable, "-m", "tasks.filter", "--arm", "passes"], cwd=root, capture_output=True,
+                   env={**stage_env(root), "SELFDISTILL_TRACE_PARAMS": str(trace)})
+    read = check_params_read(root, trace)
+    by_template: dict[str, set[str]] = {}
+    for cmd, keys in read.items():
+        by_template.setdefault(cmd.split(" --")[0], set()).update(keys)
+    for cmd, declared in declared_params(root).items():
+        assert declared <= by_template[cmd.split(" --")[0]], f"{cmd}: declares {sorted(declared - by_template[cmd.split(' --')[0]])} but never reads them"
+
     shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=root,
                            env=stage_env(root), capture_output=True, text=True, check=True).stdout
     assert "report/summary.json" in shown
@@ -74,3 +87,31 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
     rerun = ran(repro(root))
     assert "prepare" not in rerun and "evaluate-base" not in rerun
     assert {"sample", "filter@none", "train@none", "evaluate@none", "report"} <= rerun
+
+
+def declared_params(root) -> dict[str, set[str]]:
+    """Each stage's rendered command -> the params dvc.yaml declares for it (foreach items expanded)."""
+    from tasks.core.config import FILTER_ARMS
+
+    declared = {}
+    for name, stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
+        body = stage.get("do", stage)
+        items = FILTER_ARMS if "foreach" in stage else [None]  # every arm a run may have
+        for item in items:
+            cmd = body["cmd"] if item is None else body["cmd"].replace("${item}", item)
+            declared[cmd] = set(body.get("params", []))
+    return declared
+
+
+def check_params_read(root, trace) -> dict[str, set[str]]:
+    """Every param a stage read is declared for it in dvc.yaml (else DVC would not rerun it when
+    that param changes); returns what each command read."""
+    declared = declared_params(root)
+    read: dict[str, set[str]] = {}
+    for line in trace.read_text().splitlines():
+        record = json.loads(line)
+        read.setdefault(record["cmd"], set()).update(record["keys"])
+    for cmd, keys in read.items():
+        assert cmd in declared, f"{cmd!r} is not a dvc.yaml stage command"
+        assert keys <= declared[cmd], f"{cmd} reads {sorted(keys - declared[cmd])}, which dvc.yaml does not declare"
+    return read

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,63 @@ def test_problems_file_is_hidden_from_programs(tmp_path):
 
     assert subprocess.run([sys.executable, "-c", cheat], capture_output=True,
                           text=True).stdout.strip() == "the secret answer"
+
+
+def score_cli(tmp_path: Path, samples: Path, out: Path | None = None, *extra: str) -> int:
+    out = out or tmp_path / "out"
+    return cli.main(["score", "--problems", str(DATA), "--samples", str(samples), "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "samples.jsonl: is a directory"),
+    (lambda p: p.write_bytes(b'{"task_id": "io/mean", "code": "print(1)"}\n{"code": "\xff"}\n'),
+     "samples.jsonl:2: not UTF-8 text"),
+    (lambda p: p.write_text(""), "samples.jsonl: no samples"),
+    (lambda p: p.write_text("\n  \n"), "samples.jsonl: no samples"),
+    (lambda p: None, "samples.jsonl: no such file"),
+], ids=["directory", "not-utf-8", "empty", "blank-lines", "missing"])
+def test_unreadable_or_empty_samples_fail_in_one_line(tmp_path, capsys, make, message):
+    make(tmp_path / "samples.jsonl")
+    assert score_cli(tmp_path, tmp_path / "samples.jsonl") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"selfdistill score: {tmp_path}/{message}") and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_error_names_the_column(tmp_path, capsys):
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"task_id": "io/mean", "code": "print(1)"}\n{"task_id": "io/mean", code: 1}\n')
+    assert score_cli(tmp_path, samples) == 2
+    assert "samples.jsonl:2: not valid JSON: Expecting property name enclosed in double quotes (column 24)" \
+        in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_fails_before_scoring(tmp_path, capsys):
+    samples = write_samples(tmp_path / "samples.jsonl", [{"task_id": "io/mean", "code": "print(1)"}])
+    out = tmp_path / "out"
+    out.write_text("not a directory\n")
+    started = time.monotonic()
+    assert score_cli(tmp_path, samples, out) == 2
+    assert capsys.readouterr().err == f"selfdistill score: {out}: exists and is not a directory " \
+                                      "(--out names a directory)\n"
+    assert out.read_text() == "not a directory\n"
+    assert score_cli(tmp_path, samples, out / "sub") == 2
+    assert f"{out / 'sub'}: cannot be made: {out} is not a directory" in capsys.readouterr().err
+    # Failing before the sandbox starts, not after it ran every program.
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--timeout", "0", "argument --timeout: must be a number of seconds above 0, not '0'"),
+    ("--timeout", "-1", "argument --timeout: must be a number of seconds above 0, not '-1'"),
+    ("--timeout", "nan", "argument --timeout: must be a number of seconds above 0, not 'nan'"),
+    ("--memory-mb", "63", "argument --memory-mb: must be at least 64 (megabytes), not 63"),
+    ("--workers", "-1", "argument --workers: must be at least 0 (0: one per core), not -1"),
+])
+def test_out_of_range_limits_are_rejected_by_the_parser(tmp_path, capsys, option, value, message):
+    samples = write_samples(tmp_path / "samples.jsonl", [{"task_id": "io/mean", "code": "print(1)"}])
+    with pytest.raises(SystemExit) as exit_:
+        score_cli(tmp_path, samples, None, option, value)
+    assert exit_.value.code == 2
+    assert f"selfdistill score: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -19,7 +19,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import gzip
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -33,10 +37,72 @@ RESULT_KINDS = ("passed", "failed", "timed out", "memory limit", "output limit",
                 "syntax error")
 
 
+def first_bad_utf8_line(path: Path) -> int | None:
+    """The line of the file's first byte that is not UTF-8. Only on the error path: the text
+    reader decodes in blocks, so its error does not say which line it was reading."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return data.count(b"\n", 0, err.start) + 1
+    return None
+
+
+@contextlib.contextmanager
+def reading(path: Path):
+    """Errors reading a JSONL input become one DataError naming the file (and line), not a
+    traceback."""
+    if path.is_dir():
+        raise files.DataError(f"{path}: is a directory, not a JSONL file")
+    try:
+        yield
+    except UnicodeDecodeError:
+        line = first_bad_utf8_line(path)
+        raise files.DataError(f"{path}{f':{line}' if line else ''}: not UTF-8 text") from None
+    except files.DataError as err:
+        # files.iter_jsonl names file:line but drops the column; its JSONDecodeError is still
+        # the DataError's context (raised `from None` only hides it from tracebacks).
+        cause = err.__context__
+        if isinstance(cause, json.JSONDecodeError) and f"column {cause.colno}" not in str(err):
+            raise files.DataError(f"{err} (column {cause.colno})") from None
+        raise
+    except FileNotFoundError:
+        raise files.DataError(f"{path}: no such file") from None
+    except OSError as err:  # unreadable, or a .gz that is not gzip
+        raise files.DataError(f"{path}: cannot read: {err.strerror or err}") from None
+
+
 def load_problems(spec: str) -> tuple[dict[str, dict], Path]:
     """task_id -> problem (any kind); and the file they came from (hidden from the sandbox)."""
-    rows = problem_sets.load_problems(spec, kinds=problem_sets.KINDS)
-    return {p["task_id"]: p for p in rows}, problem_sets.source_path(spec)
+    path = problem_sets.source_path(spec)
+    with reading(path):
+        rows = problem_sets.load_problems(spec, kinds=problem_sets.KINDS)
+    return {p["task_id"]: p for p in rows}, path
+
+
+def read_samples(path: Path) -> list[tuple[int, dict]]:
+    with reading(path):
+        samples = list(files.iter_jsonl(path))
+    if not samples:  # else it would "score" nothing and report an empty pass@k with exit 0
+        raise files.DataError(f"{path}: no samples")
+    return samples
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Fail before scoring, not after it, when the results could not be written: out_dir, or
+    the nearest existing folder above it, is a file or not writable."""
+    for path in (out_dir, *out_dir.parents):
+        if not path.exists():
+            continue
+        if path == out_dir and not path.is_dir():
+            raise files.DataError(f"{out_dir}: exists and is not a directory (--out names a directory)")
+        if not path.is_dir():
+            raise files.DataError(f"{out_dir}: cannot be made: {path} is not a directory")
+        if not os.access(path, os.W_OK):
+            raise files.DataError(f"{out_dir}: cannot be written: no write permission on {path}")
+        return
 
 
 def sample_program(sample: dict, problem: dict, where: str) -> str | None:
@@ -95,8 +161,9 @@ def summarize(problems: dict, rows: list[dict], level: str, settings: dict) -> d
 
 def score(problems_spec: str, samples_path: Path, out_dir: Path, timeout_s: float = 5.0,
           memory_mb: int = 1024, workers: int = 0, progress: bool = False) -> dict:
+    check_out_dir(out_dir)
     problems, problems_path = load_problems(problems_spec)
-    samples = list(files.iter_jsonl(samples_path))
+    samples = read_samples(samples_path)
     jobs, task_ids = [], []
     for lineno, sample in samples:
         where = f"{samples_path}:{lineno}"
@@ -117,6 +184,29 @@ def score(problems_spec: str, samples_path: Path, out_dir: Path, timeout_s: floa
     return summary
 
 
+def seconds(text: str) -> float:
+    """A per-run timeout: 0 or less would fail every program as "timed out"."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
+def int_at_least(minimum: int, why: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} ({why}), not {value}")
+        return value
+    return parse
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="selfdistill score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", required=True,
@@ -124,15 +214,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--samples", required=True, type=Path,
                         help="JSONL with task_id and completion or code")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--timeout", type=float, default=5.0,
+    parser.add_argument("--timeout", type=seconds, default=5.0,
                         help="seconds per program run (per test case for stdin problems)")
-    parser.add_argument("--memory-mb", type=int, default=1024, help="address space per process")
-    parser.add_argument("--workers", type=int, default=0, help="parallel programs (0: cores)")
+    # Under 64 is a unit slip (`--memory-mb 2` meaning 2 GB), not a budget programs could run in.
+    parser.add_argument("--memory-mb", type=int_at_least(64, "megabytes"),
+                        default=1024, help="address space per process (at least 64)")
+    parser.add_argument("--workers", type=int_at_least(0, "0: one per core"), default=0,
+                        help="parallel programs (0: cores)")
     args = parser.parse_args(argv)
     try:
         summary = score(args.problems, args.samples, args.out, args.timeout, args.memory_mb,
                         args.workers, progress=True)
-    except (files.DataError, FileNotFoundError) as err:
+    except files.DataError as err:
         print(f"selfdistill score: {err}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("pass_at_k", "results", "isolation")}, indent=2))

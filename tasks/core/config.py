@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from tasks.sampling.backends import BACKEND_NAMES, unsupported
 
@@ -41,6 +42,15 @@ class DataConfig(Strict):
     # 0 means "all of them"; small values make tiny profiles.
     max_train_prompts: int = Field(ge=0)
     max_eval_problems: int = Field(ge=0)
+
+    @field_validator("problems")
+    @classmethod
+    def _problems_exist(cls, problems: str, info: ValidationInfo) -> str:
+        # Relative to the workspace: the directory of the params file (the stages run there).
+        workspace = Path((info.context or {}).get("workspace", "."))
+        if problems != "humaneval" and not (workspace / problems).is_file():
+            raise ValueError(f"{problems}: no such file (a JSONL problem set, or humaneval)")
+        return problems
 
 
 class DecodingConfig(Strict):
@@ -113,13 +123,11 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(DecodingConfig):
-    """A model's decoding at T_eval, and the sandbox limits its programs run under."""
+    """A model's decoding at T_eval, and how long each of its programs may run."""
 
     # pass@k values the report headlines; every k <= n is computed anyway.
-    k: list[int]
+    k: list[int] = Field(min_length=1)
     timeout_s: float = Field(gt=0)
-    memory_mb: int = Field(ge=64)
-    workers: int = Field(ge=0)  # 0 means one per core
 
     @model_validator(mode="after")
     def _k_within_n(self) -> "EvalConfig":
@@ -127,6 +135,13 @@ class EvalConfig(DecodingConfig):
             if not 1 <= k <= self.n:
                 raise ValueError(f"evaluate.k contains {k}, which must be between 1 and evaluate.n={self.n}")
         return self
+
+
+class SandboxConfig(Strict):
+    """Limits for every program the pipeline runs (the `passes` filter arm, evaluation)."""
+
+    memory_mb: int = Field(ge=64)
+    workers: int = Field(ge=0)  # 0 means one per core
 
 
 class ReportConfig(Strict):
@@ -142,6 +157,7 @@ class Params(Strict):
     filter: FilterConfig
     train: TrainConfig
     evaluate: EvalConfig
+    sandbox: SandboxConfig
     report: ReportConfig
 
 
@@ -153,11 +169,11 @@ def _key(loc: tuple) -> str:
     return ".".join(str(part) for part in loc if not str(part).startswith("function-after"))
 
 
-def validate_params(raw: object, source: str = "params.yaml") -> Params:
+def validate_params(raw: object, source: str = "params.yaml", workspace: str | os.PathLike = ".") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections at the top level")
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate(raw, context={"workspace": str(workspace)})
     except ValidationError as err:
         lines = []
         for e in err.errors():
@@ -171,15 +187,67 @@ def validate_params(raw: object, source: str = "params.yaml") -> Params:
         raise ParamsError("\n".join(lines)) from None
 
 
+class _TracedParams:
+    """A read-only view of the params that records each key read (SELFDISTILL_TRACE_PARAMS=FILE):
+    the tests compare what every stage reads with the params dvc.yaml declares for it."""
+
+    def __init__(self, model: BaseModel, prefix: str, seen: set[str]):
+        self._model, self._prefix, self._seen = model, prefix, seen
+
+    def __getattr__(self, name: str):
+        value = getattr(self._model, name)
+        if name in type(self._model).model_fields:
+            if isinstance(value, BaseModel):
+                return _TracedParams(value, f"{self._prefix}{name}.", self._seen)
+            self._seen.add(self._prefix + name)
+        elif name in ("model_dump", "model_dump_json"):
+            def dump(*args, **kwargs):
+                for key in _flat_keys(self._model.model_dump(*args, **{k: v for k, v in kwargs.items()
+                                                                      if k != "indent"})):
+                    self._seen.add(self._prefix + key)
+                return value(*args, **kwargs)
+            return dump
+        return value
+
+
+def _flat_keys(values: dict, prefix: str = "") -> list[str]:
+    return [key for name, value in values.items()
+            for key in (_flat_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name])]
+
+
+def _traced(params: Params) -> Params:
+    trace = os.environ.get("SELFDISTILL_TRACE_PARAMS")
+    if not trace:
+        return params
+    import atexit
+    import json
+    import sys
+
+    seen: set[str] = set()
+    command = " ".join(["python -m tasks." + Path(sys.argv[0]).stem, *sys.argv[1:]])
+
+    def record() -> None:
+        with open(trace, "a") as f:
+            f.write(json.dumps({"cmd": command, "keys": sorted(seen)}) + "\n")
+
+    atexit.register(record)
+    return _TracedParams(params, "", seen)  # type: ignore[return-value]
+
+
 def load_params(path: str | os.PathLike | None = None) -> Params:
+    return _traced(_load_params(path))
+
+
+def _load_params(path: str | os.PathLike | None = None) -> Params:
     path = Path(path or PARAMS_FILE)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: file not found") from None
+        with open(path) as f:  # a file object, so YAML errors name the file, not "<unicode string>"
+            raw = yaml.safe_load(f)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ParamsError(f"{path}: no such file") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    return validate_params(raw if raw is not None else {}, str(path))
+    return validate_params(raw if raw is not None else {}, str(path), path.parent)
 
 
 def merge(raw: dict, overlay: dict, where: str) -> dict:
@@ -219,9 +287,10 @@ def read_profile(path: str | os.PathLike) -> dict:
     """A profile: an overlay of params.yaml holding only the keys it changes."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: file not found") from None
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ParamsError(f"{path}: no such file") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -241,12 +310,12 @@ def update_params_file(path: str | os.PathLike, overrides: list[str] = (), profi
 
     path = Path(path)
     if not overrides and profile is None:
-        return load_params(path)
+        return _load_params(path)
     yaml_rt = YAML()  # round-trip mode: keeps the file's comments and key order
     try:
         raw = yaml_rt.load(path.read_text())
     except FileNotFoundError:
-        raise ParamsError(f"{path}: file not found") from None
+        raise ParamsError(f"{path}: no such file") from None
     except YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     raw = raw if raw is not None else {}
@@ -257,7 +326,7 @@ def update_params_file(path: str | os.PathLike, overrides: list[str] = (), profi
     if overrides:
         apply_overrides(raw, list(overrides))
         sources.append(f"--set {' '.join(overrides)}")
-    params = validate_params(raw, f"{path} with {' and '.join(sources)}")
+    params = validate_params(raw, f"{path} with {' and '.join(sources)}", path.parent)
     if write:
         import io
 

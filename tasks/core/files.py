@@ -73,7 +73,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON: {err.msg}") from None
+                raise DataError(f"{path}:{lineno}: not valid JSON: {err.msg} (column {err.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object")
             yield lineno, row
@@ -106,3 +106,27 @@ def dir_sha256(path: str | os.PathLike) -> str:
         digest.update(item.name.encode() + b"\0")
         digest.update(bytes.fromhex(file_sha256(item)))
     return digest.hexdigest()
+
+
+def resume_key(**parts) -> dict:
+    """What decides the content of a partial output or checkpoint (hashes of the inputs, the
+    settings, the code version), as plain JSON data: a resume continues only a run whose
+    recorded key equals the current one, so it never mixes two runs."""
+    return json.loads(json.dumps(parts, sort_keys=True, default=str))
+
+
+def key_differences(recorded: dict | None, current: dict) -> list[str]:
+    """How a recorded resume key differs from the current one, in words for a log line."""
+    if not isinstance(recorded, dict):
+        return ["no resume key recorded (written by an older version)"]
+    changes = []
+    for part in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(part), current.get(part)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += [f"{part}.{k} {old.get(k)!r} -> {new.get(k)!r}"
+                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        else:
+            changes.append(f"{part} changed")
+    return changes

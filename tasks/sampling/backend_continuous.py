@@ -399,7 +399,8 @@ class ContinuousBackend(TransformersBackend):
         return torch.matmul(weights, v).view(slots, heads * head_dim)
 
     @torch.inference_mode()
-    def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int) -> list[Completion]:
+    def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int,
+                       progress=None) -> list[Completion]:
         longest = max(len(p) for p in prompts) + cfg.max_new_tokens
         if self.window is not None and longest > self.window:
             raise ParamsError(f"backend continuous: prompt + max_new_tokens ({longest}) exceeds the model's "
@@ -440,6 +441,8 @@ class ContinuousBackend(TransformersBackend):
                 break
             uniforms = torch.stack([torch.rand((), generator=generators[slot_seq[s]]) for s in live])
             chosen = sample_tokens(logits[live], cfg, uniforms).tolist()
+            if progress:
+                progress(len(chosen))
             feed = torch.zeros(len(slot_seq), dtype=torch.long)
             for s, tok in zip(live, chosen):
                 j = slot_seq[s]
@@ -466,7 +469,7 @@ class ContinuousBackend(TransformersBackend):
             cache.grow(int(positions.max()) + 1)
             logits = self._decode(cache, feed, positions)
             positions = positions + busy.long()
-        return [Completion(self.tokenizer.decode(t, skip_special_tokens=True), len(t) + (f == "eos"), f)
+        return [Completion(self.tokenizer.decode(t, skip_special_tokens=True), len(t) + (f == "eos"), f, tuple(t))
                 for t, f in zip(tokens, finish)]
 
 

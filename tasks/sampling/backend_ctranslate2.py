@@ -62,7 +62,8 @@ class CT2Backend:
         return ctranslate2.Generator(str(self.model_dir), device="cpu", compute_type=self.compute_type,
                                      inter_threads=1, intra_threads=self.threads, files=self._files)
 
-    def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int) -> list[Completion]:
+    def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int,
+                       progress=None) -> list[Completion]:  # no per-step hook in this engine
         check_supported(cfg, self.name)
         greedy = cfg.temperature == 0
         generator = self._generator(seed)
@@ -85,8 +86,21 @@ class CT2Backend:
             ids = list(result.sequences_ids[0])
             finish = "eos" if ids and ids[-1] in self.eos else "length"
             text_ids = ids[:-1] if finish == "eos" else ids
-            out.append(Completion(self.tokenizer.decode(text_ids, skip_special_tokens=True), len(ids), finish))
+            out.append(Completion(self.tokenizer.decode(text_ids, skip_special_tokens=True), len(ids), finish,
+                                  tuple(text_ids)))
         return out
+
+    def teacher_forced_ranks(self, ids: list[int], start: int) -> list[int]:
+        import numpy as np
+
+        generator = self._generator(0)
+        try:
+            logits = np.asarray(generator.forward_batch([self.tokenizer.convert_ids_to_tokens(ids)]))[0]
+        finally:
+            del generator
+        predicted = logits[start - 1:-1].astype(np.float32)
+        chosen = predicted[np.arange(len(predicted)), ids[start:]]
+        return ((predicted > chosen[:, None]).sum(1) + 1).tolist()
 
 
 class CT2Float32Backend(CT2Backend):

@@ -11,6 +11,15 @@ from tasks.core.modeling import chat_token_ids, device, eos_token_ids, load_pret
 from tasks.sampling.backends import Completion
 
 
+def cache_keyword(model) -> str:
+    """The keyword a model's forward takes its KV cache by: `past_key_values` up to transformers
+    5.2x, `cache` after. A keyword the forward does not know is swallowed by its **kwargs, and
+    every token would then decode without its context (seen on transformers 5.17 with `cache=`)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TransformersBackend:
     """The reference backend: HF model, KV cache, finished sequences leave the batch."""
 
@@ -23,6 +32,7 @@ class TransformersBackend:
         self.model.to(self.device).eval()
         self.eos = set(eos_token_ids(model_dir, self.tokenizer))
         self.pad_id = self.tokenizer.pad_token_id
+        self.cache_kwarg = cache_keyword(self.model)
 
     def encode_chat(self, messages: list) -> list[int]:
         return chat_token_ids(self.tokenizer, messages)
@@ -43,7 +53,8 @@ class TransformersBackend:
         return procs
 
     @torch.inference_mode()
-    def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int) -> list[Completion]:
+    def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int,
+                       progress=None) -> list[Completion]:
         from transformers import DynamicCache
 
         generator = torch.Generator(self.device).manual_seed(seed)
@@ -54,7 +65,7 @@ class TransformersBackend:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                            cache=cache, use_cache=True).logits[:, -1, :].float()
+                            **{self.cache_kwarg: cache}, use_cache=True).logits[:, -1, :].float()
         rows = torch.arange(len(prompts), device=self.device)
         tokens: list[list[int]] = [[] for _ in prompts]
         finish = ["length"] * len(prompts)
@@ -65,6 +76,8 @@ class TransformersBackend:
                 # None for input_ids: temperature/top-k/top-p/min-p never read the history.
                 probs = torch.softmax(warpers(None, logits), dim=-1)
                 next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            if progress:
+                progress(len(next_ids))
             keep = []
             for i, (row, tok) in enumerate(zip(rows.tolist(), next_ids.tolist())):
                 if tok in self.eos:
@@ -83,8 +96,15 @@ class TransformersBackend:
             attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
             positions = positions[:, -1:] + 1
             logits = self.model(input_ids=next_ids[:, None], attention_mask=attention, position_ids=positions,
-                                cache=cache, use_cache=True).logits[:, -1, :].float()
+                                **{self.cache_kwarg: cache}, use_cache=True).logits[:, -1, :].float()
         return [
-            Completion(self.tokenizer.decode(toks, skip_special_tokens=True), len(toks) + (f == "eos"), f)
+            Completion(self.tokenizer.decode(toks, skip_special_tokens=True), len(toks) + (f == "eos"), f, tuple(toks))
             for toks, f in zip(tokens, finish)
         ]
+
+    @torch.inference_mode()
+    def teacher_forced_ranks(self, ids: list[int], start: int) -> list[int]:
+        logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
+        predicted = logits[start - 1:-1]
+        chosen = torch.tensor(ids[start:], device=self.device)
+        return ((predicted > predicted.gather(1, chosen[:, None])).sum(1) + 1).tolist()

@@ -54,7 +54,8 @@ def completion_from_output(output, eos_ids: list[int], max_new_tokens: int) -> C
     if stopped and (not ids or ids[-1] not in eos_ids):
         ids = ids + [eos_ids[0]]  # vLLM may drop the stop token from token_ids
     finish = "eos" if stopped else "length"
-    return Completion(output.text, min(len(ids), max_new_tokens), finish)
+    text_ids = [t for t in output.token_ids if t not in eos_ids]
+    return Completion(output.text, min(len(ids), max_new_tokens), finish, tuple(text_ids))
 
 
 class VLLMBackend:
@@ -81,7 +82,8 @@ class VLLMBackend:
 
         return chat_token_ids(self.tokenizer, messages)
 
-    def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int) -> list[Completion]:
+    def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int,
+                       progress=None) -> list[Completion]:  # no per-step hook in this engine
         from vllm import SamplingParams
 
         params = [SamplingParams(**sampling_params_kwargs(cfg, self.eos, sequence_seed(seed, i)))
@@ -89,3 +91,11 @@ class VLLMBackend:
         inputs = [{"prompt_token_ids": p} for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         return [completion_from_output(o.outputs[0], self.eos, cfg.max_new_tokens) for o in outputs]
+
+    def teacher_forced_ranks(self, ids: list[int], start: int) -> list[int]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+        output = self.llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+        # prompt_logprobs[i] holds the logprob (and rank) of ids[i] given ids[:i]
+        return [output.prompt_logprobs[i][ids[i]].rank for i in range(start, len(ids))]

@@ -1,8 +1,13 @@
 """The sampling backends: what each one is, what it cannot sample, and how it is seeded.
 
 A backend is a class built from an HF model dir with
+    name                                          its key in BACKENDS
     encode_chat(messages) -> list[int]            the model's chat template, as token ids
-    generate_batch(prompts, cfg, seed) -> [Completion]
+    generate_batch(prompts, cfg, seed, progress=None) -> [Completion]
+                                                  progress(k): k more tokens decoded (optional)
+    teacher_forced_ranks(ids, start) -> [int]     the rank of each ids[i], i >= start, among the
+                                                  model's next-token logits after ids[:i], from one
+                                                  forward over the whole sequence (no KV cache)
 and keeps these semantics: temperature -> top-k -> top-p -> min-p (vLLM's order),
 max_new_tokens, stop at any EOS id (an EOS counts in num_tokens, not in the text), and a
 batch's samples depend only on (prompts, cfg, seed).
@@ -25,6 +30,7 @@ class Completion:
     text: str
     num_tokens: int
     finish_reason: str  # "eos" or "length"
+    token_ids: tuple[int, ...] = ()  # the generated ids, EOS excluded (the load-time self-check reads them)
 
 
 def _no_min_p(name: str) -> Callable:
@@ -84,8 +90,47 @@ def backend_class(name: str):
     return getattr(importlib.import_module(spec.module), spec.cls)
 
 
+class BackendError(RuntimeError):
+    """A backend that computes wrong: it refuses to sample rather than write garbage."""
+
+
+# The load-time self-check: greedy-decode a short answer, then score each decoded token with one
+# forward over the whole sequence. A decode step that loses its context (a KV cache passed by a
+# keyword the model ignores, a kernel reading the wrong cache rows) picks tokens that rank far
+# down under the model's own forward; int8 / bf16 rounding only swaps near-ties.
+SELF_CHECK_PROMPT = [{"role": "user", "content": "Write a Python function that returns the sum of a list."}]
+SELF_CHECK_TOKENS = 16
+SELF_CHECK_RANK = 5  # a decoded token must rank within the top 5 at all but one position (int8
+SELF_CHECK_MISSES = 1  # ranked <= 4 over 4 x 48 tokens of SmolLM2), and never below ...
+SELF_CHECK_FAR = 50  # ... the top 50 (a decode without its context: rank 1638)
+
+
+def self_check(backend) -> None:
+    from tasks.core.config import DecodingConfig
+
+    cfg = DecodingConfig(backend=backend.name, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, n=1,
+                         max_new_tokens=SELF_CHECK_TOKENS, seed=0, batch_size=1, slots=1)
+    prompt = backend.encode_chat(SELF_CHECK_PROMPT)
+    out = backend.generate_batch([prompt], cfg, seed=0)[0]
+    ids = list(out.token_ids)
+    if not ids:
+        return  # an immediate EOS: nothing decoded, nothing to check
+    ranks = backend.teacher_forced_ranks(prompt + ids, len(prompt))
+    misses = [(i, tok, rank) for i, (tok, rank) in enumerate(zip(ids, ranks)) if rank > SELF_CHECK_RANK]
+    if len(misses) > SELF_CHECK_MISSES or any(rank > SELF_CHECK_FAR for _, _, rank in misses):
+        detail = ", ".join(f"token {i} (id {tok}) ranks {rank}" for i, tok, rank in misses[:4])
+        raise BackendError(
+            f"backend {backend.name} failed its load-time self-check and refuses to sample: of "
+            f"{len(ids)} greedy tokens, {len(misses)} rank below the top {SELF_CHECK_RANK} under the "
+            f"model's own forward pass ({detail}); its decoding computes wrong (with this "
+            f"transformers/engine version?), so its samples would be garbage")
+
+
 def load_backend(name: str, model_dir: str | Path):
-    return backend_class(name)(model_dir)
+    """The backend, after its self-check (see self_check)."""
+    backend = backend_class(name)(model_dir)
+    self_check(backend)
+    return backend
 
 
 def batch_seed(seed: int, batch: int) -> int:

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -40,6 +41,15 @@ def _build_id() -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+def _built(name: str) -> bool:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: may move
+
+        return any(Path(_get_build_directory(name, False)).glob("*.so"))
+    except Exception:
+        return True  # cannot tell: say nothing
+
+
 @cache
 def load():
     """The compiled module, or None (the eager path) with the reason logged."""
@@ -48,11 +58,15 @@ def load():
     try:
         from torch.utils.cpp_extension import load_inline
 
+        name = f"selfdistill_cpu_kernels_{_build_id()}"
+        if not _built(name):
+            # Once per machine and torch install; without a word, the first run looks hung.
+            print("continuous backends: compiling the fused CPU kernels for this CPU (once; about 40 s)...",
+                  file=sys.stderr, flush=True)
         # Inline, so that torch copies the source into its build dir: a build is then keyed by
         # the source's content, and another checkout of the same code (a DVC or CI workspace)
         # reuses it instead of rebuilding because the path differs.
-        return load_inline(name=f"selfdistill_cpu_kernels_{_build_id()}", cpp_sources=[SOURCE.read_text()],
-                           extra_cflags=CFLAGS, verbose=False)
+        return load_inline(name=name, cpp_sources=[SOURCE.read_text()], extra_cflags=CFLAGS, verbose=False)
     except Exception as error:  # no compiler, no ninja, a toolchain that rejects the flags
         log.warning("continuous backends: the fused CPU kernels did not build (%s); using the eager "
                     "PyTorch path, about half as fast", str(error).strip().splitlines()[-1] if str(error) else error)

@@ -4,21 +4,30 @@ the raw text, the token count and the finish reason ("eos" / "length").
 
 Work is cut into a fixed plan of batches, each seeded from (seed, batch number), and each
 finished batch is appended to `<out>.partial`. A killed run resumes from the complete
-batches it wrote and produces the same rows an uninterrupted run would.
+batches it wrote and produces the same rows an uninterrupted run would. The partial file's
+first line is its resume key (the model dir's hash, the prompts, the decoding settings, the
+backend and the sampling code's hash): a partial file of any other run is discarded, with a
+line saying what differs, never mixed in.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from tqdm import tqdm
 
 from tasks.core.config import DecodingConfig
-from tasks.core.files import write_jsonl
+from tasks.core.extract import last_fenced_block
+from tasks.core.files import DataError, dir_sha256, key_differences, resume_key, write_jsonl
 from tasks.sampling.backends import batch_seed, load_backend
+
+SAMPLING_CODE = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -35,12 +44,48 @@ def plan_batches(prompt_lengths: list[int], n: int, batch_size: int) -> list[lis
     return [units[i:i + batch_size] for i in range(0, len(units), batch_size)]
 
 
-def _read_partial(path: Path, batch_sizes: dict[int, int]) -> list[dict]:
-    """Rows of the batches that were written completely; a torn last line is dropped."""
+@cache
+def code_version() -> str:
+    """The sampling code (tasks/sampling: backends and kernels) and the engines' versions."""
+    digest = hashlib.sha256()
+    for path in sorted([*SAMPLING_CODE.glob("*.py"), *SAMPLING_CODE.glob("*.cpp")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for package in ("torch", "transformers", "ctranslate2", "vllm"):
+        try:
+            digest.update(f"{package}=={version(package)}".encode())
+        except PackageNotFoundError:
+            pass
+    return digest.hexdigest()
+
+
+def run_key(model_dir: str | Path, requests: list[Request], prompts: list[list[int]], cfg: DecodingConfig,
+            backend) -> dict:
+    """What decides the rows of a run: the resume key of its partial file."""
+    model = Path(model_dir)
+    prompts_hash = hashlib.sha256(json.dumps([[r.key, p] for r, p in zip(requests, prompts)]).encode())
+    # `slots` only says how many sequences decode at once: the rows do not depend on it (tested).
+    decoding = {name: getattr(cfg, name) for name in DecodingConfig.model_fields if name != "slots"}
+    return resume_key(model=dir_sha256(model) if model.is_dir() else str(model_dir),
+                      prompts=prompts_hash.hexdigest(), decoding=decoding,
+                      backend=getattr(backend, "name", type(backend).__name__), code=code_version())
+
+
+def _read_partial(path: Path, key: dict, batch_sizes: dict[int, int], desc: str) -> list[dict]:
+    """Rows of the batches that were written completely by this same run (same resume key); a
+    torn last line is dropped, and a partial file of another run is discarded."""
     if not path.exists():
         return []
     by_batch: dict[int, list[dict]] = {}
     with open(path) as f:
+        try:
+            header = json.loads(f.readline() or "null")
+        except json.JSONDecodeError:
+            header = None
+        recorded = header.get("resume_key") if isinstance(header, dict) else None
+        if recorded != key:
+            why = "; ".join(key_differences(recorded, key))
+            print(f"{desc}: discarding {path}: written by another run ({why})")
+            return []
         for line in f:
             try:
                 row = json.loads(line)
@@ -59,18 +104,30 @@ def generate_jsonl(model_dir: str | Path, requests: list[Request], cfg: Decoding
     prompts = [backend.encode_chat(r.messages) for r in requests]
     plan = plan_batches([len(p) for p in prompts], cfg.n, cfg.batch_size)
     units = [unit for batch in plan for unit in batch]
-    done = _read_partial(partial, {b: len(batch) for b, batch in enumerate(plan)})
+    key = run_key(model_dir, requests, prompts, cfg, backend)
+    done = _read_partial(partial, key, {b: len(batch) for b, batch in enumerate(plan)}, desc)
     finished_batches = {row["batch"] for row in done}
     partial.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(partial, done)  # drop a torn tail before appending
+    write_jsonl(partial, [{"resume_key": key}, *done])  # the key first; a torn tail dropped
     if done:
         print(f"{desc}: resuming, {len(done)} of {len(units)} completions already written")
     start, new_tokens = time.time(), 0
     with open(partial, "a") as f, tqdm(total=len(units), initial=len(done), desc=desc, unit="sample") as bar:
+        decoded, shown = [0], [time.time()]
+
+        def progress(tokens: int) -> None:
+            # A batch can take minutes: show tokens as they are decoded (once a second), not only
+            # whole batches.
+            decoded[0] += tokens
+            if time.time() - shown[0] >= 1.0:
+                shown[0] = time.time()
+                bar.set_postfix(tokens=decoded[0], tok_s=f"{decoded[0] / max(time.time() - start, 1e-9):.0f}")
+
         for b, batch in enumerate(plan):
             if b in finished_batches:
                 continue
-            outs = backend.generate_batch([prompts[r] for r, _ in batch], cfg, seed=batch_seed(cfg.seed, b))
+            outs = backend.generate_batch([prompts[r] for r, _ in batch], cfg, seed=batch_seed(cfg.seed, b),
+                                          progress=progress)
             for (r, s), out in zip(batch, outs):
                 row = {**requests[r].key, "sample_index": s, "messages": requests[r].messages,
                        "text": out.text, "num_tokens": out.num_tokens, "finish_reason": out.finish_reason,
@@ -80,11 +137,24 @@ def generate_jsonl(model_dir: str | Path, requests: list[Request], cfg: Decoding
                 new_tokens += out.num_tokens
             f.flush()
             os.fsync(f.fileno())
+            decoded[0] = new_tokens
             bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - start, 1e-9):.0f}")
+            bar.set_postfix(tokens=new_tokens, tok_s=f"{new_tokens / max(time.time() - start, 1e-9):.0f}")
     order = {tuple(r.key.values()): i for i, r in enumerate(requests)}
     done.sort(key=lambda row: (order[tuple(row[k] for k in requests[0].key)], row["sample_index"]))
+    check_not_degenerate(done, out_path)
     write_jsonl(out_path, done)
     partial.unlink()
     return done
 
+
+
+def check_not_degenerate(rows: list[dict], where: str | Path) -> None:
+    """Stop when the output is one no healthy model writes: not one sample ended at EOS and not
+    one holds a fenced code block (a decoder that lost its context writes exactly that)."""
+    if rows and not any(r["finish_reason"] == "eos" for r in rows) and \
+            not any(last_fenced_block(r["text"]) is not None for r in rows):
+        example = rows[0]["text"][:80]
+        raise DataError(f"{where}: none of the {len(rows)} samples ended at EOS and none holds a fenced code "
+                        f"block (the first begins {example!r}): the backend is decoding garbage, or "
+                        f"max_new_tokens is far too small; {where} was not written")
