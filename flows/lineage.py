@@ -12,6 +12,13 @@ Every file is checked against its recorded hash, every param against params.yaml
 command against dvc.yaml; the exit status is 1 when anything changed since it was recorded
 (a file edited by hand, an input re-made after its consumer ran, a param or command changed),
 2 when PATH is not tracked.
+
+`selfdistill lineage PATH --rev REV` audits PATH as it was at a git rev, typically a flow run's
+record branch (`selfdistill runs` lists them; flows/records.py makes them): the rev is checked
+out into a temporary git worktree sharing this workspace's DVC cache and remotes, the outputs
+PATH needs are fetched from the DVC remote if the cache no longer has them (`dvc fetch` +
+`dvc checkout --with-deps`), and the audit runs there, so it shows that run's params and hashes
+and checks the files it got back against them. The workspace itself is not touched.
 """
 from __future__ import annotations
 
@@ -302,21 +309,131 @@ def render_text(report: dict) -> str:
     return "\n".join(lines)
 
 
+def lineage_at_rev(path: str | os.PathLike, rev: str, repo_dir: str | os.PathLike | None = None) -> dict:
+    """The lineage report of PATH (absolute, or relative to the current directory, as in the
+    workspace) as it was at git rev REV; the report's "rev" names the rev, its commit, the flow
+    run recorded there (if any) and what fetching the outputs did."""
+    import shutil
+    import tempfile
+
+    from dvc.repo import Repo
+
+    from flows.records import RecordError, git, git_toplevel, parse_trailers
+
+    root = Path(Repo.find_root(str(repo_dir) if repo_dir is not None else None)).resolve()
+    top = git_toplevel(root)
+    if top is None:
+        raise LineageError(f"--rev needs a git repository: {root} is not in one")
+    commit = git(top, "rev-parse", "--verify", "-q", f"{rev}^{{commit}}", check=False)
+    if not commit:
+        raise LineageError(f"--rev {rev}: not a commit or branch of {top}")
+    target = Path(os.path.abspath(path))
+    try:
+        rel = target.relative_to(root)
+    except ValueError:
+        raise LineageError(f"{target}: outside the DVC repo {root}") from None
+    with Repo(str(root)) as repo:
+        cache_dir = repo.cache.local_cache_dir
+    info = {"rev": rev, "commit": commit, "run": parse_trailers(git(top, "log", "-1", "--format=%B", commit)),
+            "notes": []}
+    tmp = Path(tempfile.mkdtemp(prefix="selfdistill-lineage-"))
+    worktree = tmp / "worktree"
+    try:
+        try:
+            git(top, "worktree", "add", "--detach", "--quiet", str(worktree), commit)
+        except RecordError as err:
+            raise LineageError(f"--rev {rev}: {err}") from None
+        wroot = worktree / root.relative_to(top)
+        if not (wroot / ".dvc").is_dir():
+            raise LineageError(f"--rev {rev}: no DVC repo at {root.relative_to(top) or '.'} in that commit")
+        # This workspace's DVC settings (remotes in config.local included) and its cache, so
+        # objects the cache still has are not fetched again and fetched ones stay for next time.
+        local = root / ".dvc" / "config.local"
+        if local.is_file():
+            shutil.copy(local, wroot / ".dvc" / "config.local")
+        with Repo(str(wroot)) as repo:
+            with repo.config.edit("local") as conf:
+                conf.setdefault("cache", {}).update({"dir": cache_dir, "type": "reflink,hardlink,copy"})
+        with Repo(str(wroot)) as repo:
+            audit = Audit(repo)
+            out = find_output(audit, wroot / rel)
+            scope = stage_address(out.stage, wroot)
+        info["notes"] += fetch_outputs(wroot, scope)
+        report = lineage(wroot / rel, wroot)
+    finally:
+        git(top, "worktree", "remove", "--force", "--force", str(worktree), check=False)
+        git(top, "worktree", "prune", check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+    report["rev"] = info
+    return report
+
+
+def fetch_outputs(root: Path, scope: str) -> list[str]:
+    """`dvc fetch` + `dvc checkout` of a stage's outputs and everything upstream of it, in root;
+    returns notes on what they did (a failed fetch is noted: the audit then shows what is missing)."""
+    def dvc(*args: str) -> tuple[int, str]:
+        env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+        proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+        lines = [" ".join(line.split()) for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        return proc.returncode, "; ".join(lines[-3:])
+
+    notes = []
+    code, said = dvc("fetch", "--with-deps", scope)
+    notes.append(f"dvc fetch --with-deps {scope}: {said or 'done'}" + ("" if code == 0 else f" (exit {code})"))
+    code, said = dvc("checkout", "--with-deps", "--allow-missing", scope)
+    if code != 0 or said:
+        notes.append(f"dvc checkout --with-deps {scope}: {said}" + ("" if code == 0 else f" (exit {code})"))
+    return notes
+
+
+def rev_lines(info: dict) -> list[str]:
+    run = info["run"]
+    line = f"as recorded at {info['rev']} (commit {info['commit'][:12]}"
+    if run.get("Selfdistill-Flow-Run-Id"):
+        line += (f"; flow run {run.get('Selfdistill-Flow-Run-Name', '')} ({run['Selfdistill-Flow-Run-Id']}), "
+                 f"{run.get('Selfdistill-Status', '')}, {run.get('Selfdistill-Recorded-At', '')}")
+    return [line + ")"] + [f"  {note}" for note in info["notes"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfdistill lineage",
                                      description="Show where a DVC-tracked file came from and check it against the record.")
     parser.add_argument("path", help="a tracked output or a file inside one (models/none, samples/samples.jsonl)")
+    parser.add_argument("--rev", help="audit PATH as it was at this git rev (a flow run's branch: `selfdistill runs`), "
+                                      "fetching its outputs from the DVC remote if needed")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    from dvc.exceptions import NotDvcRepoError
+    from dvc.exceptions import DvcException, NotDvcRepoError
 
     try:
-        report = lineage(args.path)
+        report = lineage(args.path) if args.rev is None else lineage_at_rev(args.path, args.rev)
     except (LineageError, NotDvcRepoError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2) if args.json else render_text(report))
-    return 1 if report["problems"] else 0
+    except DvcException as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    status = 1 if report["problems"] else 0
+    text = json.dumps(report, indent=2) if args.json else render_text(report)
+    if not args.json and "rev" in report:
+        text = "\n".join(rev_lines(report["rev"]) + [text])
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        return reader_gone()
+    return status
+
+
+def reader_gone() -> int:
+    """`selfdistill lineage PATH | head -1`: the reader closed the pipe. End quietly with the
+    status of a command killed by SIGPIPE, as any Unix filter's, since the output was not read.
+    stdout goes to devnull first, or Python's flush at exit fails again with a traceback."""
+    import signal
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ wires each task to the stages it depends on, and runs each stage with
 `dvc repro --single-item STAGE`, so DVC decides what is unchanged, DVC's cache holds the data and
 dvc.lock stays the record. Adding a stage to dvc.yaml adds a task here with no code change.
 
-    selfdistill flow run [--target STAGE ...] [--set key=value ...] [--force]
+    selfdistill flow run [--target STAGE ...] [--set key=value ...] [--force] [--no-record]
     selfdistill flow plan [--target STAGE ...]     # the tasks a run would make, without running
+
+Every run holds the workspace's flow lock from start to end (one run at a time per workspace;
+another waits) and ends by recording what it produced, unless `record=False` / `--no-record`:
+a git commit on its own branch `selfdistill/runs/...` and `dvc push` (flows/records.py).
 
 With no PREFECT_API_URL set, Prefect runs an ephemeral local API for the run; with it set, the
 run is recorded on that server.
@@ -15,12 +19,12 @@ run is recorded on that server.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, g
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.core.config import PARAMS_FILE, ParamsError, update_params_file
+from tasks.core.files import atomic_path
 
 FLOW_NAME = "selfdistill"
 # dvc.yaml writes every model under models/ (models/base, models/<arm>); each one gets a lineage
@@ -50,6 +55,13 @@ EPHEMERAL_STARTUP_TIMEOUT_S = 180
 # A stage command's progress bar redraws its line with '\r' many times a second; log one such
 # redraw per this many seconds so long stages show progress without flooding the run's logs.
 PROGRESS_LOG_INTERVAL_S = 15.0
+# How many stage commands run at once unless the flow's `max_parallel` (or Prefect's
+# PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS) says otherwise: every stage here already uses all
+# of a machine's cores, and two training stages at once already need ~20 GB on the default profile.
+DEFAULT_MAX_PARALLEL = 2
+# A stage command prints its own reason for failing as a line starting with this
+# (tasks.core.config.run_stage); DVC's own lines say "ERROR:".
+STAGE_ERROR_PREFIX = "error:"
 
 
 class PipelineError(RuntimeError):
@@ -130,6 +142,17 @@ def apply_param_overrides(repo_dir: str | os.PathLike, overrides: list[str], wri
     update_params_file(params_path(repo_dir), overrides, write=write)
 
 
+def restore_params(path: Path, before: bytes, written: bytes) -> str:
+    """Put the params file back as it was before a failed run's --set, atomically; returns the
+    sentence saying so for the run's error. A file changed again during the run is left alone."""
+    if not path.is_file() or path.read_bytes() != written:
+        return f"{path.name} was edited during the run, so it was left as it is (with or without the --set values)."
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(before)
+    return (f"{path.name} was restored to what it was before --set (stages that ran with the --set values "
+            f"are recorded so in dvc.lock and rerun next time).")
+
+
 # ---------------------------------------------------------------------------------------------
 # One stage, run through DVC
 
@@ -166,11 +189,42 @@ def _output_lines(pipe):
         yield pending.decode(errors="replace").rstrip(), False
 
 
+_STAGE_SLOTS: dict[int, threading.BoundedSemaphore] = {}
+_STAGE_SLOTS_LOCK = threading.Lock()
+
+
+def stage_slots(max_parallel: int) -> threading.BoundedSemaphore:
+    """This process's slots for stage commands, max_parallel of them, shared by every task
+    thread (Dask or Ray workers each count their own)."""
+    with _STAGE_SLOTS_LOCK:
+        return _STAGE_SLOTS.setdefault(max_parallel, threading.BoundedSemaphore(max_parallel))
+
+
+def stage_failure(stage: str, returncode: int, tail: list[str]) -> PipelineError:
+    """The error of a failed stage, led by the stage command's own last `error:` line when it
+    printed one (DVC's "ERROR: failed to reproduce" and any traceback come after it)."""
+    errors = [line for line in tail if line.startswith(STAGE_ERROR_PREFIX)]
+    status = f"stage {stage}: `dvc repro` exited with status {returncode}; its last output:"
+    return PipelineError("\n".join(errors[-1:] + [status] + tail))
+
+
 @task(cache_policy=NO_CACHE)  # DVC is the cache: Prefect must never skip a stage by itself
-def run_dvc_stage(repo_dir: str, stage: str, force: bool = False) -> str:
-    """`dvc repro --single-item STAGE` in repo_dir, its output streamed to the run's logs.
-    Returns what DVC did: ran the command, skipped it (unchanged), or restored it from cache."""
+def run_dvc_stage(repo_dir: str, stage: str, force: bool = False, max_parallel: int = DEFAULT_MAX_PARALLEL) -> str:
+    """`dvc repro --single-item STAGE` in repo_dir, its output streamed to the run's logs, once
+    one of the max_parallel stage slots is free. Returns what DVC did: ran the command, skipped
+    it (unchanged), or restored it from cache."""
     logger = get_run_logger()
+    slots = stage_slots(max_parallel)
+    if not slots.acquire(blocking=False):
+        logger.info("%s: waiting: %d stage(s) already running (max_parallel)", stage, max_parallel)
+        slots.acquire()
+    try:
+        return _run_dvc_stage(logger, repo_dir, stage, force)
+    finally:
+        slots.release()
+
+
+def _run_dvc_stage(logger, repo_dir: str, stage: str, force: bool) -> str:
     cmd = _dvc_command(stage, force)
     logger.info("%s: $ %s", stage, " ".join(["dvc", *cmd[3:]]))
     outcome = None
@@ -200,7 +254,7 @@ def run_dvc_stage(repo_dir: str, stage: str, force: bool = False) -> str:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
     if returncode != 0:
-        raise PipelineError(f"stage {stage}: `dvc repro` exited with status {returncode}:\n" + "\n".join(tail))
+        raise stage_failure(stage, returncode, tail)
     outcome = outcome or "done (DVC's output did not say whether it ran the command)"
     logger.info("%s: %s", stage, outcome)
     return outcome
@@ -211,10 +265,24 @@ def run_dvc_stage(repo_dir: str, stage: str, force: bool = False) -> str:
 
 
 def default_task_runner() -> ThreadPoolTaskRunner:
-    # Prefect's own setting (PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS) sizes the pool when set.
-    # Otherwise two stages at a time: every stage here already uses all of a machine's cores, and
-    # two training stages at once already need ~20 GB on the default profile.
-    return ThreadPoolTaskRunner(max_workers=get_current_settings().tasks.runner.thread_pool_max_workers or 2)
+    # A thread for every stage submitted, not one per stage allowed to run. Prefect 3 does a
+    # task's waiting in its worker thread: for its upstream stages (wait_for), then for a slot of
+    # each tag's concurrency limit (`gpu`, `stage:<group>`). With a pool of 2, a `gpu` stage
+    # queued behind another held one of the two threads, and Prefect warned at every such submit
+    # that a task with as many tags as workers "may lead to dead-locks". How many stage commands
+    # run at once is the flow's `max_parallel`, counted only while a command runs (stage_slots).
+    return ThreadPoolTaskRunner(max_workers=sys.maxsize)
+
+
+def resolve_max_parallel(max_parallel: int | None) -> int:
+    # PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS sized the pool before max_parallel existed
+    # (and the README documents it): it still sets how many stages run at once.
+    value = max_parallel
+    if value is None:
+        value = get_current_settings().tasks.runner.thread_pool_max_workers or DEFAULT_MAX_PARALLEL
+    if value < 1:
+        raise PipelineError(f"max_parallel must be at least 1, not {value}")
+    return value
 
 
 def artifact_key(*parts: str) -> str:
@@ -222,12 +290,36 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
-def publish_artifacts(repo_dir: Path, stages: list[StageNode], finished: set[str]) -> None:
-    """Markdown outputs (the report) and the lineage of every model the run touched, as keyed
-    artifacts on the flow run; a key's latest version is the latest run's."""
+def record_markdown(recorded, outs: list[str]) -> str:
+    """The run-record artifact: the rev holding this run's outputs and how to audit them there."""
+    if recorded is None:
+        return "This run was not recorded (`record=False` / `--no-record`): its dvc.lock and outputs stay only in the workspace."
+    if recorded.rev is None:
+        return "This run was not recorded: " + "; ".join(recorded.notes)
+    if recorded.record:
+        run = recorded.record
+        lines = [f"Recorded as git branch `{run.branch}` (commit `{run.commit[:12]}`): its dvc.lock, params and "
+                 f"metrics; outputs pushed to DVC remote `{recorded.remote}`." if recorded.remote else
+                 f"Recorded as git branch `{run.branch}` (commit `{run.commit[:12]}`); outputs not pushed."]
+    else:
+        run = recorded.same_as
+        lines = [f"Nothing changed since the recorded run `{run.flow_run_name}`: its dvc.lock is this run's, so "
+                 f"its branch `{run.branch}` (commit `{run.commit[:12]}`) holds this run's outputs too."]
+    lines += ["", "Audit an output as it was in this run, after the workspace has moved on:", "", "```bash"]
+    lines += [f"selfdistill lineage {out} --rev {run.branch}" for out in outs] or [
+        f"selfdistill lineage PATH --rev {run.branch}"]
+    lines += ["selfdistill runs                  # every recorded run", f"git show {run.branch} --stat", "```"]
+    return "\n".join(lines)
+
+
+def publish_artifacts(repo_dir: Path, stages: list[StageNode], finished: set[str], recorded=None) -> None:
+    """Markdown outputs (the report), the lineage of every model the run touched and where the
+    run is recorded, as keyed artifacts on the flow run; a key's latest version is the latest run's."""
     from flows.lineage import lineage, render_text
 
     logger = get_run_logger()
+    rev = recorded.rev if recorded is not None else None
+    models = []
     for node in stages:
         if node.name not in finished:
             continue
@@ -237,36 +329,36 @@ def publish_artifacts(repo_dir: Path, stages: list[StageNode], finished: set[str
                 create_markdown_artifact(path.read_text(), key=artifact_key(out),
                                          description=f"{out}, written by stage {node.name}")
             elif Path(out).parts[0] == MODELS_DIR and path.exists():
+                models.append(out)
                 audit = lineage(path, repo_dir)
-                create_markdown_artifact(f"```text\n{render_text(audit)}\n```", key=artifact_key("lineage", out),
-                                         description=f"where {out} came from (`selfdistill lineage {out}`)")
+                command = f"selfdistill lineage {out}" + (f" --rev {rev}" if rev else "")
+                where = f"Recorded in git branch `{rev}`: `{command}`\n\n" if rev else ""
+                create_markdown_artifact(f"{where}```text\n{render_text(audit)}\n```", key=artifact_key("lineage", out),
+                                         description=f"where {out} came from (`{command}`)")
                 if audit["problems"]:
                     logger.warning("lineage of %s: %s", out, "; ".join(audit["problems"]))
+    create_markdown_artifact(record_markdown(recorded, models), key="run-record",
+                             description="where this run's dvc.lock, params and outputs are recorded"
+                             + (f": git branch {rev}" if rev else ""))
 
 
-@flow(name=FLOW_NAME, task_runner=default_task_runner())
-def selfdistill_pipeline(
-    repo: str = ".",
-    targets: list[str] | None = None,
-    set_params: list[str] | None = None,
-    force: bool = False,
-    retries: int = 2,
-    retry_delay_s: float = 30.0,
-    gpu_stages: tuple[str, ...] = ("sample", "train", "evaluate", "evaluate-base"),
-) -> dict[str, str]:
-    """Run the DVC pipeline in `repo` stage by stage.
+def stage_error_line(future) -> str | None:
+    """A failed stage's own `error:` line: the first line of its PipelineError (stage_failure)."""
+    err = future.result(raise_on_failure=False)
+    line = str(err).split("\n", 1)[0] if isinstance(err, BaseException) else ""
+    return line if line.startswith(STAGE_ERROR_PREFIX) else None
 
-    targets: stages to bring up to date (with what they need); all stages when empty.
-    set_params: `key=value` overrides written into params.yaml first (like `dvc exp run -S`).
-    force: rerun the stages even when DVC finds them unchanged.
-    retries / retry_delay_s: retries of a failed stage (transient failures: OOM kills, locks).
-    gpu_stages: stage groups whose tasks also get the tag `gpu`, so one Prefect concurrency
-        limit (`prefect concurrency-limit create gpu 1`) keeps them off a GPU at the same time.
-    """
+
+@dataclass
+class StagesRun:
+    stages: list[StageNode]
+    outcomes: dict[str, str]  # the stages that completed: what DVC did
+    error: PipelineError | None  # the stages that failed or did not run, if any
+
+
+def run_stages(repo_dir: Path, targets, force: bool, retries: int, retry_delay_s: float,
+               gpu_stages: tuple[str, ...], max_parallel: int) -> StagesRun:
     logger = get_run_logger()
-    repo_dir = Path(repo).resolve()
-    # Params first: a typo fails here, before any stage starts.
-    apply_param_overrides(repo_dir, set_params or [])
     stages = read_stage_graph(repo_dir, targets)
     logger.info("dvc.yaml in %s: %d stage(s): %s", repo_dir, len(stages), ", ".join(s.name for s in stages))
 
@@ -275,7 +367,7 @@ def selfdistill_pipeline(
         tags = [f"stage:{node.group}"] + (["gpu"] if node.group in gpu_stages else [])
         stage_task = run_dvc_stage.with_options(name=node.name, task_run_name=node.name, tags=tags,
                                                 retries=retries, retry_delay_seconds=retry_delay_s)
-        futures[node.name] = stage_task.submit(str(repo_dir), node.name, force,
+        futures[node.name] = stage_task.submit(str(repo_dir), node.name, force, max_parallel,
                                                wait_for=[futures[name] for name in node.upstream])
 
     outcomes, failed, blocked = {}, [], []
@@ -289,15 +381,121 @@ def selfdistill_pipeline(
         else:
             failed.append(node.name)
 
-    publish_artifacts(repo_dir, stages, set(outcomes))
     for name, outcome in outcomes.items():
         logger.info("%-24s %s", name, outcome)
+    error = None
     if failed or blocked:
         message = f"stage(s) failed: {', '.join(failed) or '-'}"
         if blocked:
             message += f"; not run because an upstream stage failed: {', '.join(blocked)}"
-        raise PipelineError(message + ". Upstream outputs stay valid in DVC's cache and dvc.lock.")
-    return outcomes
+        message += ". Upstream outputs stay valid in DVC's cache and dvc.lock."
+        # The first failed stage's own reason leads: the user's fix starts there (the others'
+        # are in their task logs).
+        reasons = [line for name in failed if (line := stage_error_line(futures[name]))]
+        error = PipelineError(f"{reasons[0]}; {message}" if reasons else message)
+    return StagesRun(stages, outcomes, error)
+
+
+@task(name="record", task_run_name="record", cache_policy=NO_CACHE)
+def record_run_task(repo_dir: str, flow_run_id: str, flow_run_name: str, status: str, outcomes: dict[str, str]):
+    """The run's record: a commit on its own branch and `dvc push` (flows/records.py)."""
+    from flows.records import record_run
+
+    return record_run(repo_dir, flow_run_id, flow_run_name, status, outcomes, log=get_run_logger())
+
+
+@flow(name=FLOW_NAME, task_runner=default_task_runner())
+def selfdistill_pipeline(
+    repo: str = ".",
+    targets: list[str] | None = None,
+    set_params: list[str] | None = None,
+    force: bool = False,
+    retries: int = 2,
+    retry_delay_s: float = 30.0,
+    gpu_stages: tuple[str, ...] = ("sample", "train", "evaluate", "evaluate-base"),
+    max_parallel: int | None = None,
+    record: bool = True,
+) -> dict[str, str]:
+    """Run the DVC pipeline in `repo` stage by stage, then record what it produced.
+
+    targets: stages to bring up to date (with what they need); all stages when empty.
+    set_params: `key=value` overrides written into params.yaml first (like `dvc exp run -S`);
+        kept if the run succeeds, taken out again (params.yaml restored) if it fails.
+    force: rerun the stages even when DVC finds them unchanged.
+    retries / retry_delay_s: retries of a failed stage (transient failures: OOM kills, locks).
+    gpu_stages: stage groups whose tasks also get the tag `gpu`, so one Prefect concurrency
+        limit (`prefect concurrency-limit create gpu 1`) keeps them off a GPU at the same time.
+    max_parallel: stage commands running at once (default: PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS,
+        else 2).
+    record: end by committing dvc.lock, params, DVC's .gitignore files and the metrics on the
+        branch `selfdistill/runs/<time>-<flow run name>` and pushing the outputs to the DVC
+        remote (flows/records.py); a run whose dvc.lock is the last recorded run's records nothing.
+    """
+    from prefect.runtime import flow_run
+
+    from flows.records import workspace_lock
+
+    repo_dir = Path(repo).resolve()
+    max_parallel = resolve_max_parallel(max_parallel)
+    logger = get_run_logger()
+    run_id, run_name = str(flow_run.id or ""), str(flow_run.name or "")
+    # One run at a time per workspace, for the whole run: two runs would mix their params.yaml,
+    # dvc.lock and records. A second run waits here, and logs whom it waits for.
+    with workspace_lock(repo_dir, f"flow run {run_name} ({run_id})", log=logger):
+        return _run_and_record(repo_dir, targets, set_params, force, retries, retry_delay_s, gpu_stages,
+                               max_parallel, record, run_id, run_name)
+
+
+def _run_and_record(repo_dir: Path, targets, set_params, force, retries, retry_delay_s, gpu_stages, max_parallel,
+                    record: bool, run_id: str, run_name: str) -> dict[str, str]:
+    logger = get_run_logger()
+    path = params_path(repo_dir)
+    before = path.read_bytes() if set_params else None
+    # Params first: a typo fails here, before any stage starts and before anything is written.
+    apply_param_overrides(repo_dir, set_params or [])
+    written = path.read_bytes() if set_params else None
+
+    def restored(err: BaseException) -> PipelineError:
+        # A failed run takes its --set values out again: a user who reruns after fixing the cause
+        # should not find the experiment's values left in params.yaml as if they were the config.
+        return PipelineError(f"{err} {restore_params(path, before, written)}")
+
+    try:
+        done = run_stages(repo_dir, targets, force, retries, retry_delay_s, gpu_stages, max_parallel)
+    except PipelineError as err:
+        if before is None:
+            raise
+        raise restored(err) from None
+    except Exception as err:
+        if before is None:
+            raise
+        raise restored(err) from err
+    except BaseException:  # interrupted: restore, and let the interruption through as it is
+        if before is not None:
+            restore_params(path, before, written)
+        raise
+
+    # The record holds what the stages ran with (the --set values too, even if they are taken
+    # out of params.yaml again below because a stage failed).
+    recorded, record_error = None, None
+    if record:
+        status = "completed" if done.error is None else "failed"
+        try:
+            recorded = record_run_task(str(repo_dir), run_id, run_name, status, done.outcomes)
+        except Exception as err:  # noqa: BLE001 - reported with the run's own outcome below
+            from flows.records import RecordResult
+
+            record_error = err
+            recorded = RecordResult(notes=[f"recording failed: {err}"])
+            logger.error("recording the run failed: %s", err)
+    publish_artifacts(repo_dir, done.stages, set(done.outcomes), recorded)
+    if done.error is not None:
+        error = done.error if record_error is None else PipelineError(
+            f"{done.error} Recording the run failed too: {record_error}")
+        raise error if before is None else restored(error)
+    if record_error is not None:
+        raise PipelineError(f"the stages completed, but recording the run failed: {record_error}")
+    return done.outcomes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,6 +531,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--set", action="append", dest="set_params", default=[], metavar="KEY=VALUE",
                      help="override a param in params.yaml before running, like `dvc exp run -S` (repeatable)")
     run.add_argument("--force", action="store_true", help="rerun stages even if DVC finds them unchanged")
+    run.add_argument("--no-record", dest="record", action="store_false",
+                     help="do not record the run (no commit on a selfdistill/runs/ branch, no dvc push)")
     run.add_argument("--retries", type=int, help="retries of a failed stage (default: the flow's)")
     run.add_argument("--task-runner", choices=("threads", "dask", "ray"), default="threads")
     run.add_argument("--address", help="scheduler address of an existing Dask / Ray cluster")
@@ -362,11 +562,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"selfdistill flow: Prefect API {api}", file=sys.stderr)
     with temporary_settings(set_defaults={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_TIMEOUT_S}):
         state = pipeline(repo=args.repo, targets=args.targets, set_params=args.set_params, force=args.force,
-                         return_state=True, **options)
+                         record=args.record, return_state=True, **options)
     if not state.is_completed():
-        print(f"error: flow run {state.name}: {state.message}", file=sys.stderr)
+        print(failure_line(state), file=sys.stderr)
         return 1
     return 0
+
+
+def failure_line(state) -> str:
+    """The flow's own error, led by a failed stage's `error:` line, rather than Prefect's
+    wrapping of it ("Flow run encountered an exception: PipelineError: ...")."""
+    try:
+        err = state.result(raise_on_failure=False)
+    except Exception:  # no result to read (a crashed run): Prefect's message is all there is
+        err = None
+    text = str(err) if isinstance(err, BaseException) else f"flow run {state.name}: {state.message}"
+    return text if text.startswith(STAGE_ERROR_PREFIX) else f"error: {text}"
 
 
 if __name__ == "__main__":

@@ -1,70 +1,117 @@
-"""Stage `evaluate`: a model on the held-out problems, its code executed in the sandbox.
+"""Stage `evaluate`: a model on every eval set, its code executed in the sandbox.
 
-`evaluate.n` samples per problem at the evaluation decoding settings; code is taken from
-each answer as a careful user would (tasks.core.extract) and run against the problem's tests.
-Outputs eval/<name>/samples.jsonl (one row per sample with its verdict) and
-eval/<name>/metrics.json (unbiased pass@k for every k <= n).
+First T_eval is chosen for this model: the validation set (disjoint from every test problem) is
+decoded at each T of `evaluate.sweep`, and the T with the best validation pass@1 is kept (the
+paper: tuning T_eval alone moves pass@1, so each model, the base included, is compared at its
+own best T). Then `evaluate.n` samples per problem of each eval set at that T; code is taken
+from each answer as a careful user would (tasks.core.jobs) and run against the problem's tests.
+Outputs eval/<name>/samples/<set>.jsonl (one row per sample with its verdict) and
+eval/<name>/metrics.json (per eval set: unbiased pass@k for every k <= n, the same per
+difficulty band where the set has difficulties, and the count of each verdict).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
-from pathlib import Path
+from collections import Counter, defaultdict
 
+from tasks import sandbox
+from tasks.analysis.selection import choose_temperature, validation_pass_at_1
 from tasks.core import paths
-from tasks.core.config import load_params, run_stage
+from tasks.core.config import DecodingConfig, load_params, run_stage
 from tasks.core.extract import last_fenced_block
 from tasks.core.files import DataError, read_jsonl, write_json, write_jsonl
-from tasks.core.metrics import mean_pass_at_k, per_problem_counts
 from tasks.core.jobs import answer_job
-from tasks.core.problems import chat_messages
+from tasks.core.metrics import mean_pass_at_k, per_problem_counts
+from tasks.core.problems import chat_messages, difficulty_band
+from tasks.sampling.backends import load_backend
 from tasks.sampling.generate import Request, generate_jsonl
 
 
-def evaluate(model_dir: str, out_dir: str) -> dict:
-    from tasks import sandbox
+def set_metrics(problems: list[dict], rows: list[dict], n: int) -> dict:
+    counts = per_problem_counts(rows)
+    metrics = {
+        "problems": len(problems),
+        "samples": len(rows),
+        **{f"pass@{k}": mean_pass_at_k(list(counts.values()), k) for k in range(1, n + 1)},
+        "extractable_fraction": sum(r["extractable"] for r in rows) / len(rows),
+        "mean_tokens": sum(r["num_tokens"] for r in rows) / len(rows),
+        "results": dict(Counter(r["result"].split(":")[0] for r in rows)),
+    }
+    bands = defaultdict(list)
+    for problem in problems:
+        band = difficulty_band(problem.get("difficulty"))
+        if band is not None:
+            bands[band].append(counts[problem["task_id"]])
+    if bands:
+        metrics["by_difficulty"] = {band: {"problems": len(c), **{f"pass@{k}": mean_pass_at_k(c, k)
+                                                               for k in range(1, n + 1)}}
+                                    for band, c in sorted(bands.items())}
+    return metrics
 
-    params = load_params()
-    cfg = params.evaluate
-    problems = read_jsonl(paths.EVAL_PROBLEMS)
+
+def decoding_at(cfg, temperature: float) -> DecodingConfig:
+    """The evaluation's decoding settings at one T_eval (only the decoding keys are read)."""
+    return DecodingConfig.model_validate({**{name: getattr(cfg, name) for name in DecodingConfig.model_fields},
+                                          "temperature": temperature})
+
+
+def answer_and_check(backend, model_dir: str, problems: list[dict], cfg: DecodingConfig, out: str, desc: str,
+                     timeout_s: float, sandbox_cfg) -> list[dict]:
+    """n answers per problem into `out`, each with its sandbox verdict."""
     if not problems:
-        raise DataError(f"{paths.EVAL_PROBLEMS}: no held-out problems")
-    out = Path(out_dir)
-    samples_file = out / "samples.jsonl"
+        raise DataError(f"{desc}: no problems")
     requests = [Request({"task_id": p["task_id"]}, chat_messages(p)) for p in problems]
-    rows = generate_jsonl(model_dir, requests, cfg, samples_file, desc=f"evaluate[{out.name}]")
+    rows = generate_jsonl(model_dir, requests, cfg, out, desc=desc, backend=backend)
     by_id = {p["task_id"]: p for p in problems}
-    jobs = [answer_job(by_id[row["task_id"]], row["text"]) for row in rows]
-    verdicts = sandbox.check_programs(jobs, timeout_s=cfg.timeout_s, memory_mb=params.sandbox.memory_mb,
-                                      workers=params.sandbox.workers, progress=True)
+    verdicts = sandbox.check_programs([answer_job(by_id[row["task_id"]], row["text"]) for row in rows],
+                                      timeout_s=timeout_s, memory_mb=sandbox_cfg.memory_mb,
+                                      workers=sandbox_cfg.workers, progress=True)
     for row, verdict in zip(rows, verdicts):
         row.pop("batch")
         row["extractable"] = last_fenced_block(row["text"]) is not None
         row["passed"], row["result"] = verdict.passed, verdict.result
-    write_jsonl(samples_file, rows)
-    counts = list(per_problem_counts(rows).values())
-    metrics = {
-        "model": model_dir,
-        "problems": len(problems),
-        "samples": len(rows),
-        **{f"pass@{k}": mean_pass_at_k(counts, k) for k in range(1, cfg.n + 1)},
-        "extractable_fraction": sum(r["extractable"] for r in rows) / len(rows),
-        "mean_tokens": sum(r["num_tokens"] for r in rows) / len(rows),
-        "results": dict(Counter(r["result"].split(":")[0] for r in rows)),
-        "isolation": sandbox.isolation_level(),
-    }
-    write_json(out / "metrics.json", metrics)
-    print(f"evaluate[{out.name}]: " + ", ".join(f"pass@{k}={metrics[f'pass@{k}']:.3f}" for k in range(1, cfg.n + 1)))
+    write_jsonl(out, rows)
+    return rows
+
+
+def evaluate(model_dir: str, name: str) -> dict:
+    params = load_params()
+    cfg = params.evaluate
+    backend = load_backend(cfg.backend, model_dir)  # once, for every set
+    metrics = {"model": model_dir, "sets": {}}
+    chosen = cfg.temperature
+    if cfg.sweep:
+        # T_eval is chosen on the validation set before any test problem is decoded.
+        validation = read_jsonl(paths.VALIDATION_PROBLEMS)
+        for t in cfg.sweep:
+            answer_and_check(backend, model_dir, validation, decoding_at(cfg, t), paths.validation_samples(name, t),
+                             f"evaluate[{name}/validation T={t:g}]", cfg.timeout_s, params.sandbox)
+        by_t = validation_pass_at_1(name, cfg.sweep)
+        chosen = choose_temperature(by_t, cfg.temperature)
+        metrics["validation"] = {"problems": len(validation), "pass@1_by_temperature": {f"{t:g}": v for t, v in by_t.items()},
+                                 "chosen_temperature": chosen}
+        print(f"evaluate[{name}]: validation pass@1 " + ", ".join(f"T={t:g} {v:.3f}" for t, v in by_t.items())
+              + f"; T_eval {chosen:g}")
+    test_cfg = decoding_at(cfg, chosen)
+    for eval_set in params.data.eval:
+        problems = read_jsonl(paths.eval_problems(eval_set.name))
+        rows = answer_and_check(backend, model_dir, problems, test_cfg, paths.eval_samples(name, eval_set.name),
+                                f"evaluate[{name}/{eval_set.name}]", cfg.timeout_s, params.sandbox)
+        metrics["sets"][eval_set.name] = dict(set_metrics(problems, rows, cfg.n), temperature=chosen)
+        print(f"evaluate[{name}/{eval_set.name}] at T={chosen:g}: " + ", ".join(
+            f"pass@{k}={metrics['sets'][eval_set.name][f'pass@{k}']:.3f}" for k in range(1, cfg.n + 1)))
+    metrics["isolation"] = sandbox.isolation_level()
+    write_json(paths.eval_metrics(name), metrics)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.evaluate")
     parser.add_argument("--model", required=True, help="HF model dir to evaluate")
-    parser.add_argument("--out", required=True, help="output dir, e.g. eval/base")
+    parser.add_argument("--name", required=True, help="its name in eval/ and the report: base, or the arm")
     args = parser.parse_args(argv)
-    evaluate(args.model, args.out)
+    evaluate(args.model, args.name)
     return 0
 
 

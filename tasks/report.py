@@ -1,45 +1,94 @@
-"""Stage `report`: base vs every arm, with paired bootstrap confidence intervals.
+"""Stage `report`: base vs every arm on each eval set, with paired bootstrap confidence intervals.
 
-Outputs report/summary.json (DVC metrics: `dvc metrics show` / `dvc metrics diff`) and
-report/summary.md.
+Outputs report/summary.json (DVC metrics: `dvc metrics show` / `dvc metrics diff`),
+report/summary.md: per eval set, pass@k of every model with its difference from the base and
+the CI, and pass@1 per difficulty band where the set has difficulties (the paper finds the
+gains on the hard problems); the lock/fork diagnostics; and report/figures/*.png, linked from it.
 """
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from tasks.analysis import plots
+from tasks.analysis.selection import choose_temperature, validation_pass_at_1
 from tasks.core import paths
 from tasks.core.config import load_params, run_stage
-from tasks.core.files import read_json, read_jsonl, write_json, write_text
+from tasks.core.files import DataError, read_json, read_jsonl, write_json, write_text
 from tasks.core.metrics import paired_bootstrap, pass_at_k, per_problem_counts
 
 
-def per_problem_pass(name: str, k: int) -> dict[str, float]:
-    counts = per_problem_counts(read_jsonl(paths.eval_samples(name)))
+def per_problem_pass(name: str, eval_set: str, k: int) -> dict[str, float]:
+    counts = per_problem_counts(read_jsonl(paths.eval_samples(name, eval_set)))
     return {task: pass_at_k(n, c, k) for task, (n, c) in counts.items()}
+
+
+def t_eval_choices(params, metrics: dict) -> dict:
+    """Each model's T_eval, chosen again here from its validation answers alone (and checked
+    against the one `evaluate` tested at), with the validation sweep behind it."""
+    ev = params.evaluate
+    choices = {}
+    for name, m in metrics.items():
+        if not ev.sweep:
+            choices[name] = {"chosen": ev.temperature}
+            continue
+        by_t = validation_pass_at_1(name, ev.sweep)
+        chosen = choose_temperature(by_t, ev.temperature)
+        tested = {s["temperature"] for s in m["sets"].values()}
+        if tested != {chosen}:
+            raise DataError(f"{paths.eval_metrics(name)}: tested at T={sorted(tested)}, but its validation answers "
+                            f"choose T={chosen:g}: rerun evaluate for {name}")
+        choices[name] = {"chosen": chosen, "validation_pass@1": {f"{t:g}": v for t, v in by_t.items()}}
+    return choices
 
 
 def build_report(params) -> dict:
     ks = sorted(set(params.evaluate.k) | {1})
-    base_metrics = read_json(paths.eval_metrics("base"))
-    summary = {
-        "sample": read_json(paths.SAMPLE_STATS),
-        "isolation": base_metrics["isolation"],
-        "problems": base_metrics["problems"],
-        "models": {"base": {f"pass@{k}": base_metrics[f"pass@{k}"] for k in ks}},
-    }
-    base_pass = {k: per_problem_pass("base", k) for k in ks}
-    for arm in params.filter.arms:
-        metrics = read_json(paths.eval_metrics(arm))
-        stats = read_json(paths.filter_stats(arm))
-        entry = {"kept": stats["kept"], "kept_fraction": stats["kept_fraction"]}
-        for k in ks:
-            entry[f"pass@{k}"] = metrics[f"pass@{k}"]
-            diff, lo, hi = paired_bootstrap(per_problem_pass(arm, k), base_pass[k], params.report.bootstrap,
-                                            params.report.seed, params.report.confidence)
-            entry[f"delta_pass@{k}"] = diff
-            entry[f"delta_pass@{k}_ci"] = [lo, hi]
-        summary["models"][arm] = entry
+    metrics = {name: read_json(paths.eval_metrics(name)) for name in ["base", *params.filter.arms]}
+    kept = {arm: read_json(paths.filter_stats(arm)) for arm in params.filter.arms}
+    summary = {"sample": read_json(paths.SAMPLE_STATS), "isolation": metrics["base"]["isolation"],
+               "t_eval": t_eval_choices(params, metrics), "sets": {}}
+    for eval_set in params.data.eval:
+        name = eval_set.name
+        base = metrics["base"]["sets"][name]
+        models = {"base": {f"pass@{k}": base[f"pass@{k}"] for k in ks}}
+        if "by_difficulty" in base:
+            models["base"]["by_difficulty"] = {b: m["pass@1"] for b, m in base["by_difficulty"].items()}
+        base_pass = {k: per_problem_pass("base", name, k) for k in ks}
+        for arm in params.filter.arms:
+            arm_metrics = metrics[arm]["sets"][name]
+            entry = {"kept": kept[arm]["kept"], "kept_fraction": kept[arm]["kept_fraction"]}
+            for k in ks:
+                entry[f"pass@{k}"] = arm_metrics[f"pass@{k}"]
+                diff, lo, hi = paired_bootstrap(per_problem_pass(arm, name, k), base_pass[k], params.report.bootstrap,
+                                                params.report.seed, params.report.confidence)
+                entry[f"delta_pass@{k}"] = diff
+                entry[f"delta_pass@{k}_ci"] = [lo, hi]
+            if "by_difficulty" in arm_metrics:
+                entry["by_difficulty"] = {b: m["pass@1"] for b, m in arm_metrics["by_difficulty"].items()}
+            models[arm] = entry
+        summary["sets"][name] = {"source": eval_set.source, "problems": base["problems"], "models": models}
+        if "by_difficulty" in base:
+            summary["sets"][name]["difficulty_problems"] = {b: m["problems"] for b, m in base["by_difficulty"].items()}
+    summary["diagnostics"] = {name: read_json(paths.diagnose_metrics(name)) for name in ["base", *params.filter.arms]}
     return summary
+
+
+def figures(summary: dict, params) -> dict[str, str]:
+    """Writes the report's PNGs; returns caption -> path relative to report/summary.md."""
+    out = Path(paths.REPORT_FIGURES)
+    made = {}
+    plots.training_loss({arm: paths.train_curve(arm) for arm in params.filter.arms}, out / "train_loss.png")
+    made["training loss"] = "figures/train_loss.png"
+    if any("difficulty_problems" in s for s in summary["sets"].values()):
+        plots.difficulty_bands(summary["sets"], out / "difficulty.png")
+        made["pass@1 by difficulty band"] = "figures/difficulty.png"
+    plots.diagnostics(summary["diagnostics"], out / "diagnostics.png")
+    made["lock/fork diagnostics"] = "figures/diagnostics.png"
+    if params.evaluate.sweep:
+        plots.temperature_sweep(summary["t_eval"], out / "t_eval_sweep.png")
+        made["validation pass@1 vs T_eval"] = "figures/t_eval_sweep.png"
+    return made
 
 
 def markdown(summary: dict, params) -> str:
@@ -50,33 +99,82 @@ def markdown(summary: dict, params) -> str:
     lines = [
         "# selfdistill report",
         "",
-        f"{summary['problems']} held-out problems, {ev.n} samples each at T_eval={ev.temperature}, top-k={ev.top_k}, "
-        f"top-p={ev.top_p}; sandbox isolation: {summary['isolation']}.",
         f"Training samples: {s['samples']} at T_train={params.sample.temperature}, top-k={params.sample.top_k}, "
         f"top-p={params.sample.top_p}; {s['extractable_fraction']:.1%} have an extractable code block.",
-        "",
-        "| model | kept | " + " | ".join(f"pass@{k} | Δ vs base ({conf}% CI)" for k in ks) + " |",
-        "|---|---|" + "---|---|" * len(ks),
+        f"Evaluation: {ev.n} samples per problem, top-k={ev.top_k}, top-p={ev.top_p}; sandbox isolation: "
+        f"{summary['isolation']}.",
     ]
-    for name, m in summary["models"].items():
-        kept = "-" if name == "base" else f"{m['kept']} ({m['kept_fraction']:.0%})"
-        cells = []
-        for k in ks:
-            cells.append(f"{m[f'pass@{k}']:.3f}")
-            if name == "base":
-                cells.append("-")
-            else:
-                lo, hi = m[f"delta_pass@{k}_ci"]
-                cells.append(f"{m[f'delta_pass@{k}']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-        lines.append(f"| {name} | {kept} | " + " | ".join(cells) + " |")
+    if ev.sweep:
+        lines += [
+            "",
+            f"## T_eval, chosen per model on the validation set (disjoint from every test problem)",
+            "",
+            "| model | " + " | ".join(f"T={t:g}" for t in ev.sweep) + " | chosen T_eval |",
+            "|---|" + "---|" * len(ev.sweep) + "---|",
+        ]
+        for model, choice in summary["t_eval"].items():
+            cells = [f"{choice['validation_pass@1'][f'{t:g}']:.3f}" for t in ev.sweep]
+            lines.append(f"| {model} | " + " | ".join(cells) + f" | **{choice['chosen']:g}** |")
+        lines += ["", "Every model below is tested at its own chosen T_eval; each Δ compares an arm at its T "
+                      "with the base at the base's."]
+    else:
+        lines.append(f"All models tested at T_eval={ev.temperature}.")
+    for name, result in summary["sets"].items():
+        lines += [
+            "",
+            f"## {name} ({result['problems']} problems, source {result['source']})",
+            "",
+            "| model | kept | " + " | ".join(f"pass@{k} | Δ vs base ({conf}% CI)" for k in ks) + " |",
+            "|---|---|" + "---|---|" * len(ks),
+        ]
+        for model, m in result["models"].items():
+            kept = "-" if model == "base" else f"{m['kept']} ({m['kept_fraction']:.0%})"
+            cells = []
+            for k in ks:
+                cells.append(f"{m[f'pass@{k}']:.3f}")
+                if model == "base":
+                    cells.append("-")
+                else:
+                    lo, hi = m[f"delta_pass@{k}_ci"]
+                    cells.append(f"{m[f'delta_pass@{k}']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            lines.append(f"| {model} | {kept} | " + " | ".join(cells) + " |")
+        if "difficulty_problems" in result:
+            bands = list(result["difficulty_problems"])
+            lines += ["", "pass@1 by difficulty band (problems):", "",
+                      "| model | " + " | ".join(f"{b} ({result['difficulty_problems'][b]})" for b in bands) + " |",
+                      "|---|" + "---|" * len(bands)]
+            for model, m in result["models"].items():
+                lines.append(f"| {model} | " + " | ".join(f"{m['by_difficulty'].get(b, 0.0):.3f}" for b in bands) + " |")
+    lines += diagnostics_markdown(summary["diagnostics"])
     return "\n".join(lines) + "\n"
+
+
+def diagnostics_markdown(diagnostics: dict) -> list[str]:
+    base = diagnostics["base"]
+    lines = ["", f"## Lock/fork diagnostics ({base['eval_set']}, {base['problems']} reference solutions, "
+                 f"teacher-forced at T_eval={base['decoding']['temperature']}, top-k={base['decoding']['top_k']}, "
+                 f"top-p={base['decoding']['top_p']})", "",
+             f"Positions classed by the base model at T=1: lock = top token >= {base['lock_threshold']}, "
+             f"fork = top token < {base['fork_threshold']} with a second >= 0.1. SSD's account: tails at locks "
+             "shrink (kept mass up, entropy down) while forks keep their spread.", "",
+             "| model | positions | lock: kept mass | lock: entropy | fork: kept mass | fork: entropy | all: top-1 mass |",
+             "|---|---|---|---|---|---|---|"]
+    for model, m in diagnostics.items():
+        cells = [str(m["all"]["positions"])]
+        for cls in ("lock", "fork"):
+            cells += ([f"{m[cls]['kept_mass']:.3f} ({m[cls]['positions']})", f"{m[cls]['entropy']:.3f}"]
+                      if cls in m else ["-", "-"])
+        cells.append(f"{m['all']['top1_mass']:.3f}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> int:
     params = load_params()
     summary = build_report(params)
     write_json(paths.REPORT_JSON, summary)
-    text = markdown(summary, params)
+    made = figures(summary, params)
+    text = markdown(summary, params) + "\nFigures: " + ", ".join(f"[{c}]({p})" for c, p in made.items()) + "\n"
     write_text(paths.REPORT_MD, text)
     print(text)
     return 0

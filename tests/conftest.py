@@ -139,6 +139,12 @@ def make_workspace(root: Path, model_dir: Path, overrides: dict | None = None) -
     return init_repo(root)
 
 
+def humaneval_only(train: int, eval: int = 4) -> dict:
+    """Data overrides for a workspace whose stages run by hand without the `codeio` stage."""
+    return {"train": {"source": "humaneval", "max_problems": train},
+            "eval": [{"name": "humaneval", "source": "humaneval", "max_problems": eval}]}
+
+
 def stage_env(root: Path) -> dict:
     """Environment for running stages in a workspace: its own copy of tasks/ comes first."""
     env = dict(os.environ)

@@ -579,7 +579,7 @@ def test_the_real_model_losing_its_context_is_refused(tmp_path):
         self_check(lose_context(TransformersBackend(tmp_path / "smol")))
 
 
-LOWEST_TRANSFORMERS_CHECK = """
+OLDER_TRANSFORMERS_CHECK = """
 import sys
 import transformers
 from tasks.sampling.backend_transformers import TransformersBackend
@@ -592,26 +592,41 @@ broken.cache_kwarg = "cache"  # what transformers 5.17 silently ignored
 try:
     self_check(broken)
 except BackendError:
-    print("lowest transformers", transformers.__version__, "ok")
+    print("transformers", transformers.__version__, "ok")
 """
 
 
-@pytest.mark.slow
-def test_the_lowest_transformers_pyproject_allows(tmp_path, char_model):
-    """pyproject's lower bound on transformers is the one this test proves: the backends pass their
-    self-checks under it, and a cache passed by the keyword it ignores is caught."""
+def lowest_transformers() -> str:
     import re
-    import subprocess
 
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    lowest = re.search(r'"transformers>=([\d.]+),', pyproject).group(1)
+    return re.search(r'"transformers>=([\d.]+),', pyproject).group(1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [lowest_transformers(), "5.19.0"], ids=["pyproject-lowest", "vllm-extra"])
+def test_backends_under_older_transformers(tmp_path, char_model, version):
+    """pyproject's lower bound on transformers, and the version the vllm extra brings
+    (tests/test_extras.py): the backends pass their self-checks under each, and a cache passed by
+    the keyword it ignores is caught."""
+    import subprocess
+
     target = tmp_path / "site"
-    # transformers' own pins at 5.0 (its METADATA), without its other, unpinned, dependencies.
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                    f"transformers=={lowest}", "tokenizers>=0.22,<=0.23.0", "huggingface-hub>=1.3,<2"],
-                   check=True, capture_output=True)
+
+    def pip_target(*requirements: str) -> None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                        *requirements], check=True, capture_output=True)
+
+    # That transformers with the tokenizers and huggingface-hub its own metadata asks for; the
+    # rest of the environment (torch, numpy, ...) is this one's.
+    pip_target(f"transformers=={version}")
+    metadata = next(target.glob("transformers-*.dist-info")) / "METADATA"
+    pins = [line.split(":", 1)[1].strip() for line in metadata.read_text().splitlines()
+            if line.startswith(("Requires-Dist: tokenizers", "Requires-Dist: huggingface-hub",
+                                "Requires-Dist: huggingface_hub")) and "extra ==" not in line]
+    pip_target(*pins)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(Path(__file__).resolve().parents[1])])}
-    proc = subprocess.run([sys.executable, "-c", LOWEST_TRANSFORMERS_CHECK, str(char_model)], env=env,
+    proc = subprocess.run([sys.executable, "-c", OLDER_TRANSFORMERS_CHECK, str(char_model)], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"lowest transformers {lowest} ok" in proc.stdout
+    assert f"transformers {version} ok" in proc.stdout

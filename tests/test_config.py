@@ -23,10 +23,12 @@ def test_shipped_params_and_profiles_are_valid(tmp_path):
     assert {p.stem for p in profiles} >= {"tiny", "gpu"}
     for profile in profiles:
         workspace = tmp_path / profile.stem
-        problems = yaml.safe_load(profile.read_text()).get("data", {}).get("problems")
-        if problems:  # a problem set the user brings (profiles/gpu.yaml): here, a stand-in file
-            (workspace / problems).parent.mkdir(parents=True)
-            (workspace / problems).write_text("{}\n")
+        data = yaml.safe_load(profile.read_text()).get("data", {})
+        sources = [data.get("train", {}).get("source")] + [s["source"] for s in data.get("eval", [])]
+        for source in sources:  # problem sets the user brings (profiles/gpu.yaml): stand-in files
+            if source and source not in ("humaneval", "codeio"):
+                (workspace / source).parent.mkdir(parents=True, exist_ok=True)
+                (workspace / source).write_text("{}\n")
         write_params(workspace, profile)
         load_params(workspace / "params.yaml")
 
@@ -101,7 +103,11 @@ def test_overrides_are_parsed_as_yaml():
 
 @pytest.mark.parametrize("mutate, key", [
     (lambda p: p["evaluate"].update(k=[]), "evaluate.k: List should have at least 1 item"),
-    (lambda p: p["data"].update(problems="problems/nope.jsonl"), "data.problems: problems/nope.jsonl: no such file"),
+    (lambda p: p["data"]["train"].update(source="problems/nope.jsonl"),
+     "data.train.source: problems/nope.jsonl: no such file"),
+    (lambda p: p["data"]["eval"].append({"name": "Bad Name", "source": "humaneval", "max_problems": 0}),
+     "data.eval.2.name: 'Bad Name': lowercase letters"),
+    (lambda p: p["data"]["eval"].append(dict(p["data"]["eval"][0])), "data.eval: eval set names must be unique"),
 ])
 def test_values_that_would_fail_later_fail_now(mutate, key):
     assert key in error_for(mutate)
@@ -110,9 +116,9 @@ def test_values_that_would_fail_later_fail_now(mutate, key):
 def test_a_relative_problem_file_is_found_in_the_params_files_workspace(tmp_path, monkeypatch):
     (tmp_path / "problems").mkdir()
     (tmp_path / "problems/mine.jsonl").write_text("{}\n")
-    write_params(tmp_path, overrides={"data": {"problems": "problems/mine.jsonl"}})
+    write_params(tmp_path, overrides={"data": {"train": {"source": "problems/mine.jsonl", "max_problems": 0}}})
     monkeypatch.chdir(REPO)  # elsewhere, as `selfdistill flow run --repo DIR` is
-    assert load_params(tmp_path / "params.yaml").data.problems == "problems/mine.jsonl"
+    assert load_params(tmp_path / "params.yaml").data.train.source == "problems/mine.jsonl"
 
 
 def test_validate_command_errors_are_one_line_naming_the_file(tmp_path, capsys):

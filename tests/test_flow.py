@@ -3,6 +3,7 @@ PREFECT_HOME, `dvc repro` in temp git + DVC repos whose stages are tiny python c
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -16,12 +17,15 @@ import yaml
 from conftest import init_repo, write_params
 from flows.lineage import lineage
 from flows.pipeline import main, read_stage_graph, selfdistill_pipeline
+from flows.records import recorded_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Every stage command is this script: it appends its name to runs.log (not tracked by DVC, so it
 # counts how often a command really ran) and writes its outputs. STEP_FAIL=N makes it fail its
-# first N runs; STEP_SLEEP=S makes it take S seconds and log when it ran.
+# first N runs, saying why on an `error:` line as the project's stage commands do; STEP_SLEEP=S
+# makes it take S seconds and log when it ran. A `summary.json` out gets a report's pass@1 per model
+# (`none`'s is train.epochs / 10, so it changes with that param).
 STEP = textwrap.dedent("""
     import json, os, pathlib, sys, time
     stage, outs = sys.argv[1], sys.argv[2:]
@@ -29,7 +33,7 @@ STEP = textwrap.dedent("""
         log.write(stage + "\\n")
     runs = pathlib.Path("runs.log").read_text().split().count(stage)
     if runs <= int(os.environ.get("STEP_FAIL_" + stage.replace("@", "_"), "0")):
-        sys.exit(f"{stage}: failing on purpose (run {runs})")
+        sys.exit(f"error: {stage} failing on purpose (run {runs})")
     start = time.time()
     time.sleep(float(os.environ.get("STEP_SLEEP", "0")))
     with open("times.log", "a") as log:
@@ -37,7 +41,12 @@ STEP = textwrap.dedent("""
     for out in outs:
         path = pathlib.Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(stage + " " + open("params.yaml").read())
+        if path.name == "summary.json":
+            import yaml
+            epochs = yaml.safe_load(open("params.yaml"))["train"]["epochs"]
+            path.write_text(json.dumps({"models": {"base": {"pass@1": 0.25}, "none": {"pass@1": epochs / 10}}}))
+        else:
+            path.write_text(stage + " " + open("params.yaml").read())
 """)
 
 # params.yaml must pass the project's schema: the flow validates it before any stage runs.
@@ -60,6 +69,10 @@ def make_repo(root: Path, stages: dict) -> Path:
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     (root / ".gitignore").write_text("runs.log\ntimes.log\n")
     return init_repo(root)
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def runs(root: Path) -> list[str]:
@@ -105,16 +118,19 @@ def flow_run_records(state):
 def test_plan_of_the_projects_own_dvc_yaml():
     arms = yaml.safe_load((REPO / "params.yaml").read_text())["filter"]["arms"]
     plan = {node.name: set(node.upstream) for node in read_stage_graph(REPO)}
-    assert set(plan) == {"prepare", "sample", "evaluate-base", "report"} | {
-        f"{stage}@{arm}" for stage in ("filter", "train", "evaluate") for arm in arms}
-    assert plan["prepare"] == set() and plan["sample"] == {"prepare"}
+    assert set(plan) == {"codeio", "prepare", "sample", "evaluate-base", "diagnose-base", "report"} | {
+        f"{stage}@{arm}" for stage in ("filter", "train", "evaluate", "diagnose") for arm in arms}
+    assert plan["codeio"] == set() and plan["prepare"] == {"codeio"} and plan["sample"] == {"prepare"}
     for arm in arms:
         assert plan[f"filter@{arm}"] == {"prepare", "sample"}
         assert plan[f"train@{arm}"] == {"prepare", f"filter@{arm}"}
         assert plan[f"evaluate@{arm}"] == {"prepare", f"train@{arm}"}
-    assert plan["report"] == {"sample", "evaluate-base"} | {f"{s}@{a}" for s in ("filter", "evaluate") for a in arms}
+    assert plan["report"] == {"sample", "evaluate-base", "diagnose-base"} | {
+        f"{s}@{a}" for s in ("filter", "train", "evaluate", "diagnose") for a in arms}
+    for arm in arms:
+        assert plan[f"diagnose@{arm}"] == {"prepare", f"train@{arm}", "diagnose-base"}
     order = [node.name for node in read_stage_graph(REPO, ["train"])]
-    assert set(order) == {"prepare", "sample"} | {f"{s}@{a}" for s in ("filter", "train") for a in arms}
+    assert set(order) == {"codeio", "prepare", "sample"} | {f"{s}@{a}" for s in ("filter", "train") for a in arms}
     assert order.index("sample") < min(order.index(f"filter@{a}") for a in arms)
 
 
@@ -133,7 +149,7 @@ def test_flow_runs_dvc_yaml_then_skips_what_did_not_change(tmp_path, capsys):
     assert state.result() == {name: "ran" for name in plan}
     assert sorted(runs(root)) == sorted(plan)
     task_runs, artifacts = flow_run_records(state)
-    assert {name: state for name, (state, _) in task_runs.items()} == {name: "Completed" for name in plan}
+    assert {name: state for name, (state, _) in task_runs.items()} == {name: "Completed" for name in [*plan, "record"]}
     assert task_runs["train@none"][1] == {"stage:train", "gpu"} and task_runs["lint"][1] == {"stage:lint"}
     assert (root / "report/summary.md").read_text() in artifacts["report-summary-md"].data
     model_lineage = artifacts["lineage-models-none"].data
@@ -187,18 +203,146 @@ def test_failing_stage_is_retried_then_stops_downstream(tmp_path, monkeypatch):
     assert sorted(runs(root)) == ["broken", "broken", "flaky", "flaky", "prepare"]
     task_runs, _ = flow_run_records(state)
     assert {name: state for name, (state, _) in task_runs.items()} == {
-        "prepare": "Completed", "flaky": "Completed", "broken": "Failed", "after": "NotReady"}
+        "prepare": "Completed", "flaky": "Completed", "broken": "Failed", "after": "NotReady", "record": "Completed"}
     assert not (root / "after.txt").exists()
     # Upstream outputs stay valid: recorded in dvc.lock and matching it.
     locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert set(locked) == {"prepare", "flaky"}
     assert lineage(root / "flaky.txt", root)["problems"] == []
+    # The failed run is recorded too, as failed: its dvc.lock holds the stages that completed.
+    (failed_run,) = recorded_runs(root)
+    assert failed_run.status == "failed" and "flaky" in git(root, "show", f"{failed_run.branch}:dvc.lock")
 
     # Fixed, the next run runs only what did not complete.
     monkeypatch.delenv("STEP_FAIL_broken")
     state = selfdistill_pipeline(repo=str(root), retries=0, return_state=True)
     assert state.is_completed() and state.result()["prepare"].startswith("unchanged")
     assert sorted(runs(root)) == ["after", "broken", "broken", "broken", "flaky", "flaky", "prepare"]
+
+
+@pytest.mark.slow  # Prefect's API and several `dvc repro` runs
+def test_failed_run_restores_params_and_leads_with_the_stages_error(tmp_path, monkeypatch, capsys, caplog):
+    root = make_repo(tmp_path / "ws", PIPELINE)
+    before = (root / "params.yaml").read_bytes()
+    monkeypatch.setenv("STEP_FAIL_train_none", "99")
+
+    assert main(["run", "--repo", str(root), "--set", "train.epochs=3", "--retries", "0"]) == 1
+    # The stage's own reason comes first, not DVC's "ERROR: failed to reproduce" or a traceback:
+    # in the task's failure, the flow's, and the line `main` ends with.
+    assert 'exception: PipelineError("error: train@none failing on purpose (run 1)\\nstage train@none: ' \
+        in caplog.text
+    assert "exception: PipelineError: error: train@none failing on purpose (run 1); stage(s) failed" in caplog.text
+    final = capsys.readouterr().err.rstrip().splitlines()[-1]
+    assert final.startswith("error: train@none failing on purpose (run 1); stage(s) failed: train@none; "
+                            "not run because an upstream stage failed: report."), final
+    # The failed run's --set is taken out again, byte for byte, and the error says so.
+    assert "params.yaml was restored to what it was before --set" in final
+    assert (root / "params.yaml").read_bytes() == before
+    assert sorted(runs(root)) == ["prepare", "train@none", "train@passes"]
+
+
+@pytest.mark.slow  # Prefect's API and several `dvc repro` runs
+def test_tagged_stages_do_not_hold_the_thread_pool(tmp_path, monkeypatch, caplog):
+    """Each stage task has two tags (`stage:train`, `gpu`) and waits for its upstream stages.
+    With a 2-thread pool, Prefect warned at each submit: "Task train@none has 2 tags but only 2
+    workers availableThis may lead to dead-locks"."""
+    root = make_repo(tmp_path / "ws", PIPELINE)
+    monkeypatch.setenv("STEP_SLEEP", "1")
+    with caplog.at_level(logging.WARNING):
+        state = selfdistill_pipeline(repo=str(root), retries=0, max_parallel=1, return_state=True)
+    assert state.is_completed(), state.message
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [w for w in warnings if "workers available" in w or "dead-lock" in w.lower()], warnings
+    task_runs, _ = flow_run_records(state)
+    assert task_runs["train@none"][1] == {"stage:train", "gpu"} and task_runs["prepare"][1] == {"stage:prepare"}
+    # max_parallel bounds the stage commands instead of the pool: one at a time here.
+    spans = sorted(tuple(span) for _, *span in map(json.loads, (root / "times.log").read_text().splitlines()))
+    assert len(spans) == 4 and all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+
+
+# PIPELINE with the report's metrics file, as the project's report stage declares it.
+RECORDED_PIPELINE = dict(PIPELINE, report={
+    "cmd": "python step.py report report/summary.md report/summary.json", "deps": ["models"],
+    "params": ["train.epochs"], "outs": [{"report/summary.md": {"cache": False}}],
+    "metrics": [{"report/summary.json": {"cache": False}}]})
+
+
+def checkout_state(root: Path) -> dict:
+    """What recording must leave alone: the checked-out branch and commit, and the index."""
+    return {"head": git(root, "symbolic-ref", "HEAD"), "commit": git(root, "rev-parse", "HEAD"),
+            "index": git(root, "ls-files", "--stage"), "staged": git(root, "diff", "--cached", "--name-only")}
+
+
+@pytest.mark.slow  # Prefect's API and several `dvc repro` runs
+def test_run_is_recorded_on_its_own_branch_and_unchanged_or_unrecorded_runs_add_none(tmp_path, capsys):
+    from flows import runs as runs_command
+
+    root = make_repo(tmp_path / "ws", RECORDED_PIPELINE)
+    checkout = checkout_state(root)
+    state = selfdistill_pipeline(repo=str(root), retries=0, return_state=True)
+    assert state.is_completed(), state.message
+
+    # One commit on a branch of its own, on top of HEAD, holding what the run produced; the
+    # user's branch, commit and index as they were.
+    (first,) = recorded_runs(root)
+    assert first.branch.startswith("selfdistill/runs/") and checkout_state(root) == checkout
+    assert git(root, "rev-parse", f"{first.branch}^") == checkout["commit"]
+    flow_run = state.state_details.flow_run_id
+    task_runs, artifacts = flow_run_records(state)
+    assert first.flow_run_id == str(flow_run) and first.status == "completed"
+    message = git(root, "log", "-1", "--format=%B", first.branch)
+    assert f"Prefect flow run {first.flow_run_name} ({flow_run}), completed" in message
+    assert "Params: as in HEAD" in message and "  train@none: ran" in message
+    recorded = set(git(root, "diff-tree", "-r", "--name-only", checkout["commit"], first.branch).splitlines())
+    assert recorded == {"dvc.lock", "data/.gitignore", "models/.gitignore", "report/summary.md", "report/summary.json"}
+    for name in recorded | {"params.yaml"}:
+        assert git(root, "show", f"{first.branch}:{name}") == (root / name).read_text().strip(), name
+    # The outputs are on the DVC remote made next to the workspace (none was configured).
+    remote = tmp_path / "ws-dvc-remote"
+    assert str(remote) in (root / ".dvc/config.local").read_text()
+    locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    md5 = locked["prepare"]["outs"][0]["md5"]
+    assert (remote / "files/md5" / md5[:2] / md5[2:]).is_file()
+    # The flow run's artifacts point at the branch and the command that audits an output there.
+    assert task_runs["record"][0] == "Completed"
+    record_text = artifacts["run-record"].data
+    assert f"git branch `{first.branch}`" in record_text
+    assert f"selfdistill lineage models/none --rev {first.branch}" in record_text
+    assert f"selfdistill lineage models/none --rev {first.branch}" in artifacts["lineage-models-none"].data
+
+    # Nothing changed: nothing recorded, and the artifact names the run that holds the outputs.
+    state = selfdistill_pipeline(repo=str(root), retries=0, return_state=True)
+    assert state.is_completed() and [r.branch for r in recorded_runs(root)] == [first.branch]
+    assert f"Nothing changed since the recorded run `{first.flow_run_name}`" in flow_run_records(state)[1][
+        "run-record"].data
+
+    # --no-record: the stages run, nothing is recorded or pushed.
+    assert main(["run", "--repo", str(root), "--no-record", "--set", "train.epochs=3"]) == 0
+    assert runs(root).count("train@none") == 2 and [r.branch for r in recorded_runs(root)] == [first.branch]
+    assert checkout_state(root) == checkout
+    # The next recorded run records it (its dvc.lock differs from the last record's), naming the
+    # param that differs from HEAD.
+    assert main(["run", "--repo", str(root)]) == 0
+    assert runs(root).count("train@none") == 2
+    first_again, second = recorded_runs(root)
+    assert first_again.branch == first.branch and second.branch != first.branch
+    assert "Params that differ from HEAD" in git(root, "log", "-1", "--format=%B", second.branch)
+    assert "  train.epochs: 1 -> 3" in git(root, "log", "-1", "--format=%B", second.branch)
+    assert yaml.safe_load(git(root, "show", f"{second.branch}:params.yaml"))["train"]["epochs"] == 3
+    assert yaml.safe_load(git(root, "show", f"{first.branch}:params.yaml"))["train"]["epochs"] == 1
+    assert checkout_state(root) == checkout
+
+    # `selfdistill runs`: newest first, the params that differ from the run before, pass@1.
+    capsys.readouterr()
+    assert runs_command.main(["--repo", str(root)]) == 0
+    text = capsys.readouterr().out
+    assert text.index(second.branch) < text.index(first.branch)
+    newest, oldest = text.split("\n\n")
+    assert f"flow run {second.flow_run_name} ({second.flow_run_id})   completed" in newest
+    assert "params:   vs the previous run: train.epochs: 1 -> 3" in newest
+    assert "metrics:  pass@1 base 0.250, none 0.300" in newest
+    assert "params:   (the first recorded run)" in oldest and "pass@1 base 0.250, none 0.100" in oldest
+    assert f"selfdistill lineage PATH --rev {first.branch}" in oldest
 
 
 @pytest.mark.slow  # Prefect's API and several `dvc repro` runs

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import build_tiny_model, decoding, interrupted_run, make_workspace, stage_env
+from conftest import build_tiny_model, decoding, humaneval_only, interrupted_run, make_workspace, stage_env
 from tasks.sampling.backend_transformers import TransformersBackend
 from tasks.sampling.generate import Request, generate_jsonl
 
@@ -118,7 +118,7 @@ def test_degenerate_output_is_refused_and_not_written(tmp_path):
 
 @pytest.mark.slow
 def test_sample_stage_resumes_after_sigkill(tmp_path, tiny_model):
-    overrides = {"data": {"max_train_prompts": 12}, "sample": {"n": 2, "batch_size": 2, "max_new_tokens": 64}}
+    overrides = {"data": humaneval_only(train=12), "sample": {"n": 2, "batch_size": 2, "max_new_tokens": 64}}
     reference = make_workspace(tmp_path / "ref", tiny_model, overrides)
     killed = make_workspace(tmp_path / "killed", tiny_model, overrides)
     for root in (reference, killed):

@@ -3,6 +3,7 @@ everything each stage runs, and dvc.yaml's paths are the ones tasks/core/paths.p
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,13 +110,31 @@ def test_dvc_yaml_paths_are_the_ones_the_stages_write():
                 for o in body.get(key, [])}
 
     arm = "${item}"
-    assert declared(bodies["prepare"]) == {paths.BASE_MODEL, paths.TRAIN_PROBLEMS, paths.EVAL_PROBLEMS,
-                                           paths.DATA_SOURCE}
+    assert declared(bodies["codeio"]) == {paths.CODEIO_PROBLEMS, paths.CODEIO_SOURCE}
+    assert declared(bodies["prepare"]) == {paths.BASE_MODEL, paths.TRAIN_PROBLEMS, paths.VALIDATION_PROBLEMS,
+                                           paths.EVAL_PROBLEMS, paths.DATA_SOURCE}
     assert declared(bodies["sample"]) == {paths.SAMPLES, paths.SAMPLE_STATS}
     assert declared(bodies["filter"]) == {paths.filtered_samples(arm), paths.filter_stats(arm)}
     assert declared(bodies["train"]) == {paths.trained_model(arm), paths.train_curve(arm)}
-    assert declared(bodies["evaluate-base"]) == {paths.eval_samples("base"), paths.eval_metrics("base")}
-    assert declared(bodies["evaluate"]) == {paths.eval_samples(arm), paths.eval_metrics(arm)}
-    assert declared(bodies["report"]) == {paths.REPORT_JSON, paths.REPORT_MD}
-    assert f"--out {paths.eval_dir('base')}" in bodies["evaluate-base"]["cmd"]
-    assert f"--model {paths.trained_model(arm)} --out {paths.eval_dir(arm)}" in bodies["evaluate"]["cmd"]
+    assert declared(bodies["evaluate-base"]) == {paths.eval_samples_dir("base"), paths.eval_metrics("base")}
+    assert declared(bodies["evaluate"]) == {paths.eval_samples_dir(arm), paths.eval_metrics(arm)}
+    assert declared(bodies["report"]) == {paths.REPORT_JSON, paths.REPORT_MD, paths.REPORT_FIGURES}
+    assert declared(bodies["diagnose-base"]) == {paths.diagnose_metrics("base"), paths.diagnose_classes()}
+    assert declared(bodies["diagnose"]) == {paths.diagnose_metrics(arm)}
+    assert paths.diagnose_classes() in bodies["diagnose"]["deps"]
+    assert f"--model {paths.BASE_MODEL} --name base" in bodies["evaluate-base"]["cmd"]
+    assert f"--model {paths.trained_model(arm)} --name {arm}" in bodies["evaluate"]["cmd"]
+    # The stages that read a file another stage writes declare it.
+    assert {paths.CODEIO_PROBLEMS, paths.CODEIO_SOURCE} <= set(bodies["prepare"]["deps"])
+    assert paths.EVAL_PROBLEMS in bodies["evaluate"]["deps"] and paths.TRAIN_PROBLEMS in bodies["sample"]["deps"]
+    assert paths.VALIDATION_PROBLEMS in bodies["evaluate"]["deps"]
+
+
+def test_dvc_plots_name_the_figures_the_report_writes():
+    import inspect
+
+    from tasks import report
+
+    top_level = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    written = set(re.findall(r'out / "([a-z_]+\.png)"', inspect.getsource(report.figures)))
+    assert {Path(p).name for p in top_level} == written

@@ -97,7 +97,7 @@ def test_lineage_of_a_trained_model_names_samples_params_and_origins(project):
 
     prepare = inputs(sample)["models/base"]["stage"]
     assert inputs(sample)["data/train.jsonl"]["stage"] is prepare and prepare["name"] == "prepare"
-    assert prepare["params"]["params.yaml"]["data.max_train_prompts"] == params["data"]["max_train_prompts"]
+    assert prepare["params"]["params.yaml"]["data.train.max_problems"] == params["data"]["train"]["max_problems"]
     assert prepare["origin"]["models/base/source.json"]["sha256"] == "ab" * 32
     assert prepare["origin"]["data/source.json"] == {"made_for": "data/source.json"}
     leaves = inputs(prepare)
@@ -213,3 +213,50 @@ def test_lineage_into_a_pipe_closed_early_ends_quietly(project):
     head = subprocess.run(f"{sys.executable} -m tasks.commands.cli lineage report/summary.md --json | head -1",
                           shell=True, cwd=project, env=cli_env(project), capture_output=True, text=True)
     assert head.stdout == "{\n" and head.stderr == ""
+
+
+def test_lineage_at_a_recorded_run_after_the_workspace_moved_on(tmp_path, monkeypatch, capsys):
+    from flows.records import record_run
+    from test_runs import make_repo, set_epochs
+
+    root = make_repo(tmp_path / "ws")
+    dvc(root, "repro")
+    first = record_run(root, "id-1", "first-run").record
+    first_lock = yaml.safe_load(git(root, "show", f"{first.branch}:dvc.lock"))["stages"]["train"]
+    md5 = {entry["path"]: entry["md5"] for entry in first_lock["outs"] + first_lock["deps"]}
+    set_epochs(root, 2)
+    dvc(root, "repro")
+    record_run(root, "id-2", "second-run")
+    # The workspace has moved on, and its cache no longer has the first run's outputs.
+    shutil.rmtree(root / ".dvc/cache")
+    assert "trained 2 epochs" in (root / "model.txt").read_text()
+
+    monkeypatch.chdir(root)
+    assert main(["model.txt", "--rev", first.branch, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["problems"] == [] and report["lineage"]["state"] == "ok"
+    assert report["lineage"]["hash"] == "md5:" + md5["model.txt"]
+    train = report["lineage"]["stage"]
+    assert train["params"]["params.yaml"] == {"train.epochs": 1}
+    assert inputs(train)["data.txt"]["hash"] == "md5:" + md5["data.txt"]
+    assert report["records"]["dvc.lock"]["commit"] == first.commit
+    assert report["rev"]["commit"] == first.commit and report["rev"]["run"]["Selfdistill-Flow-Run-Id"] == "id-1"
+    assert any("2 files fetched" in note for note in report["rev"]["notes"]), report["rev"]["notes"]
+    model = md5["model.txt"]
+    assert (root / ".dvc/cache/files/md5" / model[:2] / model[2:]).is_file()  # fetched back from the remote
+    # The workspace is as it was: its own model, no worktree left behind.
+    assert "trained 2 epochs" in (root / "model.txt").read_text()
+    assert len(git(root, "worktree", "list").splitlines()) == 1
+
+    assert main(["model.txt", "--rev", first.branch]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"as recorded at {first.branch} (commit {first.commit[:12]}; flow run first-run (id-1), ")
+    assert "train.epochs = 1" in text and "OK: every file matches" in text
+
+    # Gone from the remote too: the audit says what is missing (exit 1); a bad rev is an error (2).
+    shutil.rmtree(root / ".dvc/cache")
+    shutil.rmtree(tmp_path / "ws-dvc-remote")
+    assert main(["model.txt", "--rev", first.branch]) == 1
+    assert "model.txt: missing, though train made it" in capsys.readouterr().out
+    assert main(["model.txt", "--rev", "no-such-branch"]) == 2
+    assert "--rev no-such-branch: not a commit or branch" in capsys.readouterr().err

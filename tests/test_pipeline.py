@@ -31,14 +31,21 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
     trace = tmp_path / "params-read.jsonl"
     out = repro(root, env={"SELFDISTILL_TRACE_PARAMS": str(trace)})
     arms = ["none", "shortest"]
-    assert ran(out) == {"prepare", "sample", "evaluate-base", "report"} | {
-        f"{stage}@{arm}" for stage in ("filter", "train", "evaluate") for arm in arms}
+    assert ran(out) == {"codeio", "prepare", "sample", "evaluate-base", "diagnose-base", "report"} | {
+        f"{stage}@{arm}" for stage in ("filter", "train", "evaluate", "diagnose") for arm in arms}
+
+    # Train prompts from the CodeIO pool; eval sets HumanEval and CodeIO problems held out from it.
+    def ids(path):
+        return [json.loads(l)["task_id"] for l in (root / path).read_text().splitlines()]
 
     samples = [json.loads(l) for l in (root / "samples/samples.jsonl").read_text().splitlines()]
-    train_ids = [json.loads(l)["task_id"] for l in (root / "data/train.jsonl").read_text().splitlines()]
-    eval_ids = [json.loads(l)["task_id"] for l in (root / "data/eval.jsonl").read_text().splitlines()]
-    assert not set(train_ids) & set(eval_ids)
+    train_ids = ids("data/train.jsonl")
+    assert len(train_ids) == 6 and all(t.startswith("codeio/") for t in train_ids)
+    assert len(ids("data/eval/humaneval.jsonl")) == 4 and all(t.startswith("HumanEval/") for t in ids("data/eval/humaneval.jsonl"))
+    codeio_eval = ids("data/eval/codeio.jsonl")
+    assert codeio_eval and all(t.startswith("codeio/") for t in codeio_eval) and not set(train_ids) & set(codeio_eval)
     assert sorted(r["prompt_id"] for r in samples) == sorted(train_ids)
+    assert "main_solution" in samples[0]["messages"][0]["content"]
     for row in samples:
         assert set(row) >= {"prompt_id", "sample_index", "messages", "text", "num_tokens", "finish_reason",
                             "extractable"}
@@ -51,15 +58,42 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
         assert (model_dir / "model.safetensors").exists() and "filtered/" + arm in (model_dir / "README.md").read_text()
         assert (root / "plots/train" / f"{arm}.csv").read_text().startswith("step,loss")
         metrics = json.loads((root / "eval" / arm / "metrics.json").read_text())
-        assert metrics["samples"] == 4 * 2 and {"pass@1", "pass@2", "isolation"} <= set(metrics)
+        assert "isolation" in metrics and set(metrics["sets"]) == {"humaneval", "codeio"}
+        assert metrics["sets"]["humaneval"]["samples"] == 4 * 2
+        assert metrics["sets"]["codeio"]["samples"] == len(codeio_eval) * 2
+        assert {"pass@1", "pass@2", "results"} <= set(metrics["sets"]["codeio"])
+        assert "by_difficulty" in metrics["sets"]["codeio"]  # CodeIO's 1-10 scores, in bands
 
     summary = json.loads((root / "report/summary.json").read_text())
-    assert set(summary["models"]) == {"base", *arms}
-    for arm in arms:
-        assert 0 < summary["models"][arm]["kept_fraction"] <= 1
-        lo, hi = summary["models"][arm]["delta_pass@1_ci"]
-        assert lo <= summary["models"][arm]["delta_pass@1"] <= hi
-    assert "| shortest |" in (root / "report/summary.md").read_text()
+    assert set(summary["sets"]) == {"humaneval", "codeio"}
+    for result in summary["sets"].values():
+        assert set(result["models"]) == {"base", *arms}
+        for arm in arms:
+            assert 0 < result["models"][arm]["kept_fraction"] <= 1
+            lo, hi = result["models"][arm]["delta_pass@1_ci"]
+            assert lo <= result["models"][arm]["delta_pass@1"] <= hi
+    report = (root / "report/summary.md").read_text()
+    assert "| shortest |" in report and "## humaneval (4 problems" in report and "## codeio (" in report
+    assert "pass@1 by difficulty band" in report
+    # The lock/fork diagnostics: the same positions (classed by the base) measured for every model.
+    diagnostics = summary["diagnostics"]
+    assert set(diagnostics) == {"base", *arms}
+    assert len({m["all"]["positions"] for m in diagnostics.values()}) == 1
+    for m in diagnostics.values():
+        assert 0 < m["all"]["kept_mass"] <= 1 and len(m["all"]["cum_mass_by_rank"]) == 20
+        assert list(m["all"]["surviving_by_temperature"]) == ["0.5", "1.0"]
+    assert "## Lock/fork diagnostics" in report
+    # T_eval chosen per model on the validation set, which is disjoint from train and every test set.
+    validation_ids = ids("data/validation.jsonl")
+    assert len(validation_ids) == 3 and not set(validation_ids) & (set(train_ids) | set(codeio_eval))
+    for model, choice in summary["t_eval"].items():
+        assert choice["chosen"] in (0.5, 0.9) and set(choice["validation_pass@1"]) == {"0.5", "0.9"}
+        tested = json.loads((root / "eval" / model / "metrics.json").read_text())["sets"]
+        assert {s["temperature"] for s in tested.values()} == {choice["chosen"]}
+    assert "chosen T_eval" in report
+    for figure in ("train_loss.png", "diagnostics.png", "difficulty.png", "t_eval_sweep.png"):
+        assert (root / "report/figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(figures/{figure})" in report
 
     # dvc.yaml declares exactly the params each stage reads: nothing read is missing, nothing
     # declared goes unread (the sandbox limits of filter are read by its `passes` arm only).
@@ -80,12 +114,27 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
     # Nothing changed: nothing runs.
     assert ran(repro(root)) == set()
 
+    # The choice never reads a test result: flip the base's test verdicts, rerun the report: the
+    # comparison moves, the chosen T_eval of every model stays.
+    chosen = {m: c["chosen"] for m, c in summary["t_eval"].items()}
+    path = root / "eval" / "base" / "samples" / "humaneval.jsonl"
+    original = path.read_text()
+    rows = [json.loads(l) for l in original.splitlines()]
+    path.write_text("".join(json.dumps(dict(r, passed=not r["passed"])) + "\n" for r in rows))
+    subprocess.run([sys.executable, "-m", "tasks.report"], cwd=root, env=stage_env(root), check=True,
+                   capture_output=True)
+    path.write_text(original)
+    again = json.loads((root / "report/summary.json").read_text())
+    assert {m: c["chosen"] for m, c in again["t_eval"].items()} == chosen
+    moved = again["sets"]["humaneval"]["models"]["none"]["delta_pass@1"]
+    assert moved != summary["sets"]["humaneval"]["models"]["none"]["delta_pass@1"]
+
     # A new sampling temperature reruns sample and everything downstream, not prepare.
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["sample"]["temperature"] = 1.1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rerun = ran(repro(root))
-    assert "prepare" not in rerun and "evaluate-base" not in rerun
+    assert "prepare" not in rerun and "codeio" not in rerun and "evaluate-base" not in rerun
     assert {"sample", "filter@none", "train@none", "evaluate@none", "report"} <= rerun
 
 

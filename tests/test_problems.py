@@ -68,3 +68,17 @@ def test_one_line_stubs():
     assert one_line_stub("")
     assert one_line_stub("```python\npass\n```")
     assert not one_line_stub("```python\ndef f():\n    return 1\n```")
+
+
+def test_livecodebench_answers_run_after_livecodebench_s_own_imports():
+    """An answer that uses `deque` without importing it passes LiveCodeBench's grader (its preamble
+    imports collections and more); it must pass here too, and only for LiveCodeBench's problems."""
+    from tasks import sandbox
+    from tasks.core.jobs import answer_job
+
+    problem = {"task_id": "lcb/1", "kind": "call", "question": "Sum a list.", "source": "livecodebench",
+               "entry_point": "Solution.total", "tests": [{"args": [[1, 2, 3]], "expected": 6}]}
+    answer = "```python\nclass Solution:\n    def total(self, nums):\n        return sum(deque(nums))\n```"
+    other = dict(problem, source="elsewhere")
+    lcb, plain = sandbox.check_programs([answer_job(problem, answer), answer_job(other, answer)])
+    assert lcb.passed and not plain.passed and "NameError" in plain.result

@@ -632,6 +632,70 @@ print(found)
     assert verdicts == [sandbox.Verdict(False, "failed: wrong answer on test 1")]
 
 
+def test_values_jobs_bring_back_plain_values(box):
+    program = ("def f(x):\n"
+               "    if x < 0:\n"
+               "        raise ValueError('negative')\n"
+               "    return (x, {x: [x * x]}, {x})\n"
+               "def g(x):\n"
+               "    return type('AlwaysEqual', (), {'__eq__': lambda s, o: True})()\n")
+    values = box.call_values([sandbox.ValuesJob(program, "f", [[2], [-1], [3]]),
+                              sandbox.ValuesJob(program, "g", [[0]]),
+                              sandbox.ValuesJob("import not_a_module_here\n", "f", [[1]]),
+                              sandbox.ValuesJob("def f(:\n", "f", [[1]]),
+                              sandbox.ValuesJob("def f():\n    while True:\n        pass\n", "f", [[]]),
+                              sandbox.ValuesJob(None, "f", [[1]])], timeout_s=TIMEOUT)
+    assert values[0] == sandbox.Values(True, "ok", (
+        sandbox.Outcome(True, (2, {2: [4]}, {2})), sandbox.Outcome(False, error="ValueError: negative"),
+        sandbox.Outcome(True, (3, {3: [9]}, {3}))))
+    assert type(values[0].outcomes[0].value) is tuple  # plain data, built on this side
+    [unsupported] = values[1].outcomes
+    assert not unsupported.returned and unsupported.error.startswith("unsupported")
+    assert values[2] == sandbox.Values(False, "failed: ModuleNotFoundError: No module named 'not_a_module_here'")
+    assert values[3:] == [sandbox.Values(False, "syntax error"), sandbox.Values(False, "timed out"),
+                          sandbox.Values(False, "no code")]
+
+
+def test_values_jobs_keep_the_isolation_and_never_give_a_verdict(box):
+    if box.level == "rlimits":
+        pytest.skip("no namespaces at this isolation level")
+    # the project, and reasoning-gym's CodeIO data (reference solutions), are out of sight
+    codeio_data = [d for d in sandbox.launch.hidden_paths() if "reasoning_gym" in d]
+    assert codeio_data, "reasoning-gym's data directory is not among the hidden paths"
+    hidden = [str(Path(sandbox.__file__))] + [str(Path(d) / "codeio.jsonl.gz") for d in codeio_data]
+    program = ("import os, socket\n"
+               "def f(x):\n"
+               "    interfaces = [name for _, name in socket.if_nameindex()]\n"
+               f"    return [os.getuid(), interfaces, [os.path.exists(p) for p in {hidden!r}]]\n")
+    [values] = box.call_values([sandbox.ValuesJob(program, "f", [[0]])])
+    [outcome] = values.outcomes
+    uid, interfaces, seen = outcome.value
+    assert uid != 0 or os.geteuid() != 0
+    assert interfaces == ["lo"] and seen == [False] * len(hidden)
+    with pytest.raises(TypeError):
+        box.check([sandbox.ValuesJob(program, "f", [[0]])])
+    with pytest.raises(TypeError):
+        box.call_values([sandbox.CallJob(program, "f", [sandbox.CallCase([0], 42)])])
+    # A fake report written to every descriptor adds nothing: a program's values are the
+    # replies to the runner's calls (one per call), never a report of its own.
+    frame = sandbox_wire.pack({"passed": True, "result": "ok", "values": [["value", 7], ["value", 7]]})
+    spray = ("import os\n"
+             f"FRAME = {frame!r}\n"
+             "def f(x):\n"
+             "    for fd in range(1024):\n"
+             "        try:\n"
+             "            os.write(fd, FRAME)\n"
+             "        except OSError:\n"
+             "            pass\n"
+             "    return 0\n")
+    [sprayed] = box.call_values([sandbox.ValuesJob(spray, "f", [[0]])])
+    assert not sprayed.ok and sprayed.outcomes == ()
+    flood = "def f(x):\n    return 'x' * 100000\n"
+    assert box.call_values([sandbox.ValuesJob(flood, "f", [[0]] * 5)], output_limit_kb=256) == \
+        [sandbox.Values(False, "output limit")]
+    assert_sandbox_still_works(box)
+
+
 def test_lines_match_rules():
     assert sandbox_compare.lines_match("1 2\n3\n\n", "  1 2  \n3")
     assert sandbox_compare.lines_match("1.50 007\n", "1.5 7")

@@ -22,13 +22,13 @@ import collections
 import contextlib
 import gzip
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
 from tasks import sandbox
 from tasks.core import files, problems as problem_sets
+from tasks.commands.args import int_at_least, seconds
 from tasks.core.jobs import sandbox_job
 from tasks.core.metrics import mean_pass_at_k, per_problem_counts
 
@@ -61,13 +61,6 @@ def reading(path: Path):
     except UnicodeDecodeError:
         line = first_bad_utf8_line(path)
         raise files.DataError(f"{path}{f':{line}' if line else ''}: not UTF-8 text") from None
-    except files.DataError as err:
-        # files.iter_jsonl names file:line but drops the column; its JSONDecodeError is still
-        # the DataError's context (raised `from None` only hides it from tracebacks).
-        cause = err.__context__
-        if isinstance(cause, json.JSONDecodeError) and f"column {cause.colno}" not in str(err):
-            raise files.DataError(f"{err} (column {cause.colno})") from None
-        raise
     except FileNotFoundError:
         raise files.DataError(f"{path}: no such file") from None
     except OSError as err:  # unreadable, or a .gz that is not gzip
@@ -182,29 +175,6 @@ def score(problems_spec: str, samples_path: Path, out_dir: Path, timeout_s: floa
     files.write_jsonl(out_dir / "results.jsonl", rows)
     files.write_json(out_dir / "summary.json", summary)
     return summary
-
-
-def seconds(text: str) -> float:
-    """A per-run timeout: 0 or less would fail every program as "timed out"."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
-    return value
-
-
-def int_at_least(minimum: int, why: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum} ({why}), not {value}")
-        return value
-    return parse
 
 
 def main(argv: list[str]) -> int:

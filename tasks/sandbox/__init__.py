@@ -11,6 +11,12 @@ Kinds of job:
            must match `output` line by line (trimmed; numeric tokens compared as numbers).
 A program of None means the model's answer had no code.
 
+For trusted callers that build tests from a reference solution (tasks/problemsets), one more
+kind runs a program under the same isolation and brings back what it returned instead of a
+verdict: `Sandbox.call_values([ValuesJob(program, entry_point, calls)])` -> `Values`, one
+`Outcome` per call (the returned value as plain data, or what it raised). It never gives a
+Verdict, and `check` refuses it: a program's own values are data to look at, never a pass.
+
 Each worker is a long-lived zygote inside bubblewrap that forks a fresh, isolated process tree
 per program (see tasks/sandbox/jail/zygote.py for what isolates it and why a pass cannot be forged).
 Where bubblewrap cannot run, the zygote runs bare with the strongest isolation that still
@@ -72,9 +78,37 @@ class IOJob:
 
 
 @dataclasses.dataclass(frozen=True)
+class ValuesJob:
+    """Call `entry_point` of `program` once per argument list in `calls` (in one run, in
+    order) and bring back each returned value. Trusted callers only; see the module doc."""
+    program: str | None
+    entry_point: str
+    calls: Sequence[Sequence[Any]]
+
+
+@dataclasses.dataclass(frozen=True)
 class Verdict:
     passed: bool
     result: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One call of a ValuesJob: `returned` and its plain-data `value`, or the `error` it raised
+    ("ValueError: ..."), or the type of a value that cannot leave the sandbox."""
+    returned: bool
+    value: Any = None
+    error: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Values:
+    """A ValuesJob's run: `ok` when the program loaded and answered every call (each Outcome
+    then says how that call went); otherwise `result` says why not, in a Verdict's words
+    ("syntax error", "timed out", "failed: ModuleNotFoundError: ...") and `outcomes` is empty."""
+    ok: bool
+    result: str
+    outcomes: tuple[Outcome, ...] = ()
 
 
 class SandboxError(RuntimeError):
@@ -93,7 +127,30 @@ def _split(job, limits: dict) -> tuple[dict, dict, int]:
     if isinstance(job, IOJob):
         return (dict(header, kind="io", inputs=[c.input for c in job.cases]),
                 {"cases": [{"output": c.output} for c in job.cases]}, max(1, len(job.cases)))
+    if isinstance(job, ValuesJob):
+        return (dict(header, kind="values"),
+                {"entry_point": job.entry_point, "calls": [list(args) for args in job.calls]}, 1)
     raise TypeError(f"not a sandbox job: {type(job).__name__}")
+
+
+def _verdict(reply: dict) -> Verdict:
+    return Verdict(bool(reply["passed"]), str(reply["result"]))
+
+
+def _values(reply: dict) -> Values:
+    """The runner's report of a ValuesJob -> Values; the values are decoded as plain data."""
+    if not reply.get("passed"):
+        return Values(False, str(reply["result"]))
+    outcomes = []
+    for item in reply.get("values") or ():
+        try:
+            if item[0] == "value":
+                outcomes.append(Outcome(True, wire.decode(item[1])))
+            else:
+                outcomes.append(Outcome(False, error=str(item[1])[:600]))
+        except (ValueError, TypeError, IndexError, RecursionError):
+            outcomes.append(Outcome(False, error="malformed value"))
+    return Values(True, str(reply["result"]), tuple(outcomes))
 
 
 def _sealed_memfd(data: bytes) -> int:
@@ -147,7 +204,8 @@ class _Zygote:
             data += chunk
         return bytes(data)
 
-    def run(self, header: dict, secrets: dict, timeout: float) -> Verdict:
+    def run(self, header: dict, secrets: dict, timeout: float) -> dict:
+        """The runner's report on one job: {"passed", "result"} (+ "values" for a ValuesJob)."""
         frame = wire.pack(header)
         fd = _sealed_memfd(json.dumps(secrets).encode())
         try:
@@ -157,7 +215,9 @@ class _Zygote:
         finally:
             os.close(fd)
         reply = self._receive(timeout)
-        return Verdict(bool(reply["passed"]), str(reply["result"]))
+        if not isinstance(reply, dict) or "passed" not in reply or "result" not in reply:
+            raise SandboxError("malformed report from the zygote")
+        return reply
 
     def close(self) -> None:
         try:
@@ -254,7 +314,7 @@ class Sandbox:
         for body, expected in (("x + 1", True), ("x", False)):
             job = Job(program=f"def inc(x):\n    return {body}\n", test=test, entry_point="inc")
             header, secrets, runs = _split(job, limits)
-            verdict = zygote.run(header, secrets, 30 * runs)
+            verdict = _verdict(zygote.run(header, secrets, 30 * runs))
             if verdict.passed is not expected:
                 zygote.proc.kill()
                 zygote.close()
@@ -264,21 +324,38 @@ class Sandbox:
     def check(self, jobs: Iterable, timeout_s: float = 5.0, memory_mb: int = 1024,
               output_limit_kb: int = 4096, progress: bool = False) -> list[Verdict]:
         """Verdicts in input order; see `check_programs`. Calls from several threads queue."""
+        jobs = list(jobs)
+        if any(isinstance(job, ValuesJob) for job in jobs):
+            raise TypeError("check() gives verdicts; run a ValuesJob with call_values()")
         with self._lock:
-            return self._check(list(jobs), timeout_s, memory_mb, output_limit_kb, progress)
+            return self._batch(jobs, timeout_s, memory_mb, output_limit_kb, progress,
+                               _verdict, Verdict(False, "no code"))
 
-    def _check(self, jobs: list, timeout_s: float, memory_mb: int, output_limit_kb: int,
-               progress: bool) -> list[Verdict]:
+    def call_values(self, jobs: Iterable[ValuesJob], timeout_s: float = 5.0,
+                    memory_mb: int = 1024, output_limit_kb: int = 4096,
+                    progress: bool = False) -> list[Values]:
+        """What each ValuesJob's calls returned, in input order (trusted callers only: see the
+        module doc). `timeout_s` bounds the whole run (all its calls); the values of one run
+        together may take `output_limit_kb`."""
+        jobs = list(jobs)
+        if not all(isinstance(job, ValuesJob) for job in jobs):
+            raise TypeError("call_values() runs only ValuesJob; check the others with check()")
+        with self._lock:
+            return self._batch(jobs, timeout_s, memory_mb, output_limit_kb, progress,
+                               _values, Values(False, "no code"))
+
+    def _batch(self, jobs: list, timeout_s: float, memory_mb: int, output_limit_kb: int,
+               progress: bool, finish, no_code) -> list:
         limits = {"timeout_s": float(timeout_s), "memory_mb": int(memory_mb),
                   "output_limit": int(output_limit_kb) * 1024}
-        verdicts: list[Verdict | None] = [None] * len(jobs)
+        results: list = [None] * len(jobs)
         todo: queue.Queue = queue.Queue()
         for index, job in enumerate(jobs):
             if job.program is None:
-                verdicts[index] = Verdict(False, "no code")
+                results[index] = no_code
             else:
                 todo.put(index)
-        done = [sum(v is not None for v in verdicts)]
+        done = [sum(r is not None for r in results)]
         lock = threading.Lock()
         started = time.monotonic()
 
@@ -289,9 +366,9 @@ class Sandbox:
                 except queue.Empty:
                     return
                 header, secrets, runs = _split(jobs[index], limits)
-                verdict = self._run(slot, header, secrets, (timeout_s + 15) * runs + 30)
+                result = finish(self._run(slot, header, secrets, (timeout_s + 15) * runs + 30))
                 with lock:
-                    verdicts[index] = verdict
+                    results[index] = result
                     done[0] += 1
                     if progress and (done[0] % 100 == 0 or done[0] == len(jobs)):
                         rate = done[0] / max(time.monotonic() - started, 1e-9)
@@ -304,9 +381,10 @@ class Sandbox:
             thread.start()
         for thread in threads:
             thread.join()
-        return [v if v is not None else Verdict(False, "failed: sandbox error") for v in verdicts]
+        failed = finish({"passed": False, "result": "failed: sandbox error"})
+        return [r if r is not None else failed for r in results]
 
-    def _run(self, slot: int, header: dict, secrets: dict, timeout: float) -> Verdict:
+    def _run(self, slot: int, header: dict, secrets: dict, timeout: float) -> dict:
         for attempt in range(2):
             try:
                 return self._zygotes[slot].run(header, secrets, timeout)
@@ -316,7 +394,7 @@ class Sandbox:
                 self._zygotes[slot].close()
                 self._zygotes[slot] = self._start()
                 if attempt:
-                    return Verdict(False, f"failed: sandbox error: {err}")
+                    return {"passed": False, "result": f"failed: sandbox error: {err}"}
         raise AssertionError("unreachable")
 
     def close(self) -> None:

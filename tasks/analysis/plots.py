@@ -1,0 +1,80 @@
+"""The report's figures (PNG, matplotlib, no display needed): training loss, pass@1 per
+difficulty band, and the lock/fork diagnostics. Each function writes one file atomically."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a worker
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tasks.core.files import atomic_path  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def training_loss(curves: dict[str, str | Path], out: str | Path) -> None:
+    """curves: arm -> plots/train/<arm>.csv (step, loss, lr, tokens)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for arm, path in curves.items():
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], marker=".", label=arm)
+    ax.set(xlabel="optimizer step", ylabel="loss (answer tokens)", title="SFT on the model's own samples")
+    ax.legend()
+    _save(fig, out)
+
+
+def difficulty_bands(sets: dict[str, dict], out: str | Path) -> None:
+    """pass@1 per difficulty band, one panel per eval set that has bands (report summary's sets)."""
+    banded = {name: s for name, s in sets.items() if "difficulty_problems" in s}
+    fig, axes = plt.subplots(1, len(banded), figsize=(5 * len(banded), 3.5), squeeze=False)
+    for ax, (name, result) in zip(axes[0], banded.items()):
+        bands = list(result["difficulty_problems"])
+        width = 0.8 / len(result["models"])
+        for i, (model, m) in enumerate(result["models"].items()):
+            ax.bar([b + i * width for b in range(len(bands))], [m["by_difficulty"].get(b, 0.0) for b in bands],
+                   width, label=model)
+        ax.set_xticks([b + 0.4 - width / 2 for b in range(len(bands))],
+                      [f"{b}\n({result['difficulty_problems'][b]})" for b in bands])
+        ax.set(title=f"{name}: pass@1 by difficulty", ylabel="pass@1")
+        ax.legend()
+    _save(fig, out)
+
+
+def diagnostics(metrics: dict[str, dict], out: str | Path) -> None:
+    """metrics: model -> diagnose/<model>/metrics.json. Cumulative mass by rank at lock and fork
+    positions, and tokens surviving truncation over the T sweep."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for model, m in metrics.items():
+        for ax, cls in zip(axes[:2], ("lock", "fork")):
+            if cls in m:
+                mass = m[cls]["cum_mass_by_rank"]
+                ax.plot(range(1, len(mass) + 1), mass, marker=".", label=f"{model} ({m[cls]['positions']} pos.)")
+        survive = m["all"]["surviving_by_temperature"]
+        axes[2].plot([float(t) for t in survive], list(survive.values()), marker="o", label=model)
+    for ax, cls in zip(axes[:2], ("lock", "fork")):
+        ax.set(xscale="log", xlabel="token rank", ylabel="cumulative probability (T=1)",
+               title=f"{cls} positions (classed by the base)")
+        ax.legend()
+    axes[2].set(xlabel="T_eval", ylabel="tokens surviving top-k/top-p", title="surviving tokens vs temperature")
+    axes[2].legend()
+    _save(fig, out)
+
+
+def temperature_sweep(choices: dict[str, dict], out: str | Path) -> None:
+    """Validation pass@1 against T_eval per model, each model's chosen T marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for model, choice in choices.items():
+        curve = {float(t): v for t, v in choice["validation_pass@1"].items()}
+        line, = ax.plot(list(curve), list(curve.values()), marker="o", label=f"{model} (T={choice['chosen']:g})")
+        ax.plot([choice["chosen"]], [curve[choice["chosen"]]], marker="*", markersize=14, color=line.get_color())
+    ax.set(xlabel="T_eval", ylabel="pass@1 (validation)", title="T_eval sweep: each model at its own best T")
+    ax.legend()
+    _save(fig, out)

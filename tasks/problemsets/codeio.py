@@ -1,0 +1,431 @@
+"""CodeIO problems from the PyPI package reasoning-gym (Apache-2.0), as call-kind problems.
+
+reasoning-gym ships `reasoning_gym/data/codeio.jsonl.gz` (JSONL, 3,002 rows) and
+`codeio-hq.jsonl.gz` (one JSON array, 2,750 rows; 2,508 of its references are also in the first
+file). Each row has `task_description`, `input_output_spec`, `code_sample` (a reference program
+defining `main_solution`), `input_generator` (defining `generate_inputs(rng)`, or
+`generate_input(rng)` in -hq, returning main_solution's keyword arguments as a dict); most rows
+also have the scores `difficulty` (1-10), `clarity`, `practice`, `educational`, `safety` and the
+counts `unique_inputs`, `unique_outputs`, `total_generations` (the -hq rows also `prompt` and
+`output`). Rows carry no id: a problem is named `codeio/<first 12 hex of sha256(code_sample)>`
+and the two files are deduplicated by the reference program.
+
+Tests are made in the sandbox, never in this process (the references import numpy, sympy, ...
+and some write files):
+  pass 1  one run per problem: for seeds s = seed*1000003 + i (i < 2 * tests), the generator is
+          called with random.Random(s) (the `random` module and numpy's global generator are
+          seeded with s too), its dict goes through JSON and the reference is called with it; the
+          arguments and the returned value come back as plain data (sandbox.ValuesJob).
+  here    the dict becomes positional args in main_solution's parameter order (from its `ast`
+          signature); a case is kept when args and value survive JSON unchanged; the first
+          `tests` distinct cases are the tests.
+  pass 2  a fresh sandbox (new processes, so other random state and hash seed) checks the
+          reference against those tests exactly as `selfdistill score` would (sandbox.CallJob,
+          the same timeout): a reference that now disagrees is nondeterministic and dropped.
+A problem that keeps no case is dropped, counted by reason.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from tasks import sandbox
+from tasks.core import files
+from tasks.core.files import DataError
+from tasks.problemsets import MalformedRow, Report, json_roundtrip, read_local
+from tasks.sandbox.jail import compare
+
+PACKAGE = "reasoning_gym"
+DISTRIBUTION = "reasoning-gym"
+DATA_FILES = ("codeio.jsonl.gz", "codeio-hq.jsonl.gz")
+REQUIRED = ("task_description", "input_output_spec", "code_sample", "input_generator")
+ENTRY_POINT = "main_solution"
+CASE_FUNCTION = "__selfdistill_case__"
+MAX_CASE_BYTES = 20_000  # one test's JSON (args + expected): bigger inputs make poor prompts' tests
+
+# Why a problem was dropped, in the order a problem's most common reason is reported.
+REASONS = (
+    "missing field", "reference does not parse", "no main_solution", "unsupported signature",
+    "no input generator", "missing module", "reference fails to load", "generator fails",
+    "inputs do not match signature", "reference fails", "not JSON-comparable", "tests too large",
+    "timed out", "memory limit", "output limit", "nondeterministic", "sandbox error")
+
+QUESTION = """{description}
+
+Write a Python function `main_solution` that solves this.
+
+The input and output requirements are as follows:
+
+{spec}
+
+Your function must have exactly this signature (it is called with the inputs as arguments, and
+its return value is compared with the expected one):
+
+```python
+{signature}
+```"""
+
+HARNESS = """from random import Random
+{code}
+
+
+{generator}
+
+
+def {case}(seed):
+    import json as _json, random as _random, sys as _sys
+    _random.seed(seed)
+    if "numpy" in _sys.modules:
+        _sys.modules["numpy"].random.seed(seed % (1 << 32))
+    try:
+        _inputs = {generator_name}(Random(seed))
+    except BaseException as _err:
+        return ["generator", type(_err).__name__ + ": " + str(_err)[:300]]
+    try:
+        _text = _json.dumps(_inputs, allow_nan=False)
+    except BaseException as _err:
+        return ["inputs", type(_err).__name__ + ": " + str(_err)[:300]]
+    if not isinstance(_inputs, dict):
+        return ["inputs", "the generator returned a " + type(_inputs).__name__ + ", not a dict"]
+    try:
+        __import__("inspect").signature({entry}).bind(**_inputs)
+    except TypeError as _err:
+        return ["signature", str(_err)[:300]]
+    _result = {entry}(**_json.loads(_text))  # its own copy: a reference may change its arguments
+    return ["ok", _json.loads(_text), _result]
+"""
+
+
+def data_files() -> list[Path]:
+    """reasoning-gym's CodeIO files, found without importing the package (its __init__ pulls in
+    dependencies the data does not need)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("CodeIO needs the PyPI package reasoning-gym "
+                        "(pip install --no-deps reasoning-gym)")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    found = [data / name for name in DATA_FILES]
+    missing = [p.name for p in found if not p.is_file()]
+    if missing:
+        raise DataError(f"reasoning-gym at {data.parent} lacks {', '.join(missing)}")
+    return found
+
+
+def package_version() -> str | None:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def problem_id(code: str) -> str:
+    return "codeio/" + hashlib.sha256(code.strip().encode()).hexdigest()[:12]
+
+
+class Candidate:
+    """A distinct CodeIO row that passed the static checks, on its way through the sandbox."""
+
+    def __init__(self, task_id: str, where: str, row: dict, params: list[str], required: int,
+                 signature: str, generator_name: str):
+        self.task_id, self.where, self.row = task_id, where, row
+        self.params, self.required = params, required
+        self.signature, self.generator_name = signature, generator_name
+        self.tests: list[dict] = []
+
+
+def _parse(code: str) -> ast.Module:
+    with warnings.catch_warnings():  # invalid escape sequences in the references' strings
+        warnings.simplefilter("ignore")
+        return ast.parse(code)
+
+
+def parse_signature(code: str) -> tuple[list[str], int, str]:
+    """(parameter names in order, how many are required, the `def` line) of main_solution;
+    ValueError naming the reason when it cannot be called with positional arguments."""
+    try:
+        tree = _parse(code)
+    except (SyntaxError, ValueError) as err:
+        raise ValueError("reference does not parse", str(err)) from None
+    defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.name == ENTRY_POINT]
+    if not defs:
+        raise ValueError("no main_solution", "no top-level def main_solution")
+    fn = defs[-1]  # the one a module defining it twice ends up with
+    args = fn.args
+    if isinstance(fn, ast.AsyncFunctionDef) or args.vararg or args.kwarg or args.posonlyargs \
+            or any(d is None for d in args.kw_defaults) or args.kwonlyargs:
+        raise ValueError("unsupported signature", ast.unparse(args))
+    params = [a.arg for a in args.args]
+    returns = f" -> {ast.unparse(fn.returns)}" if fn.returns is not None else ""
+    signature = f"def {ENTRY_POINT}({ast.unparse(args)}){returns}:"
+    return params, len(params) - len(args.defaults), signature
+
+
+def generator_function(code: str) -> str:
+    try:
+        tree = _parse(code)
+    except (SyntaxError, ValueError) as err:
+        raise ValueError("no input generator", f"does not parse: {err}") from None
+    names = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
+    for name in ("generate_inputs", "generate_input"):
+        if name in names:
+            return name
+    others = [n for n in names if n.startswith("generate")]
+    if others:
+        return others[0]
+    raise ValueError("no input generator", f"defines {names or 'no functions'}")
+
+
+def question_text(row: dict, signature: str) -> str:
+    return QUESTION.format(description=row["task_description"].strip(),
+                           spec=row["input_output_spec"].strip(), signature=signature)
+
+
+def harness(candidate: Candidate) -> str:
+    return HARNESS.format(code=candidate.row["code_sample"], generator=candidate.row["input_generator"],
+                          case=CASE_FUNCTION, generator_name=candidate.generator_name,
+                          entry=ENTRY_POINT)
+
+
+def read_distinct(paths: list[Path], report: Report, limit: int | None) -> list[tuple[str, str, dict]]:
+    """(task_id, where, row) for each distinct reference, the first file's rows first; rows
+    missing a field are counted drops."""
+    seen: dict[str, str] = {}
+    out = []
+    per_file = collections.Counter()
+    duplicates = 0
+    for path in paths:
+        for where, row in read_local(path):
+            where = where.replace(str(path), path.name, 1)
+            report.read += 1
+            per_file[path.name] += 1
+            if isinstance(row, MalformedRow) or not isinstance(row, dict):
+                if limit is None or len(out) < limit:
+                    report.drop(None, where, "missing field", row if isinstance(row, MalformedRow)
+                                else "not a JSON object")
+                continue
+            code = row.get("code_sample")
+            task_id = problem_id(code) if isinstance(code, str) and code.strip() else None
+            missing = [f for f in REQUIRED if not isinstance(row.get(f), str) or not row[f].strip()]
+            if task_id in seen:
+                duplicates += 1
+                continue
+            if missing:  # not marked seen: a complete copy in the other file may follow
+                if limit is None or len(out) < limit:
+                    report.drop(task_id, where, "missing field",
+                                f"missing or empty: {', '.join(missing)}")
+                continue
+            seen[task_id] = where
+            if limit is None or len(out) < limit:
+                out.append((task_id, where, row))
+    report.notes["rows_per_file"] = dict(per_file)
+    report.notes["distinct"] = len(seen)
+    report.notes["duplicates"] = duplicates
+    return out
+
+
+def static_checks(rows: list[tuple[str, str, dict]], report: Report) -> list[Candidate]:
+    candidates = []
+    for task_id, where, row in rows:
+        try:
+            params, required, signature = parse_signature(row["code_sample"])
+            generator_name = generator_function(row["input_generator"])
+        except ValueError as err:
+            reason, detail = err.args
+            report.drop(task_id, where, reason, detail)
+            continue
+        candidates.append(Candidate(task_id, where, row, params, required, signature, generator_name))
+    return candidates
+
+
+def load_failure(result: str) -> str:
+    """A reason from the sandbox's words for a run that did not get to the calls."""
+    if result in ("timed out", "memory limit", "output limit"):
+        return result
+    if "ModuleNotFoundError" in result or "ImportError" in result:
+        return "missing module"
+    if result == "syntax error":
+        return "reference does not parse"
+    if "sandbox error" in result:
+        return "sandbox error"
+    return "reference fails to load"
+
+
+def positional(kwargs: dict, candidate: Candidate) -> list:
+    """main_solution's keyword arguments as positional ones; ValueError if they do not fit."""
+    extra = [k for k in kwargs if k not in candidate.params]
+    if extra:
+        raise ValueError(f"unknown parameters {extra}")
+    present = [p in kwargs for p in candidate.params]
+    count = sum(present)
+    if present[:count] != [True] * count or count < candidate.required:
+        raise ValueError(f"gives {sorted(kwargs)}; main_solution takes {candidate.params}")
+    return [kwargs[p] for p in candidate.params[:count]]
+
+
+def collect_cases(candidate: Candidate, values: sandbox.Values,
+                  tests: int) -> tuple[str, str] | None:
+    """Fill candidate.tests from pass 1; (drop reason, detail) when no case is usable."""
+    if not values.ok:
+        return load_failure(values.result), values.result
+    failures = collections.Counter()
+    first_error: dict[str, str] = {}
+    seen = set()
+    for outcome in values.outcomes:
+        if len(candidate.tests) >= tests:
+            break
+        if not outcome.returned:
+            if outcome.error.startswith("unsupported"):
+                reason = "not JSON-comparable"
+            elif outcome.error.startswith(("ModuleNotFoundError", "ImportError")):
+                reason = "missing module"  # imported inside main_solution
+            else:
+                reason = "reference fails"
+            failures[reason] += 1
+            first_error.setdefault(reason, outcome.error)
+            continue
+        reply = outcome.value
+        if not isinstance(reply, list) or not reply or \
+                reply[0] not in ("ok", "generator", "inputs", "signature"):
+            failures["reference fails"] += 1
+            continue
+        if reply[0] == "generator":
+            failures["generator fails"] += 1
+            first_error.setdefault("generator fails", str(reply[1]))
+            continue
+        if reply[0] == "signature":
+            failures["inputs do not match signature"] += 1
+            first_error.setdefault("inputs do not match signature", str(reply[1]))
+            continue
+        if reply[0] == "inputs":
+            failures["not JSON-comparable"] += 1
+            first_error.setdefault("not JSON-comparable", f"inputs: {reply[1]}")
+            continue
+        _, kwargs, result = reply
+        try:
+            args = positional(kwargs, candidate)
+        except ValueError as err:
+            failures["inputs do not match signature"] += 1
+            first_error.setdefault("inputs do not match signature", str(err))
+            continue
+        try:
+            expected = json_roundtrip(result)
+            args = json_roundtrip(args)
+        except (ValueError, TypeError):
+            failures["not JSON-comparable"] += 1
+            continue
+        if not compare.values_match(result, expected):  # e.g. int dict keys turned into str
+            failures["not JSON-comparable"] += 1
+            continue
+        case = {"args": args, "expected": expected}
+        text = json.dumps(case, sort_keys=True)
+        if len(text) > MAX_CASE_BYTES:
+            failures["tests too large"] += 1
+            continue
+        key = json.dumps(args, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        candidate.tests.append(case)
+    if candidate.tests:
+        return None
+    if not failures:
+        return "generator fails", "no input came back"
+    top = max(failures.values())
+    reason = next(r for r in REASONS if failures.get(r) == top)
+    counts = ", ".join(f"{r}: {n}" for r, n in failures.items())
+    return reason, f"{counts}; {first_error.get(reason, '')}".rstrip("; ")
+
+
+def verify_failure(result: str) -> str:
+    if result.startswith("failed: wrong answer"):
+        return "nondeterministic"
+    if result in ("timed out", "memory limit", "output limit"):
+        return result
+    if "ModuleNotFoundError" in result or "ImportError" in result:
+        return "missing module"
+    if "sandbox error" in result:
+        return "sandbox error"
+    return "reference fails"
+
+
+def problem_row(candidate: Candidate) -> dict:
+    row = candidate.row
+    out = {"task_id": candidate.task_id, "kind": "call",
+           "question": question_text(row, candidate.signature), "entry_point": ENTRY_POINT,
+           "tests": candidate.tests}
+    difficulty = row.get("difficulty")
+    if isinstance(difficulty, int) and not isinstance(difficulty, bool) and 1 <= difficulty <= 10:
+        out["difficulty"] = difficulty
+    out["canonical_solution"] = row["code_sample"]
+    out["source"] = "codeio"
+    return out
+
+
+def convert(tests: int = 5, limit: int | None = None, seed: int = 0, timeout_s: float = 5.0,
+            memory_mb: int = 1024, workers: int = 0, paths: list[Path] | None = None,
+            progress: bool = False) -> tuple[list[dict], Report]:
+    """CodeIO -> (problems, report). `paths` defaults to reasoning-gym's two files; `limit`
+    takes the first N distinct problems (for a quick run)."""
+    if tests < 1:
+        raise DataError("--tests must be at least 1")
+    started = time.monotonic()
+    paths = list(paths) if paths is not None else data_files()
+    report = Report(source={
+        "source": "codeio", "package": DISTRIBUTION, "version": package_version(),
+        "license": "Apache-2.0",
+        "files": {p.name: files.file_sha256(p) for p in paths},
+        "tests_per_problem": tests, "seed": seed, "timeout_s": timeout_s, "memory_mb": memory_mb,
+        "limit": limit})
+    rows = read_distinct(paths, report, limit)
+    candidates = static_checks(rows, report)
+    attempts = 2 * tests
+    log = (lambda text: print(f"codeio: {text}", file=sys.stderr, flush=True)) if progress \
+        else (lambda text: None)
+    log(f"{report.notes['distinct']} distinct problems in {report.read} rows; "
+        f"{len(candidates)} to run (pass 1: generate inputs and run the references)")
+
+    if candidates:
+        jobs = [sandbox.ValuesJob(harness(c), CASE_FUNCTION,
+                                  [[seed * 1_000_003 + i] for i in range(attempts)])
+                for c in candidates]
+        with sandbox.Sandbox(workers=workers) as box:
+            results = box.call_values(jobs, timeout_s=2 * timeout_s, memory_mb=memory_mb,
+                                      progress=progress)
+            report.source["isolation"] = box.level
+        generated = []
+        for candidate, values in zip(candidates, results):
+            dropped = collect_cases(candidate, values, tests)
+            if dropped:
+                report.drop(candidate.task_id, candidate.where, *dropped)
+            else:
+                generated.append(candidate)
+        log(f"pass 2: check {len(generated)} references against their tests in a fresh sandbox")
+        checks = [sandbox.CallJob(c.row["code_sample"], ENTRY_POINT,
+                                  [sandbox.CallCase(t["args"], t["expected"]) for t in c.tests])
+                  for c in generated]
+        with sandbox.Sandbox(workers=workers) as box:
+            verdicts = box.check(checks, timeout_s=timeout_s, memory_mb=memory_mb, progress=progress)
+        kept = []
+        for candidate, verdict in zip(generated, verdicts):
+            if verdict.passed:
+                kept.append(candidate)
+            else:
+                report.drop(candidate.task_id, candidate.where, verify_failure(verdict.result),
+                            verdict.result)
+    else:
+        kept = []
+    problems = [problem_row(c) for c in kept]
+    report.kept = len(problems)
+    report.notes["problems_with_fewer_tests"] = sum(len(p["tests"]) < tests for p in problems)
+    report.notes["seconds"] = round(time.monotonic() - started, 1)
+    log(f"kept {report.kept}; dropped {dict(report.dropped)} in {report.notes['seconds']} s")
+    return problems, report

@@ -1,0 +1,155 @@
+"""The training library (tasks/training/sft.py): packing keeps examples apart, the lean loss
+is the full loss, the schedule and optimizer are the paper's settings from params."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import train_config
+from tasks.training.sft import IGNORE, Collator, answer_loss_sum, build_trainer, encode
+
+
+def tiny_examples(tokenizer, n=4):
+    rows = [[{"role": "user", "content": f"question {i} " * (i + 1)},
+             {"role": "assistant", "content": f"answer {i}\n" * (3 - i % 3)}] for i in range(n)]
+    return [encode(tokenizer, r, max_length=512) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval(), AutoTokenizer.from_pretrained(tiny_model)
+
+
+def features(examples):
+    return [{"input_ids": ids, "labels": labels} for ids, labels in examples]
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_packed_loss_equals_unpacked_loss(tiny, lean):
+    model, tok = tiny
+    feats = features(tiny_examples(tok))
+    packed = Collator(tok.pad_token_id, pack=True)(feats)
+    padded = Collator(tok.pad_token_id, pack=False)(feats)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["position_ids"][0].tolist() == [p for f in feats for p in range(len(f["input_ids"]))]
+    with torch.no_grad():
+        loss_p, n_p = answer_loss_sum(model, packed, lean=lean)
+        loss_u, n_u = answer_loss_sum(model, padded, lean=lean)
+    assert n_p == n_u == sum(sum(l != IGNORE for l in f["labels"][1:]) for f in feats)
+    assert loss_p.item() == pytest.approx(loss_u.item(), rel=1e-5)
+
+
+def test_packing_keeps_attention_inside_each_example(tiny):
+    # Changing the first example must not change the second example's loss when packed.
+    model, tok = tiny
+    feats = features(tiny_examples(tok, 2))
+    other = features(tiny_examples(tok, 3))[2:] + feats[1:]
+    collate = Collator(tok.pad_token_id, pack=True)
+    alone = Collator(tok.pad_token_id, pack=False)(feats[1:])
+    with torch.no_grad():
+        second = answer_loss_sum(model, alone)[0] - 0
+        a = answer_loss_sum(model, collate(feats))[0] - answer_loss_sum(model, collate(feats[:1]))[0]
+        b = answer_loss_sum(model, collate(other))[0] - answer_loss_sum(model, collate(other[:1]))[0]
+    assert a.item() == pytest.approx(second.item(), rel=1e-4) and b.item() == pytest.approx(second.item(), rel=1e-4)
+
+
+def test_lean_loss_equals_full_vocab_loss(tiny):
+    model, tok = tiny
+    feats = features(tiny_examples(tok))
+    for pack in (True, False):
+        batch = Collator(tok.pad_token_id, pack=pack)(feats)
+        with torch.no_grad():
+            assert answer_loss_sum(model, batch, lean=True)[0].item() == pytest.approx(
+                answer_loss_sum(model, batch, lean=False)[0].item(), rel=1e-5)
+
+
+def test_trainer_uses_the_papers_optimizer_and_schedule(tiny, tmp_path):
+    model, tok = tiny
+    cfg = train_config(lr=1e-4, min_lr=1e-5, warmup_steps=4, beta1=0.9, beta2=0.95, weight_decay=0.1,
+                       micro_batch_size=1, grad_accum=1, epochs=5, bf16=False)
+    trainer = build_trainer(model, tok, tiny_examples(tok), cfg, tmp_path)
+    trainer.create_optimizer_and_scheduler(num_training_steps=20)
+    opt, sched = trainer.optimizer, trainer.lr_scheduler
+    assert opt.defaults["betas"] == (0.9, 0.95)
+    decays = {g["weight_decay"] for g in opt.param_groups}
+    assert decays == {0.1, 0.0}  # norms (and biases) without weight decay
+    lrs = []
+    for _ in range(21):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[4] == pytest.approx(1e-4) and lrs[:4] == sorted(lrs[:4]) and lrs[0] < 1e-4
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
+    assert lrs[20] == pytest.approx(1e-5)
+
+
+def test_data_order_is_seeded(tiny, tmp_path):
+    model, tok = tiny
+    examples = tiny_examples(tok, 8)
+
+    def order(seed):
+        cfg = train_config(micro_batch_size=2, grad_accum=1, seed=seed, packing=False)
+        loader = build_trainer(model, tok, examples, cfg, tmp_path / str(seed)).get_train_dataloader()
+        return [tuple(b["input_ids"][:, 0].tolist() + [b["input_ids"].shape[1]]) for b in loader]
+
+    assert order(0) == order(0) != order(1)
+
+
+def test_resume_only_from_a_complete_checkpoint_of_the_same_run(tiny, tmp_path, capsys):
+    from tasks.core.files import resume_key
+    from tasks.training.sft import find_resume
+
+    model, tok = tiny
+    cfg = train_config(bf16=False)
+    out = tmp_path / "ckpt"
+    trainer = build_trainer(model, tok, tiny_examples(tok), cfg, out)
+    key = resume_key(data="a", train=cfg.model_dump())
+    assert find_resume(trainer, out, key, "t") is None  # nothing there yet; the key is recorded
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2/complete").write_text("")
+    (out / "checkpoint-4").mkdir()  # killed mid-save: no marker
+    assert find_resume(trainer, out, key, "t") == str(out / "checkpoint-2")
+    other = resume_key(data="a", train={**cfg.model_dump(), "lr": 1.0})
+    assert find_resume(trainer, out, other, "t") is None
+    printed = capsys.readouterr().out
+    assert "discarding the checkpoint" in printed and "train.lr" in printed and not (out / "checkpoint-2").exists()
+
+
+@pytest.mark.slow
+def test_stage_runs_two_processes_under_accelerate(tmp_path, tiny_model):
+    """`train.accelerate` relaunches the stage under `accelerate launch` (here 2 CPU processes,
+    gloo; on GPUs the same config file with FSDP / DeepSpeed)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO, stage_env, write_params
+
+    config = tmp_path / "accelerate.yaml"
+    # MULTI_GPU + use_cpu: torchrun's launcher, gloo on the CPU (MULTI_CPU wants mpirun).
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
+                      "num_processes: 2\nmachine_rank: 0\nmain_training_function: main\nmixed_precision: 'no'\n"
+                      "use_cpu: true\n")
+    root = tmp_path / "ws"
+    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(root, None, {"train": {"accelerate": str(config), "epochs": 1, "micro_batch_size": 2, "grad_accum": 1,
+                                        "bf16": False, "max_length": 256}})
+    shutil.copytree(tiny_model, root / "models/base")
+    (root / "models/base/source.json").write_text(json.dumps({"base": "tiny"}))
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}\n" * 3}]}
+            for i in range(8)]
+    (root / "filtered/none").mkdir(parents=True)
+    (root / "filtered/none/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = subprocess.run([sys.executable, "-m", "tasks.train", "--arm", "none"], cwd=root, env=stage_env(root),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "accelerate.commands.launch" in done.stdout
+    curve = (root / "plots/train/none.csv").read_text().splitlines()
+    assert len(curve) - 1 == 2  # 8 examples / (2 per micro-batch x 2 processes)
+    assert (root / "models/none/generation_config.json").exists() and (root / "models/none/README.md").exists()
