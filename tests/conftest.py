@@ -142,6 +142,7 @@ def make_workspace(root: Path, model_dir: Path, overrides: dict | None = None) -
 def humaneval_only(train: int, eval: int = 4) -> dict:
     """Data overrides for a workspace whose stages run by hand without the `codeio` stage."""
     return {"train": {"source": "humaneval", "max_problems": train},
+            "validation": {"source": "humaneval", "max_problems": 2},
             "eval": [{"name": "humaneval", "source": "humaneval", "max_problems": eval}]}
 
 
