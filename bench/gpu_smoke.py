@@ -33,7 +33,9 @@ def stage_commands(params) -> list[list[str]]:
     return ([["tasks.codeio"], ["tasks.prepare"], ["tasks.sample"]]
             + [["tasks.filter", "--arm", a] for a in arms] + [["tasks.train", "--arm", a] for a in arms]
             + [["tasks.evaluate", "--model", "models/base", "--name", "base"]]
-            + [["tasks.evaluate", "--model", f"models/{a}", "--name", a] for a in arms] + [["tasks.report"]])
+            + [["tasks.evaluate", "--model", f"models/{a}", "--name", a] for a in arms]
+            + [["tasks.diagnose", "--model", "models/base", "--name", "base"]]
+            + [["tasks.diagnose", "--model", f"models/{a}", "--name", a] for a in arms] + [["tasks.report"]])
 
 
 def main() -> int:

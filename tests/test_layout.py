@@ -138,3 +138,21 @@ def test_dvc_plots_name_the_figures_the_report_writes():
     top_level = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
     written = set(re.findall(r'out / "([a-z_]+\.png)"', inspect.getsource(report.figures)))
     assert {Path(p).name for p in top_level} == written
+
+
+def test_the_gpu_smoke_run_calls_every_stage_of_dvc_yaml():
+    """bench/gpu_smoke.py runs the stages without DVC: its list must not drift from the DAG."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_smoke
+
+    from conftest import default_params
+
+    called = {" ".join(cmd) for cmd in gpu_smoke.stage_commands(default_params())}
+    arms = default_params().filter.arms
+    expected = set()
+    for body in stage_bodies().values():
+        items = arms if "${item}" in body["cmd"] else [None]
+        for item in items:
+            cmd = body["cmd"] if item is None else body["cmd"].replace("${item}", item)
+            expected.add(cmd.removeprefix("python -m "))
+    assert called == expected
