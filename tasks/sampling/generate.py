@@ -58,6 +58,18 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
+@cache
+def _dir_sha256(path: Path, files: tuple) -> str:
+    return dir_sha256(path)
+
+
+def model_hash(model_dir: Path) -> str:
+    """The model dir's sha256, once per process for unchanged files: `evaluate` starts a run per
+    eval set and per swept T, and the default model is 538 MB."""
+    stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(model_dir.iterdir()) if p.is_file())
+    return _dir_sha256(model_dir.resolve(), stats)
+
+
 def run_key(model_dir: str | Path, requests: list[Request], prompts: list[list[int]], cfg: DecodingConfig,
             backend) -> dict:
     """What decides the rows of a run: the resume key of its partial file."""
@@ -65,7 +77,7 @@ def run_key(model_dir: str | Path, requests: list[Request], prompts: list[list[i
     prompts_hash = hashlib.sha256(json.dumps([[r.key, p] for r, p in zip(requests, prompts)]).encode())
     # `slots` only says how many sequences decode at once: the rows do not depend on it (tested).
     decoding = {name: getattr(cfg, name) for name in DecodingConfig.model_fields if name != "slots"}
-    return resume_key(model=dir_sha256(model) if model.is_dir() else str(model_dir),
+    return resume_key(model=model_hash(model) if model.is_dir() else str(model_dir),
                       prompts=prompts_hash.hexdigest(), decoding=decoding,
                       backend=getattr(backend, "name", type(backend).__name__), code=code_version())
 
