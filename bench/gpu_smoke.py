@@ -28,9 +28,9 @@ COPIED = ("tasks", "problems", "params.yaml", "dvc.yaml")
 
 
 def stage_commands(params) -> list[list[str]]:
-    """dvc.yaml's stages, upstream first, for the profile's arms."""
-    arms = params.filter.arms
-    return ([["tasks.codeio"], ["tasks.prepare"], ["tasks.sample"]]
+    """dvc.yaml's stages, upstream first, for the profile's sampling configs and arms."""
+    arms = list(params.arms)
+    return ([["tasks.codeio"], ["tasks.prepare"]] + [["tasks.sample", "--config", c] for c in params.sample.configs]
             + [["tasks.filter", "--arm", a] for a in arms] + [["tasks.train", "--arm", a] for a in arms]
             + [["tasks.evaluate", "--model", "models/base", "--name", "base"]]
             + [["tasks.evaluate", "--model", f"models/{a}", "--name", a] for a in arms]
@@ -72,12 +72,13 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", *command], cwd=workspace, env=env, check=True)
             seconds[name] = time.perf_counter() - started
             print(f"gpu-smoke: {name}: {seconds[name]:.1f} s", flush=True)
+        arm = next(iter(params.arms))
+        config = params.arms[arm].sample
         sampled = sum(json.loads(line)["num_tokens"]
-                      for line in (workspace / "samples/samples.jsonl").read_text().splitlines())
-        arm = params.filter.arms[0]
+                      for line in (workspace / f"samples/{config}/samples.jsonl").read_text().splitlines())
         with open(workspace / f"plots/train/{arm}.csv") as f:
             trained = sum(int(row["tokens"]) for row in csv.DictReader(f))
-        print(f"\ngpu-smoke on {device}: sampling {sampled / seconds['sample']:,.0f} tokens/s "
+        print(f"\ngpu-smoke on {device}: sampling {sampled / seconds[f'sample --config {config}']:,.0f} tokens/s "
               f"({sampled:,} tokens, model load and self-check included); training {arm}: "
               f"{trained / seconds[f'train --arm {arm}']:,.0f} answer tokens/s ({trained:,} tokens); "
               f"all stages {sum(seconds.values()) / 60:.1f} min\n")

@@ -398,7 +398,7 @@ def rev_lines(info: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfdistill lineage",
                                      description="Show where a DVC-tracked file came from and check it against the record.")
-    parser.add_argument("path", help="a tracked output or a file inside one (models/none, samples/samples.jsonl)")
+    parser.add_argument("path", help="a tracked output or a file inside one (models/ssd-none, samples/ssd/samples.jsonl)")
     parser.add_argument("--rev", help="audit PATH as it was at this git rev (a flow run's branch: `selfdistill runs`), "
                                       "fetching its outputs from the DVC remote if needed")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -7,7 +7,9 @@ own best T). Then `evaluate.n` samples per problem of each eval set at that T; c
 from each answer as a careful user would (tasks.core.jobs) and run against the problem's tests.
 Outputs eval/<name>/samples/<set>.jsonl (one row per sample with its verdict) and
 eval/<name>/metrics.json (per eval set: unbiased pass@k for every k <= n, the same per
-difficulty band where the set has difficulties, and the count of each verdict).
+difficulty band where the set has difficulties, and the count of each verdict). With
+`evaluate.repeats` > 1 each test set is decoded again with the next seeds (under
+eval/<name>/samples/repeats/) and pass@1 per seed is recorded: the seed-to-seed noise.
 """
 from __future__ import annotations
 
@@ -50,10 +52,10 @@ def set_metrics(problems: list[dict], rows: list[dict], n: int) -> dict:
     return metrics
 
 
-def decoding_at(cfg, temperature: float) -> DecodingConfig:
+def decoding_at(cfg, temperature: float, seed: int | None = None) -> DecodingConfig:
     """The evaluation's decoding settings at one T_eval (only the decoding keys are read)."""
     return DecodingConfig.model_validate({**{name: getattr(cfg, name) for name in DecodingConfig.model_fields},
-                                          "temperature": temperature})
+                                          "temperature": temperature, **({} if seed is None else {"seed": seed})})
 
 
 def answer_and_check(backend, model_dir: str, problems: list[dict], cfg: DecodingConfig, out: str, desc: str,
@@ -101,6 +103,16 @@ def evaluate(model_dir: str, name: str) -> dict:
         metrics["sets"][eval_set.name] = dict(set_metrics(problems, rows, cfg.n), temperature=chosen)
         print(f"evaluate[{name}/{eval_set.name}] at T={chosen:g}: " + ", ".join(
             f"pass@{k}={metrics['sets'][eval_set.name][f'pass@{k}']:.3f}" for k in range(1, cfg.n + 1)))
+        if cfg.repeats > 1:
+            by_seed = {cfg.seed: metrics["sets"][eval_set.name]["pass@1"]}
+            for seed in range(cfg.seed + 1, cfg.seed + cfg.repeats):
+                again = answer_and_check(backend, model_dir, problems, decoding_at(cfg, chosen, seed),
+                                         paths.repeat_samples(name, eval_set.name, seed),
+                                         f"evaluate[{name}/{eval_set.name} seed {seed}]", cfg.timeout_s, params.sandbox)
+                by_seed[seed] = set_metrics(problems, again, cfg.n)["pass@1"]
+            metrics["sets"][eval_set.name]["pass@1_by_seed"] = {str(seed): v for seed, v in by_seed.items()}
+            print(f"evaluate[{name}/{eval_set.name}]: pass@1 by seed " + ", ".join(
+                f"{seed}: {v:.3f}" for seed, v in by_seed.items()))
     metrics["isolation"] = sandbox.isolation_level()
     write_json(paths.eval_metrics(name), metrics)
     return metrics

@@ -1,6 +1,6 @@
 """Stage `filter`: which raw samples each arm trains on.
 
-Arms (params `filter.arms`, one DVC foreach stage each):
+An arm (params `arms.<name>`, one DVC foreach stage each) pairs a sampling config with a filter:
   none         SSD as in the paper: drop only empty outputs and one-line stubs
   shortest     also drop the shortest `filter.shortest_fraction` (as apple/ml-ssd does)
   extractable  also drop samples with no fenced code block
@@ -15,28 +15,28 @@ import sys
 from collections import Counter
 
 from tasks.core import paths
-from tasks.core.config import FILTER_ARMS, load_params, run_stage
+from tasks.core.config import load_params, named, run_stage
 from tasks.core.extract import last_fenced_block, one_line_stub, parses
 from tasks.core.files import DataError, read_jsonl, write_json, write_jsonl
 from tasks.core.jobs import answer_job
 
 
-def drop_reasons(arm: str, rows: list[dict], params, problems: dict[str, dict]) -> list[str | None]:
-    """For each sample, why the arm drops it (None keeps it)."""
+def drop_reasons(kind: str, rows: list[dict], params, problems: dict[str, dict]) -> list[str | None]:
+    """For each sample, why filter `kind` drops it (None keeps it)."""
     reasons: list[str | None] = ["empty or one-line stub" if one_line_stub(r["text"]) else None for r in rows]
-    if arm == "shortest":
+    if kind == "shortest":
         ranked = sorted((i for i, why in enumerate(reasons) if why is None), key=lambda i: (rows[i]["num_tokens"], i))
         for i in ranked[: int(len(ranked) * params.filter.shortest_fraction)]:
             reasons[i] = "shortest"
-    elif arm in ("extractable", "syntax"):
+    elif kind in ("extractable", "syntax"):
         for i, row in enumerate(rows):
             if reasons[i] is None:
                 code = last_fenced_block(row["text"])
                 if code is None:
                     reasons[i] = "no code block"
-                elif arm == "syntax" and not parses(code):
+                elif kind == "syntax" and not parses(code):
                     reasons[i] = "syntax error"
-    elif arm == "passes":
+    elif kind == "passes":
         from tasks import sandbox
 
         pending = [i for i, why in enumerate(reasons) if why is None]
@@ -52,28 +52,32 @@ def drop_reasons(arm: str, rows: list[dict], params, problems: dict[str, dict]) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.filter")
-    parser.add_argument("--arm", required=True, choices=FILTER_ARMS)
+    parser.add_argument("--arm", required=True, help="a key of arms in params.yaml")
     arm = parser.parse_args(argv).arm
     params = load_params()
-    rows = read_jsonl(paths.SAMPLES)
+    spec = named(params.arms, arm, "arms")
+    kind = spec.filter
+    rows = read_jsonl(paths.samples(spec.sample))
     problems = {p["task_id"]: p for p in read_jsonl(paths.TRAIN_PROBLEMS)}
-    reasons = drop_reasons(arm, rows, params, problems)
+    reasons = drop_reasons(kind, rows, params, problems)
     kept = [
         {"prompt_id": r["prompt_id"], "sample_index": r["sample_index"],
          "messages": r["messages"] + [{"role": "assistant", "content": r["text"]}]}
         for r, why in zip(rows, reasons) if why is None
     ]
     if not kept:
-        raise DataError(f"filter arm {arm!r} kept 0 of {len(rows)} samples: nothing to train on "
+        raise DataError(f"arm {arm!r} (filter {kind!r}) kept 0 of {len(rows)} samples: nothing to train on "
                         f"(dropped: {dict(Counter(reasons))})")
     stats = {
         "arm": arm,
+        "sample": spec.sample,
+        "filter": kind,
         "samples": len(rows),
         "kept": len(kept),
         "kept_fraction": len(kept) / len(rows),
         "dropped": dict(Counter(why for why in reasons if why is not None)),
     }
-    if arm == "passes":
+    if kind == "passes":
         from tasks import sandbox
 
         stats["isolation"] = sandbox.isolation_level()

@@ -44,33 +44,46 @@ def t_eval_choices(params, metrics: dict) -> dict:
 
 def build_report(params) -> dict:
     ks = sorted(set(params.evaluate.k) | {1})
-    metrics = {name: read_json(paths.eval_metrics(name)) for name in ["base", *params.filter.arms]}
-    kept = {arm: read_json(paths.filter_stats(arm)) for arm in params.filter.arms}
-    summary = {"sample": read_json(paths.SAMPLE_STATS), "isolation": metrics["base"]["isolation"],
-               "t_eval": t_eval_choices(params, metrics), "sets": {}}
+    arms = list(params.arms)
+    metrics = {name: read_json(paths.eval_metrics(name)) for name in ["base", *arms]}
+    kept = {arm: read_json(paths.filter_stats(arm)) for arm in arms}
+    configs = params.sample.configs
+    summary = {"samples": {name: {**configs[name].model_dump(), **read_json(paths.sample_stats(name))}
+                           for name in configs},
+               "arms": {arm: {"sample": spec.sample, "filter": spec.filter} for arm, spec in params.arms.items()},
+               "isolation": metrics["base"]["isolation"], "t_eval": t_eval_choices(params, metrics), "sets": {}}
     for eval_set in params.data.eval:
         name = eval_set.name
         base = metrics["base"]["sets"][name]
-        models = {"base": {f"pass@{k}": base[f"pass@{k}"] for k in ks}}
+        models = {"base": {"t_eval": base["temperature"], **{f"pass@{k}": base[f"pass@{k}"] for k in ks}}}
+        if "pass@1_by_seed" in base:
+            models["base"]["pass@1_by_seed"] = list(base["pass@1_by_seed"].values())
         if "by_difficulty" in base:
             models["base"]["by_difficulty"] = {b: m["pass@1"] for b, m in base["by_difficulty"].items()}
         base_pass = {k: per_problem_pass("base", name, k) for k in ks}
-        for arm in params.filter.arms:
+        for arm in arms:
             arm_metrics = metrics[arm]["sets"][name]
-            entry = {"kept": kept[arm]["kept"], "kept_fraction": kept[arm]["kept_fraction"]}
+            entry = {"t_eval": arm_metrics["temperature"], "kept": kept[arm]["kept"],
+                     "kept_fraction": kept[arm]["kept_fraction"]}
             for k in ks:
                 entry[f"pass@{k}"] = arm_metrics[f"pass@{k}"]
                 diff, lo, hi = paired_bootstrap(per_problem_pass(arm, name, k), base_pass[k], params.report.bootstrap,
                                                 params.report.seed, params.report.confidence)
                 entry[f"delta_pass@{k}"] = diff
                 entry[f"delta_pass@{k}_ci"] = [lo, hi]
+            if "pass@1_by_seed" in arm_metrics and "pass@1_by_seed" in base:
+                # Each seed's arm-minus-base difference: how far a rerun alone moves the headline.
+                entry["delta_pass@1_by_seed"] = [arm_metrics["pass@1_by_seed"][s] - base["pass@1_by_seed"][s]
+                                                 for s in base["pass@1_by_seed"]]
             if "by_difficulty" in arm_metrics:
                 entry["by_difficulty"] = {b: m["pass@1"] for b, m in arm_metrics["by_difficulty"].items()}
+            if "pass@1_by_seed" in arm_metrics:
+                entry["pass@1_by_seed"] = list(arm_metrics["pass@1_by_seed"].values())
             models[arm] = entry
         summary["sets"][name] = {"source": eval_set.source, "problems": base["problems"], "models": models}
         if "by_difficulty" in base:
             summary["sets"][name]["difficulty_problems"] = {b: m["problems"] for b, m in base["by_difficulty"].items()}
-    summary["diagnostics"] = {name: read_json(paths.diagnose_metrics(name)) for name in ["base", *params.filter.arms]}
+    summary["diagnostics"] = {name: read_json(paths.diagnose_metrics(name)) for name in ["base", *arms]}
     return summary
 
 
@@ -78,7 +91,7 @@ def figures(summary: dict, params) -> dict[str, str]:
     """Writes the report's PNGs; returns caption -> path relative to report/summary.md."""
     out = Path(paths.REPORT_FIGURES)
     made = {}
-    plots.training_loss({arm: paths.train_curve(arm) for arm in params.filter.arms}, out / "train_loss.png")
+    plots.training_loss({arm: paths.train_curve(arm) for arm in params.arms}, out / "train_loss.png")
     made["training loss"] = "figures/train_loss.png"
     if any("difficulty_problems" in s for s in summary["sets"].values()):
         plots.difficulty_bands(summary["sets"], out / "difficulty.png")
@@ -94,16 +107,24 @@ def figures(summary: dict, params) -> dict[str, str]:
 def markdown(summary: dict, params) -> str:
     ks = sorted(set(params.evaluate.k) | {1})
     conf = int(params.report.confidence * 100)
-    s = summary["sample"]
     ev = params.evaluate
     lines = [
         "# selfdistill report",
         "",
-        f"Training samples: {s['samples']} at T_train={params.sample.temperature}, top-k={params.sample.top_k}, "
-        f"top-p={params.sample.top_p}; {s['extractable_fraction']:.1%} have an extractable code block.",
-        f"Evaluation: {ev.n} samples per problem, top-k={ev.top_k}, top-p={ev.top_p}; sandbox isolation: "
-        f"{summary['isolation']}.",
+        "Arms: each trains the base on its own samples, drawn at one sampling config and kept by one filter "
+        "(`null`: T=1 without truncation, plain self-training, the control; `gibberish`: T=2 without truncation).",
+        "",
+        "| arm | sampling config | T_train | top-k | top-p | samples | with a code block | filter | kept |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    for arm, spec in summary["arms"].items():
+        s = summary["samples"][spec["sample"]]
+        m = summary["sets"][next(iter(summary["sets"]))]["models"][arm]
+        lines.append(f"| {arm} | {spec['sample']} | {s['temperature']:g} | {s['top_k'] or 'off'} | {s['top_p']:g} | "
+                     f"{s['samples']} | {s['extractable_fraction']:.0%} | {spec['filter']} | "
+                     f"{m['kept']} ({m['kept_fraction']:.0%}) |")
+    lines += ["", f"Evaluation: {ev.n} samples per problem, top-k={ev.top_k}, top-p={ev.top_p}; sandbox isolation: "
+                  f"{summary['isolation']}."]
     if ev.sweep:
         lines += [
             "",
@@ -124,11 +145,10 @@ def markdown(summary: dict, params) -> str:
             "",
             f"## {name} ({result['problems']} problems, source {result['source']})",
             "",
-            "| model | kept | " + " | ".join(f"pass@{k} | Δ vs base ({conf}% CI)" for k in ks) + " |",
+            "| model | T_eval | " + " | ".join(f"pass@{k} | Δ vs base ({conf}% CI)" for k in ks) + " |",
             "|---|---|" + "---|---|" * len(ks),
         ]
         for model, m in result["models"].items():
-            kept = "-" if model == "base" else f"{m['kept']} ({m['kept_fraction']:.0%})"
             cells = []
             for k in ks:
                 cells.append(f"{m[f'pass@{k}']:.3f}")
@@ -137,7 +157,8 @@ def markdown(summary: dict, params) -> str:
                 else:
                     lo, hi = m[f"delta_pass@{k}_ci"]
                     cells.append(f"{m[f'delta_pass@{k}']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-            lines.append(f"| {model} | {kept} | " + " | ".join(cells) + " |")
+            lines.append(f"| {model} | {m['t_eval']:g} | " + " | ".join(cells) + " |")
+        lines += seeds_markdown(result["models"])
         if "difficulty_problems" in result:
             bands = list(result["difficulty_problems"])
             lines += ["", "pass@1 by difficulty band (problems):", "",
@@ -147,6 +168,22 @@ def markdown(summary: dict, params) -> str:
                 lines.append(f"| {model} | " + " | ".join(f"{m['by_difficulty'].get(b, 0.0):.3f}" for b in bands) + " |")
     lines += diagnostics_markdown(summary["diagnostics"])
     return "\n".join(lines) + "\n"
+
+
+def seeds_markdown(models: dict) -> list[str]:
+    """The seed-to-seed spread (evaluate.repeats > 1): an effect smaller than it is noise."""
+    if not all("pass@1_by_seed" in m for m in models.values()):
+        return []
+    seeds = len(models["base"]["pass@1_by_seed"])
+    lines = ["", f"Seed-to-seed spread ({seeds} decodings of the test set per model, evaluate.repeats):", "",
+             "| model | pass@1 per seed | sd | Δ pass@1 vs base per seed |", "|---|---|---|---|"]
+    for model, m in models.items():
+        values = m["pass@1_by_seed"]
+        mean = sum(values) / len(values)
+        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        deltas = "-" if model == "base" else ", ".join(f"{d:+.3f}" for d in m["delta_pass@1_by_seed"])
+        lines.append(f"| {model} | {', '.join(f'{v:.3f}' for v in values)} | {sd:.3f} | {deltas} |")
+    return lines
 
 
 def diagnostics_markdown(diagnostics: dict) -> list[str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tasks.core import paths
-from tasks.core.config import FILTER_ARMS, load_params, run_stage
+from tasks.core.config import load_params, named, run_stage
 from tasks.core.files import DataError, atomic_path, dir_sha256, file_sha256, read_jsonl, resume_key, write_text
 from tasks.core.modeling import load_pretrained, use_all_cores
 from tasks.training.sft import IGNORE, encode, fit
@@ -36,6 +36,8 @@ LAUNCHED = "SELFDISTILL_ACCELERATE_LAUNCHED"
 def model_card(arm: str, params, data_file: str, n_examples: int, final_loss: float | None) -> str:
     source = json.loads((Path(paths.BASE_MODEL) / "source.json").read_text())
     ev = params.evaluate
+    spec = params.arms[arm]
+    sampled = params.sample.configs[spec.sample]
     return f"""---
 base_model: {source['base']}
 tags: [selfdistill, simple-self-distillation, code]
@@ -45,8 +47,8 @@ tags: [selfdistill, simple-self-distillation, code]
 Fine-tuned by simple self-distillation (SSD, arXiv 2604.01193) with selfdistill.
 
 - Base model: `{source['base']}`{f" (GGUF `{source['file']}`, sha256 `{source['sha256']}`)" if 'sha256' in source else ''}
-- Training data: `{data_file}` (sha256 `{file_sha256(data_file)}`), {n_examples} samples, filter arm `{arm}`
-- Sampled at temperature {params.sample.temperature}, top-k {params.sample.top_k}, top-p {params.sample.top_p}, min-p {params.sample.min_p}
+- Training data: `{data_file}` (sha256 `{file_sha256(data_file)}`), {n_examples} samples: arm `{arm}`, sampling config `{spec.sample}`, filter `{spec.filter}`
+- Sampled at temperature {sampled.temperature}, top-k {sampled.top_k}, top-p {sampled.top_p}, min-p {sampled.min_p}
 - Training: {params.train.model_dump_json()}
 - Final training loss: {final_loss if final_loss is None else round(final_loss, 4)}
 - Decode with temperature {ev.temperature}, top-k {ev.top_k}, top-p {ev.top_p} (in generation_config.json)
@@ -57,6 +59,7 @@ Lineage: `selfdistill lineage models/{arm}`.
 
 def train(arm: str) -> int:
     params = load_params()
+    named(params.arms, arm, "arms")
     cfg = params.train
     if cfg.accelerate and not os.environ.get(LAUNCHED):
         # Multi-process (multi-GPU, FSDP, DeepSpeed): the same stage, under accelerate launch.
@@ -69,7 +72,7 @@ def train(arm: str) -> int:
     data_file = paths.filtered_samples(arm)
     rows = read_jsonl(data_file)
     if not rows:
-        raise DataError(f"{data_file}: filter arm {arm!r} has 0 samples to train on")
+        raise DataError(f"{data_file}: arm {arm!r} has 0 samples to train on")
     model, tokenizer = load_pretrained(paths.BASE_MODEL)
     examples = [encode(tokenizer, r["messages"], cfg.max_length) for r in rows]
     examples = [e for e in examples if any(label != IGNORE for label in e[1])]
@@ -119,7 +122,7 @@ def train(arm: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tasks.train")
-    parser.add_argument("--arm", required=True, choices=FILTER_ARMS)
+    parser.add_argument("--arm", required=True, help="a key of arms in params.yaml")
     return train(parser.parse_args(argv).arm)
 
 

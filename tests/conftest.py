@@ -86,10 +86,19 @@ def default_params():
 
 
 def decoding(**overrides):
-    """params.yaml's sample settings with `overrides`, validated (a SamplingConfig)."""
-    from tasks.core.config import SamplingConfig
+    """params.yaml's `ssd` sampling config with `overrides`, validated (a DecodingConfig)."""
+    from tasks.core.config import DecodingConfig, sampling_decoding
 
-    return SamplingConfig.model_validate({**default_params().sample.model_dump(), **overrides})
+    ssd = sampling_decoding(default_params().sample, "ssd")
+    return DecodingConfig.model_validate({**{k: getattr(ssd, k) for k in DecodingConfig.model_fields}, **overrides})
+
+
+def filter_named_arms() -> dict:
+    """Param overrides for tests with a dvc.yaml of their own: two arms named after their filters
+    (`train@none`, `train@passes`) on params.yaml's `ssd` sampling config alone."""
+    ssd = default_params().sample.configs["ssd"].model_dump()
+    return {"arms": {"none": {"sample": "ssd", "filter": "none"}, "passes": {"sample": "ssd", "filter": "passes"}},
+            "sample": {"configs": {"ssd": ssd}}}
 
 
 def train_config(**overrides):
@@ -100,16 +109,32 @@ def train_config(**overrides):
 
 def write_params(root: Path, profile: Path | None = None, overrides: dict | None = None) -> Path:
     """The project's params.yaml in `root`, with a profile and then `overrides` (sections of
-    keys, as in params.yaml) applied."""
+    keys, as in params.yaml; `arms` is replaced whole) applied."""
     from tasks.core.config import update_params_file
 
     path = root / "params.yaml"
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", path)
-    pairs = [f"{section}.{key}={json.dumps(value)}" for section, values in (overrides or {}).items()
-             for key, value in values.items()]  # JSON is YAML 1.2
+    overrides = dict(overrides or {})
+    pairs = [f"arms={json.dumps(overrides.pop('arms'))}"] if "arms" in overrides else []
+    pairs += [f"{section}.{key}={json.dumps(value)}" for section, values in overrides.items()
+              for key, value in values.items()]  # JSON is YAML 1.2
     update_params_file(path, pairs, profile=profile)
     return path
+
+
+def rendered_stages(root: Path) -> dict[str, dict]:
+    """dvc.yaml's stages as DVC renders them for `root`'s params.yaml (foreach expanded): stage
+    name -> {"cmd", "deps" (paths), "params" (keys)}."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return {stage.addressing: {
+            "cmd": stage.cmd,
+            "deps": [d.def_path for d in stage.deps if not isinstance(d, ParamsDependency)],
+            "params": [key for d in stage.deps if isinstance(d, ParamsDependency) for key in d.params],
+        } for stage in repo.index.stages}
 
 
 def init_repo(root: Path) -> Path:

@@ -39,7 +39,11 @@ def test_profiles_are_overlays_of_only_the_keys_they_change():
     defaults = raw_params()
     for profile in (REPO / "profiles").glob("*.yaml"):
         overlay = yaml.safe_load(profile.read_text())
+        # Named sections (arms, sample.configs) are given whole by a profile: the whole must differ.
+        assert overlay.get("arms", {}) != defaults["arms"], f"{profile.name}: arms repeats params.yaml"
         for section, values in overlay.items():
+            if section == "arms":
+                continue
             for key, value in values.items():
                 assert key in defaults[section], f"{profile.name}: {section}.{key} is not a param"
                 assert defaults[section][key] != value, f"{profile.name}: {section}.{key} repeats params.yaml"
@@ -60,7 +64,7 @@ def test_profile_command_writes_the_overlay_keeping_comments(tmp_path, capsys):
                      "--set", "train.epochs=3"]) == 0
     params = load_params(path)
     assert params.sample.max_new_tokens == 48 and params.train.epochs == 3
-    assert params.sample.temperature == load_params(REPO / "params.yaml").sample.temperature
+    assert params.sample.configs == load_params(REPO / "params.yaml").sample.configs
     assert "# T_eval, tuned separately from T_train" in path.read_text()
     # A profile that fails the schema writes nothing.
     bad = tmp_path / "bad.yaml"
@@ -73,12 +77,18 @@ def test_profile_command_writes_the_overlay_keeping_comments(tmp_path, capsys):
 @pytest.mark.parametrize("mutate, key", [
     (lambda p: p["sample"].update(temprature=1.0), "sample.temprature: unknown key"),
     (lambda p: p.update(extra={}), "extra: unknown key"),
-    (lambda p: p["sample"].update(temperature=-0.1), "sample.temperature"),
-    (lambda p: p["sample"].update(top_p=0.0), "sample.top_p"),
+    (lambda p: p["sample"]["configs"]["ssd"].update(temperature=-0.1), "sample.configs.ssd.temperature"),
+    (lambda p: p["sample"]["configs"]["ssd"].update(top_p=0.0), "sample.configs.ssd.top_p"),
     (lambda p: p["evaluate"].update(top_p=1.5), "evaluate.top_p"),
     (lambda p: p["train"].update(epochs="many"), "train.epochs"),
     (lambda p: p["evaluate"].update(k=[1, 5], n=2), "evaluate: evaluate.k contains 5"),
-    (lambda p: p["filter"].update(arms=["none", "verifier"]), "filter.arms: unknown filter arm 'verifier'"),
+    (lambda p: p["arms"]["ssd-none"].update(filter="verifier"), "arms.ssd-none.filter: Input should be 'none'"),
+    (lambda p: p["arms"]["ssd-none"].update(sample="hot"), "arms.ssd-none.sample: 'hot' is not a key of sample.configs"),
+    (lambda p: p["arms"].update(base={"sample": "ssd", "filter": "none"}), "arm 'base': the name of the untrained model"),
+    (lambda p: p["arms"].pop("null-none"), "sample.configs: null used by no arm"),
+    (lambda p: p["sample"]["configs"].update({None: p["sample"]["configs"].pop("null")}),
+     "sampling config None: lowercase letters, digits, '-' and '_' (it names files) (quote it"),
+    (lambda p: p.update(arms={}), "arms: Dictionary should have at least 1 item"),
     (lambda p: p["train"].update(method="qlora"), "train.method"),
 ])
 def test_bad_params_name_the_key(mutate, key):
@@ -93,10 +103,16 @@ def test_bad_yaml_names_the_file(tmp_path):
 
 
 def test_overrides_are_parsed_as_yaml():
-    raw = apply_overrides(raw_params(), ["sample.temperature=1.6", "filter.arms=[none, syntax]", "train.lr=1e-4"])
+    raw = apply_overrides(raw_params(), ["sample.configs.ssd.temperature=1.6", "arms.ssd-none.filter=syntax",
+                                         "train.lr=1e-4"])
     assert raw["train"]["lr"] == 1e-4 and isinstance(raw["train"]["lr"], float)  # YAML 1.2, as DVC reads it
     params = validate_params(raw)
-    assert params.sample.temperature == 1.6 and params.filter.arms == ["none", "syntax"]
+    assert params.sample.configs["ssd"].temperature == 1.6 and params.sample.configs["ssd"].top_k == 20
+    assert params.arms["ssd-none"].filter == "syntax" and len(params.arms) == 3  # one leaf set
+    # A mapping given for a key is that key's whole value: the arms are exactly these.
+    raw = apply_overrides(raw_params(), ['arms={"a": {"sample": "ssd", "filter": "none"}}', "sample.configs.null=null"])
+    raw["sample"]["configs"].pop("null")
+    assert list(validate_params(raw).arms) == ["a"]
     with pytest.raises(ParamsError, match="key=value"):
         apply_overrides(raw_params(), ["sample.temperature"])
 
@@ -106,7 +122,7 @@ def test_overrides_are_parsed_as_yaml():
     (lambda p: p["data"]["train"].update(source="problems/nope.jsonl"),
      "data.train.source: problems/nope.jsonl: no such file"),
     (lambda p: p["data"]["eval"].append({"name": "Bad Name", "source": "humaneval", "max_problems": 0}),
-     "data.eval.2.name: 'Bad Name': lowercase letters"),
+     "data.eval.2.name: eval set 'Bad Name': lowercase letters"),
     (lambda p: p["data"]["eval"].append(dict(p["data"]["eval"][0])), "data.eval: eval set names must be unique"),
 ])
 def test_values_that_would_fail_later_fail_now(mutate, key):
@@ -133,3 +149,10 @@ def test_validate_command_errors_are_one_line_naming_the_file(tmp_path, capsys):
     assert cli.main(["validate", str(bad)]) == 2
     assert "model: missing" in capsys.readouterr().err
     assert cli.main(["validate", str(REPO / "params.yaml")]) == 0
+
+
+def test_a_profile_gives_its_arms_whole(tmp_path):
+    """A profile's arms are its arms (not params.yaml's plus its own): profiles/tiny.yaml has two."""
+    params = load_params(write_params(tmp_path, REPO / "profiles/tiny.yaml"))
+    assert list(params.arms) == ["ssd-none", "null-shortest"]
+    assert list(params.sample.configs) == ["ssd", "null"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, init_repo, write_params
+from conftest import REPO, filter_named_arms, init_repo, write_params
 from test_flow import PIPELINE  # the same DAG: prepare -> train@<arm> -> report
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def free_port() -> int:
 def make_repo(root: Path) -> Path:
     root.mkdir(parents=True)
     (root / "step.py").write_text(STEP)
-    write_params(root, overrides={"filter": {"arms": ["none", "passes"]}, "train": {"epochs": 1}})
+    write_params(root, overrides={**filter_named_arms(), "train": {"epochs": 1}})
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": PIPELINE}, sort_keys=False))
     (root / ".gitignore").write_text("workers.log\n")
     return init_repo(root)

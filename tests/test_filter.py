@@ -53,13 +53,13 @@ def test_passes_runs_the_tests(params):
 
 
 def test_empty_arm_fails_naming_the_arm(tmp_path):
-    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples/ssd").mkdir(parents=True)
     (tmp_path / "data").mkdir()
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    (tmp_path / "samples/samples.jsonl").write_text(json.dumps(rows("")[0]) + "\n")
+    (tmp_path / "samples/ssd/samples.jsonl").write_text(json.dumps(rows("")[0]) + "\n")
     (tmp_path / "data/train.jsonl").write_text(json.dumps(P0) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "tasks.filter", "--arm", "none"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "tasks.filter", "--arm", "ssd-none"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert proc.returncode == 1
-    assert "filter arm 'none' kept 0 of 1 samples" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "filtered/none/train.jsonl").exists()
+    assert "arm 'ssd-none' (filter 'none') kept 0 of 1 samples" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "filtered/ssd-none/train.jsonl").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import init_repo, write_params
+from conftest import filter_named_arms, init_repo, write_params
 from flows.lineage import lineage
 from flows.pipeline import main, read_stage_graph, selfdistill_pipeline
 from flows.records import recorded_runs
@@ -50,13 +50,13 @@ STEP = textwrap.dedent("""
 """)
 
 # params.yaml must pass the project's schema: the flow validates it before any stage runs.
-PARAMS_OVERRIDES = {"filter": {"arms": ["none", "passes"]}, "train": {"epochs": 1}}
+PARAMS_OVERRIDES = {**filter_named_arms(), "train": {"epochs": 1}}
 
 PIPELINE = {
     "prepare": {"cmd": "python step.py prepare data/train.jsonl", "deps": ["step.py"], "outs": ["data/train.jsonl"]},
-    "train": {"foreach": "${filter.arms}", "do": {
-        "cmd": "python step.py train@${item} models/${item}/weights.bin",
-        "deps": ["data/train.jsonl"], "params": ["train.epochs"], "outs": ["models/${item}"]}},
+    "train": {"foreach": "${arms}", "do": {
+        "cmd": "python step.py train@${key} models/${key}/weights.bin",
+        "deps": ["data/train.jsonl"], "params": ["train.epochs"], "outs": ["models/${key}"]}},
     "report": {"cmd": "python step.py report report/summary.md", "deps": ["models"],
                "outs": [{"report/summary.md": {"cache": False}}]},
 }
@@ -116,22 +116,25 @@ def flow_run_records(state):
 
 
 def test_plan_of_the_projects_own_dvc_yaml():
-    arms = yaml.safe_load((REPO / "params.yaml").read_text())["filter"]["arms"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    arms, configs = params["arms"], params["sample"]["configs"]
+    sample_stages = {f"sample@{c}" for c in configs}
     plan = {node.name: set(node.upstream) for node in read_stage_graph(REPO)}
-    assert set(plan) == {"codeio", "prepare", "sample", "evaluate-base", "diagnose-base", "report"} | {
+    assert set(plan) == {"codeio", "prepare", "evaluate-base", "diagnose-base", "report"} | sample_stages | {
         f"{stage}@{arm}" for stage in ("filter", "train", "evaluate", "diagnose") for arm in arms}
-    assert plan["codeio"] == set() and plan["prepare"] == {"codeio"} and plan["sample"] == {"prepare"}
-    for arm in arms:
-        assert plan[f"filter@{arm}"] == {"prepare", "sample"}
+    assert plan["codeio"] == set() and plan["prepare"] == {"codeio"}
+    assert all(plan[s] == {"prepare"} for s in sample_stages)
+    for arm, spec in arms.items():
+        assert plan[f"filter@{arm}"] == {"prepare", f"sample@{spec['sample']}"}
         assert plan[f"train@{arm}"] == {"prepare", f"filter@{arm}"}
         assert plan[f"evaluate@{arm}"] == {"prepare", f"train@{arm}"}
-    assert plan["report"] == {"sample", "evaluate-base", "diagnose-base"} | {
+    assert plan["report"] == {"evaluate-base", "diagnose-base"} | sample_stages | {
         f"{s}@{a}" for s in ("filter", "train", "evaluate", "diagnose") for a in arms}
     for arm in arms:
         assert plan[f"diagnose@{arm}"] == {"prepare", f"train@{arm}", "diagnose-base"}
     order = [node.name for node in read_stage_graph(REPO, ["train"])]
-    assert set(order) == {"codeio", "prepare", "sample"} | {f"{s}@{a}" for s in ("filter", "train") for a in arms}
-    assert order.index("sample") < min(order.index(f"filter@{a}") for a in arms)
+    assert set(order) == {"codeio", "prepare"} | sample_stages | {f"{s}@{a}" for s in ("filter", "train") for a in arms}
+    assert order.index("sample@ssd") < min(order.index(f"filter@{a}") for a in arms if arms[a]["sample"] == "ssd")
 
 
 @pytest.mark.slow  # Prefect's API and several `dvc repro` runs

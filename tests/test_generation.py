@@ -124,11 +124,11 @@ def test_sample_stage_resumes_after_sigkill(tmp_path, tiny_model):
     for root in (reference, killed):
         subprocess.run([sys.executable, "-m", "tasks.prepare"], cwd=root, env=stage_env(root), check=True,
                        capture_output=True)
-    subprocess.run([sys.executable, "-m", "tasks.sample"], cwd=reference, env=stage_env(reference), check=True,
+    subprocess.run([sys.executable, "-m", "tasks.sample", "--config", "ssd"], cwd=reference, env=stage_env(reference), check=True,
                    capture_output=True)
 
-    partial = killed / "samples/samples.jsonl.partial"
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.sample"], cwd=killed, env=stage_env(killed),
+    partial = killed / "samples/ssd/samples.jsonl.partial"
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.sample", "--config", "ssd"], cwd=killed, env=stage_env(killed),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and (not partial.exists() or partial.read_text().count("\n") < 6):
@@ -137,9 +137,9 @@ def test_sample_stage_resumes_after_sigkill(tmp_path, tiny_model):
     proc.wait()
     written = partial.read_text().count("\n")
     assert 6 <= written < 24, "the kill should land mid-run"
-    assert not (killed / "samples/samples.jsonl").exists()
+    assert not (killed / "samples/ssd/samples.jsonl").exists()
 
-    resumed = subprocess.run([sys.executable, "-m", "tasks.sample"], cwd=killed, env=stage_env(killed),
+    resumed = subprocess.run([sys.executable, "-m", "tasks.sample", "--config", "ssd"], cwd=killed, env=stage_env(killed),
                              capture_output=True, text=True, check=True)
     assert "resuming" in resumed.stdout
-    assert (killed / "samples/samples.jsonl").read_text() == (reference / "samples/samples.jsonl").read_text()
+    assert (killed / "samples/ssd/samples.jsonl").read_text() == (reference / "samples/ssd/samples.jsonl").read_text()

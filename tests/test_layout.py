@@ -109,11 +109,12 @@ def test_dvc_yaml_paths_are_the_ones_the_stages_write():
         return {next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics", "plots")
                 for o in body.get(key, [])}
 
-    arm = "${item}"
+    arm, config = "${key}", "${key}"
     assert declared(bodies["codeio"]) == {paths.CODEIO_PROBLEMS, paths.CODEIO_SOURCE}
     assert declared(bodies["prepare"]) == {paths.BASE_MODEL, paths.TRAIN_PROBLEMS, paths.VALIDATION_PROBLEMS,
                                            paths.EVAL_PROBLEMS, paths.DATA_SOURCE}
-    assert declared(bodies["sample"]) == {paths.SAMPLES, paths.SAMPLE_STATS}
+    assert declared(bodies["sample"]) == {paths.samples(config), paths.sample_stats(config)}
+    assert paths.samples("${item.sample}") in bodies["filter"]["deps"]
     assert declared(bodies["filter"]) == {paths.filtered_samples(arm), paths.filter_stats(arm)}
     assert declared(bodies["train"]) == {paths.trained_model(arm), paths.train_curve(arm)}
     assert declared(bodies["evaluate-base"]) == {paths.eval_samples_dir("base"), paths.eval_metrics("base")}
@@ -127,6 +128,7 @@ def test_dvc_yaml_paths_are_the_ones_the_stages_write():
     # The stages that read a file another stage writes declare it.
     assert {paths.CODEIO_PROBLEMS, paths.CODEIO_SOURCE} <= set(bodies["prepare"]["deps"])
     assert paths.EVAL_PROBLEMS in bodies["evaluate"]["deps"] and paths.TRAIN_PROBLEMS in bodies["sample"]["deps"]
+    assert paths.filtered_samples(arm) in bodies["train"]["deps"]
     assert paths.VALIDATION_PROBLEMS in bodies["evaluate"]["deps"]
 
 
@@ -145,14 +147,8 @@ def test_the_gpu_smoke_run_calls_every_stage_of_dvc_yaml():
     sys.path.insert(0, str(REPO / "bench"))
     import gpu_smoke
 
-    from conftest import default_params
+    from conftest import default_params, rendered_stages
 
-    called = {" ".join(cmd) for cmd in gpu_smoke.stage_commands(default_params())}
-    arms = default_params().filter.arms
-    expected = set()
-    for body in stage_bodies().values():
-        items = arms if "${item}" in body["cmd"] else [None]
-        for item in items:
-            cmd = body["cmd"] if item is None else body["cmd"].replace("${item}", item)
-            expected.add(cmd.removeprefix("python -m "))
-    assert called == expected
+    called = [" ".join(cmd) for cmd in gpu_smoke.stage_commands(default_params())]
+    expected = [stage["cmd"].removeprefix("python -m ") for stage in rendered_stages(REPO).values()]
+    assert sorted(called) == sorted(expected)

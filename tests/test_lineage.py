@@ -74,7 +74,8 @@ def inputs(stage: dict) -> dict:
 def test_lineage_of_a_trained_model_names_samples_params_and_origins(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     locked = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    arm = params["filter"]["arms"][0]
+    arm = next(iter(params["arms"]))
+    config = params["arms"][arm]["sample"]
     report = lineage(project / f"models/{arm}" / "weights.bin", project)
     assert report["output"] == f"models/{arm}" and report["problems"] == []
     assert report["records"]["dvc.lock"] == {"commit": git(project, "rev-parse", "HEAD"), "uncommitted_changes": False}
@@ -90,10 +91,10 @@ def test_lineage_of_a_trained_model_names_samples_params_and_origins(project):
     filter_stage = filtered["stage"]
     assert filter_stage["name"] == f"filter@{arm}"
     assert filter_stage["params"]["params.yaml"]["filter.shortest_fraction"] == params["filter"]["shortest_fraction"]
-    sample = inputs(filter_stage)["samples/samples.jsonl"]["stage"]
-    assert sample["name"] == "sample"
-    assert sample["params"]["params.yaml"]["sample.temperature"] == params["sample"]["temperature"]
-    assert sample["params"]["params.yaml"]["sample.top_k"] == params["sample"]["top_k"]
+    sample = inputs(filter_stage)[f"samples/{config}/samples.jsonl"]["stage"]
+    assert sample["name"] == f"sample@{config}"
+    for key, value in params["sample"]["configs"][config].items():  # the config's keys, one by one
+        assert sample["params"]["params.yaml"][f"sample.configs.{config}.{key}"] == value
 
     prepare = inputs(sample)["models/base"]["stage"]
     assert inputs(sample)["data/train.jsonl"]["stage"] is prepare and prepare["name"] == "prepare"
@@ -105,11 +106,11 @@ def test_lineage_of_a_trained_model_names_samples_params_and_origins(project):
 
     text = render_text(report)
     assert f"<- stage filter@{arm}" in text and "<- stage prepare" in text and "(see above)" in text
-    assert f"sample.temperature = {params['sample']['temperature']!r}" in text
+    assert f"sample.configs.{config}.temperature = {params['sample']['configs'][config]['temperature']!r}" in text
 
 
 def test_lineage_of_the_report_reaches_every_evaluation(project):
-    arms = yaml.safe_load((project / "params.yaml").read_text())["filter"]["arms"]
+    arms = yaml.safe_load((project / "params.yaml").read_text())["arms"]
     report = lineage(project / "report/summary.md", project)
     evals = inputs(report["lineage"]["stage"])["eval"]  # a directory several stages write into
     assert {part["stage"]["name"] for part in evals["parts"]} == {"evaluate-base"} | {f"evaluate@{a}" for a in arms}
@@ -118,12 +119,14 @@ def test_lineage_of_the_report_reaches_every_evaluation(project):
 def test_lineage_flags_hand_edits_and_changed_params(project, tmp_path, monkeypatch, capsys):
     root = tmp_path / "ws"
     shutil.copytree(project, root, symlinks=True)
-    arm = yaml.safe_load((root / "params.yaml").read_text())["filter"]["arms"][0]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    arm = next(iter(params["arms"]))
+    samples = f"samples/{params['arms'][arm]['sample']}/samples.jsonl"
     monkeypatch.chdir(root)
     assert main([f"models/{arm}/weights.bin"]) == 0
     assert f"inside the tracked output models/{arm}" in capsys.readouterr().out
 
-    with open(root / "samples/samples.jsonl", "a") as f:
+    with open(root / samples, "a") as f:
         f.write('{"text": "edited by hand"}\n')
     (root / "models/base/weights.bin").write_text("edited by hand")
     update_params_file(root / "params.yaml", ["train.lr=0.001"])
@@ -131,10 +134,10 @@ def test_lineage_flags_hand_edits_and_changed_params(project, tmp_path, monkeypa
     assert main([f"models/{arm}", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert set(report["problems"]) == {
-        "samples/samples.jsonl: modified since sample made it",
-        f"samples/samples.jsonl: modified since filter@{arm} used it",
+        f"{samples}: modified since sample@{params['arms'][arm]['sample']} made it",
+        f"{samples}: modified since filter@{arm} used it",
         "models/base: modified since prepare made it [weights.bin modified]",
-        "models/base: modified since sample used it [weights.bin modified]",
+        f"models/base: modified since sample@{params['arms'][arm]['sample']} used it [weights.bin modified]",
         f"models/base: modified since train@{arm} used it [weights.bin modified]",
         f"train@{arm}: param train.lr is 0.001 in params.yaml now, 5e-05 when it ran",
     }

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import make_workspace, stage_env
+from conftest import make_workspace, rendered_stages, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -28,18 +28,26 @@ def ran(output: str) -> set[str]:
 
 def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
     # The tiny model's tokenizer is byte-level: prompts take ~1k tokens.
-    root = make_workspace(tmp_path / "ws", tiny_model, {"train": {"max_length": 2048}})
+    root = make_workspace(tmp_path / "ws", tiny_model, {"train": {"max_length": 2048}, "evaluate": {"repeats": 2}})
     trace = tmp_path / "params-read.jsonl"
     out = repro(root, env={"SELFDISTILL_TRACE_PARAMS": str(trace)})
-    arms = ["none", "shortest"]
-    assert ran(out) == {"codeio", "prepare", "sample", "evaluate-base", "diagnose-base", "report"} | {
-        f"{stage}@{arm}" for stage in ("filter", "train", "evaluate", "diagnose") for arm in arms}
+    arms = ["ssd-none", "null-shortest"]  # profiles/tiny.yaml: (sampling config, filter) pairs
+    assert ran(out) == {"codeio", "prepare", "sample@ssd", "sample@null", "evaluate-base", "diagnose-base",
+                        "report"} | {f"{stage}@{arm}" for stage in ("filter", "train", "evaluate", "diagnose")
+                                     for arm in arms}
 
     # Train prompts from the CodeIO pool; eval sets HumanEval and CodeIO problems held out from it.
     def ids(path):
         return [json.loads(l)["task_id"] for l in (root / path).read_text().splitlines()]
 
-    samples = [json.loads(l) for l in (root / "samples/samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(l) for l in (root / "samples/ssd/samples.jsonl").read_text().splitlines()]
+    null_samples = [json.loads(l) for l in (root / "samples/null/samples.jsonl").read_text().splitlines()]
+    assert len(null_samples) == len(samples) and [r["text"] for r in null_samples] != [r["text"] for r in samples]
+    # Each arm trains on its own config's samples.
+    assert json.loads((root / "filtered/null-shortest/stats.json").read_text())["sample"] == "null"
+    null_texts = {r["text"] for r in null_samples}
+    kept = [json.loads(l) for l in (root / "filtered/null-shortest/train.jsonl").read_text().splitlines()]
+    assert kept and all(r["messages"][-1]["content"] in null_texts for r in kept)
     train_ids = ids("data/train.jsonl")
     assert len(train_ids) == 6 and all(t.startswith("codeio/") for t in train_ids)
     assert len(ids("data/eval/humaneval.jsonl")) == 4 and all(t.startswith("HumanEval/") for t in ids("data/eval/humaneval.jsonl"))
@@ -61,6 +69,7 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
         metrics = json.loads((root / "eval" / arm / "metrics.json").read_text())
         assert "isolation" in metrics and set(metrics["sets"]) == {"humaneval", "codeio"}
         assert metrics["sets"]["humaneval"]["samples"] == 4 * 2
+        assert list(metrics["sets"]["humaneval"]["pass@1_by_seed"]) == ["1", "2"]  # evaluate.repeats: 2
         assert metrics["sets"]["codeio"]["samples"] == len(codeio_eval) * 2
         assert {"pass@1", "pass@2", "results"} <= set(metrics["sets"]["codeio"])
         assert "by_difficulty" in metrics["sets"]["codeio"]  # CodeIO's 1-10 scores, in bands
@@ -74,7 +83,11 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
             lo, hi = result["models"][arm]["delta_pass@1_ci"]
             assert lo <= result["models"][arm]["delta_pass@1"] <= hi
     report = (root / "report/summary.md").read_text()
-    assert "| shortest |" in report and "## humaneval (4 problems" in report and "## codeio (" in report
+    assert "| null-shortest | null | 1 | off | 1 |" in report and "## humaneval (4 problems" in report
+    assert "## codeio (" in report and "Seed-to-seed spread (2 decodings" in report
+    for result in summary["sets"].values():
+        assert all(len(m["pass@1_by_seed"]) == 2 for m in result["models"].values())
+        assert result["models"]["base"]["t_eval"] == summary["t_eval"]["base"]["chosen"]
     assert "pass@1 by difficulty band" in report
     # The lock/fork diagnostics: the same positions (classed by the base) measured for every model.
     diagnostics = summary["diagnostics"]
@@ -99,14 +112,24 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
     # dvc.yaml declares exactly the params each stage reads: nothing read is missing, nothing
     # declared goes unread (the sandbox limits of filter are read by its `passes` arm only).
     read = check_params_read(root, trace)
-    subprocess.run([sys.executable, "-m", "tasks.filter", "--arm", "passes"], cwd=root, capture_output=True,
-                   env={**stage_env(root), "SELFDISTILL_TRACE_PARAMS": str(trace)})
+    params_text = (root / "params.yaml").read_text()
+    params = yaml.safe_load(params_text)
+    params["arms"]["ssd-passes"] = {"sample": "ssd", "filter": "passes"}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "tasks.filter", "--arm", "ssd-passes"], cwd=root, capture_output=True,
+                   env={**stage_env(root), "SELFDISTILL_TRACE_PARAMS": str(trace)})  # may keep 0: exit 1
     read = check_params_read(root, trace)
+    declared_all = declared_params(root)
+    (root / "params.yaml").write_text(params_text)
+    shutil.rmtree(root / "filtered/ssd-passes", ignore_errors=True)
+    # Per stage template (any arm's command), with arm and config names as `*`.
     by_template: dict[str, set[str]] = {}
     for cmd, keys in read.items():
-        by_template.setdefault(cmd.split(" --")[0], set()).update(keys)
-    for cmd, declared in declared_params(root).items():
-        assert declared <= by_template[cmd.split(" --")[0]], f"{cmd}: declares {sorted(declared - by_template[cmd.split(' --')[0]])} but never reads them"
+        by_template.setdefault(cmd.split(" --")[0], set()).update(map(named_as_any, keys))
+    for cmd, declared in declared_all.items():
+        template = by_template[cmd.split(" --")[0]]
+        unread = {key for key in declared if not any(covers(named_as_any(key), r) for r in template)}
+        assert not unread, f"{cmd}: declares {sorted(unread)} but never reads them"
 
     shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=root,
                            env=stage_env(root), capture_output=True, text=True, check=True).stdout
@@ -130,30 +153,32 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
     path.write_text(original)
     again = json.loads((root / "report/summary.json").read_text())
     assert {m: c["chosen"] for m, c in again["t_eval"].items()} == chosen
-    moved = again["sets"]["humaneval"]["models"]["none"]["delta_pass@1"]
-    assert moved != summary["sets"]["humaneval"]["models"]["none"]["delta_pass@1"]
+    moved = again["sets"]["humaneval"]["models"]["ssd-none"]["delta_pass@1"]
+    assert moved != summary["sets"]["humaneval"]["models"]["ssd-none"]["delta_pass@1"]
 
-    # A new sampling temperature reruns sample and everything downstream, not prepare.
+    # A new T_train for `ssd` reruns its sample stage and its arm downstream: not prepare, not the
+    # `null` config's samples nor its arm.
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["sample"]["temperature"] = 1.1
+    params["sample"]["configs"]["ssd"]["temperature"] = 1.1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rerun = ran(repro(root))
-    assert "prepare" not in rerun and "codeio" not in rerun and "evaluate-base" not in rerun
-    assert {"sample", "filter@none", "train@none", "evaluate@none", "report"} <= rerun
+    assert not rerun & {"prepare", "codeio", "evaluate-base", "sample@null", "train@null-shortest"}
+    assert {"sample@ssd", "filter@ssd-none", "train@ssd-none", "evaluate@ssd-none", "report"} <= rerun
 
 
 def declared_params(root) -> dict[str, set[str]]:
-    """Each stage's rendered command -> the params dvc.yaml declares for it (foreach items expanded)."""
-    from tasks.core.config import FILTER_ARMS
+    """Each stage's command -> the params dvc.yaml declares for it, as DVC renders them."""
+    return {stage["cmd"]: set(stage["params"]) for stage in rendered_stages(root).values()}
 
-    declared = {}
-    for name, stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"].items():
-        body = stage.get("do", stage)
-        items = FILTER_ARMS if "foreach" in stage else [None]  # every arm a run may have
-        for item in items:
-            cmd = body["cmd"] if item is None else body["cmd"].replace("${item}", item)
-            declared[cmd] = set(body.get("params", []))
-    return declared
+
+def named_as_any(key: str) -> str:
+    """`arms.ssd-none.filter` -> `arms.*.filter`, `sample.configs.null` -> `sample.configs.*`."""
+    return re.sub(r"^(arms|sample\.configs)\.[^.]+", r"\1.*", key)
+
+
+def covers(declared: str, read: str) -> bool:
+    """A declared key covers a key read at it or under it (`arms.a` covers `arms.a.filter`)."""
+    return read == declared or read.startswith(declared + ".")
 
 
 def check_params_read(root, trace) -> dict[str, set[str]]:
@@ -166,5 +191,6 @@ def check_params_read(root, trace) -> dict[str, set[str]]:
         read.setdefault(record["cmd"], set()).update(record["keys"])
     for cmd, keys in read.items():
         assert cmd in declared, f"{cmd!r} is not a dvc.yaml stage command"
-        assert keys <= declared[cmd], f"{cmd} reads {sorted(keys - declared[cmd])}, which dvc.yaml does not declare"
+        undeclared = {key for key in keys if not any(covers(d, key) for d in declared[cmd])}
+        assert not undeclared, f"{cmd} reads {sorted(undeclared)}, which dvc.yaml does not declare"
     return read

@@ -144,12 +144,12 @@ def test_stage_runs_two_processes_under_accelerate(tmp_path, tiny_model):
     (root / "models/base/source.json").write_text(json.dumps({"base": "tiny"}))
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}\n" * 3}]}
             for i in range(8)]
-    (root / "filtered/none").mkdir(parents=True)
-    (root / "filtered/none/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    done = subprocess.run([sys.executable, "-m", "tasks.train", "--arm", "none"], cwd=root, env=stage_env(root),
+    (root / "filtered/ssd-none").mkdir(parents=True)
+    (root / "filtered/ssd-none/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = subprocess.run([sys.executable, "-m", "tasks.train", "--arm", "ssd-none"], cwd=root, env=stage_env(root),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "accelerate.commands.launch" in done.stdout
-    curve = (root / "plots/train/none.csv").read_text().splitlines()
+    curve = (root / "plots/train/ssd-none.csv").read_text().splitlines()
     assert len(curve) - 1 == 2  # 8 examples / (2 per micro-batch x 2 processes)
-    assert (root / "models/none/generation_config.json").exists() and (root / "models/none/README.md").exists()
+    assert (root / "models/ssd-none/generation_config.json").exists() and (root / "models/ssd-none/README.md").exists()

@@ -78,3 +78,33 @@ def temperature_sweep(choices: dict[str, dict], out: str | Path) -> None:
     ax.set(xlabel="T_eval", ylabel="pass@1 (validation)", title="T_eval sweep: each model at its own best T")
     ax.legend()
     _save(fig, out)
+
+
+def grid_heatmap(cells: dict[tuple[float, float], float], out: str | Path, title: str) -> None:
+    """cells: (T_train, T_eval) -> pass@1; rows T_train, columns T_eval, each cell labelled."""
+    t_train = sorted({t for t, _ in cells})
+    t_eval = sorted({t for _, t in cells})
+    values = [[cells.get((a, b), float("nan")) for b in t_eval] for a in t_train]
+    fig, ax = plt.subplots(figsize=(1.2 * len(t_eval) + 2.5, 0.8 * len(t_train) + 2))
+    image = ax.imshow(values, cmap="viridis", origin="lower", aspect="auto")
+    ax.set_xticks(range(len(t_eval)), [f"{t:g}" for t in t_eval])
+    ax.set_yticks(range(len(t_train)), [f"{t:g}" for t in t_train])
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white", fontsize=8)
+    ax.set(xlabel="T_eval", ylabel="T_train", title=title)
+    fig.colorbar(image, ax=ax, label="pass@1")
+    _save(fig, out)
+
+
+def pass_vs_t_eff(cells: dict[tuple[float, float], float], out: str | Path, title: str) -> None:
+    """pass@1 against T_eff = T_train x T_eval (the paper: performance follows T_eff), one
+    line per T_train."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for t_train in sorted({t for t, _ in cells}):
+        points = sorted((t_train * t_eval, v) for (a, t_eval), v in cells.items() if a == t_train)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"T_train={t_train:g}")
+    ax.set(xlabel="T_eff = T_train x T_eval", ylabel="pass@1", title=title)
+    ax.legend(fontsize=8)
+    _save(fig, out)

@@ -10,5 +10,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfdistill validate", description=__doc__.split(": ", 1)[1])
     parser.add_argument("path", nargs="?", default=str(PARAMS_FILE), help="the params file (default: params.yaml)")
     params = load_params(parser.parse_args(argv).path)
-    print(f"params OK: arms {', '.join(params.filter.arms)}")
+    arms = ", ".join(f"{name} ({arm.sample} -> {arm.filter})" for name, arm in params.arms.items())
+    print(f"params OK: arms {arms}")
     return 0

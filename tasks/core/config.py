@@ -25,6 +25,15 @@ PARAMS_FILE = Path(os.environ.get("SELFDISTILL_PARAMS", "params.yaml"))
 FILTER_ARMS = ("none", "shortest", "extractable", "syntax", "passes")
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
+NAME_PATTERN = r"[a-z0-9][a-z0-9_-]*"  # names of sampling configs, arms and eval sets: they name files
+
+
+def _file_safe(kind: str, names) -> None:
+    for name in names:
+        if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+            hint = " (quote it: YAML reads a bare null as nothing)" if name is None else ""
+            raise ValueError(f"{kind} {name!r}: lowercase letters, digits, '-' and '_' (it names files){hint}")
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -60,8 +69,7 @@ class EvalSet(ProblemSet):
     @field_validator("name")
     @classmethod
     def _file_name(cls, name: str) -> str:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
-            raise ValueError(f"{name!r}: lowercase letters, digits, '-' and '_' (it names files)")
+        _file_safe("eval set", [name])
         return name
 
 
@@ -117,25 +125,63 @@ class DecodingConfig(Strict):
         return self
 
 
-class SamplingConfig(DecodingConfig):
-    """The frozen base model's decoding at T_train (the `sample` stage)."""
+class Truncation(Strict):
+    """One named T_train configuration (temperature -> top-k -> top-p -> min-p)."""
+
+    temperature: float = Field(ge=0)
+    top_k: int = Field(ge=0)  # 0 disables top-k
+    top_p: float = Field(gt=0, le=1)
+    min_p: float = Field(ge=0, le=1)
+
+
+class SamplingConfig(Strict):
+    """The frozen base model's decoding at T_train: one `sample@<name>` stage per named config,
+    the rest shared by all of them."""
+
+    backend: Literal[BACKEND_NAMES]
+    n: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    seed: int
+    batch_size: int = Field(ge=1)
+    slots: int = Field(ge=1)
+    configs: dict[str, Truncation] = Field(min_length=1)
+
+    @field_validator("configs", mode="before")
+    @classmethod
+    def _config_names(cls, configs: object) -> object:
+        if isinstance(configs, dict):
+            _file_safe("sampling config", configs)
+        return configs
+
+    @model_validator(mode="after")
+    def _backend_can_sample(self) -> "SamplingConfig":
+        for name in self.configs:
+            reason = unsupported(sampling_decoding(self, name))
+            if reason:
+                raise ValueError(f"configs.{name}: {reason}")
+        return self
+
+
+def sampling_decoding(sample: SamplingConfig, name: str) -> DecodingConfig:
+    """The full decoding of sampling config `name` (reads only its own keys and the shared ones)."""
+    config = sample.configs[name]
+    return DecodingConfig.model_construct(
+        backend=sample.backend, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+        min_p=config.min_p, n=sample.n, max_new_tokens=sample.max_new_tokens, seed=sample.seed,
+        batch_size=sample.batch_size, slots=sample.slots)
+
+
+class Arm(Strict):
+    """A trained model: the samples of one sampling config, kept by one filter."""
+
+    sample: str  # a key of sample.configs
+    filter: Literal[FILTER_ARMS]
 
 
 class FilterConfig(Strict):
-    arms: list[str] = Field(min_length=1)
-    # apple/ml-ssd drops the shortest 10% of responses (arm "shortest").
+    # apple/ml-ssd drops the shortest 10% of responses (filter "shortest").
     shortest_fraction: float = Field(ge=0, lt=1)
     timeout_s: float = Field(gt=0)
-
-    @field_validator("arms")
-    @classmethod
-    def _known_arms(cls, arms: list[str]) -> list[str]:
-        for arm in arms:
-            if arm not in FILTER_ARMS:
-                raise ValueError(f"unknown filter arm {arm!r}; known arms: {', '.join(FILTER_ARMS)}")
-        if len(set(arms)) != len(arms):
-            raise ValueError("filter arms must be unique")
-        return arms
 
 
 class TrainConfig(Strict):
@@ -182,6 +228,9 @@ class EvalConfig(DecodingConfig):
     # T_eval candidates: each model decodes the validation set at each and is tested at the one
     # with the best validation pass@1 (ties: the one nearest `temperature`). Empty: `temperature`.
     sweep: list[float]
+    # Decode every test set this many times at the chosen T_eval, with seeds seed, seed+1, ...:
+    # the report shows the seed-to-seed spread next to the CI (is a difference more than noise?).
+    repeats: int = Field(ge=1)
 
     @field_validator("sweep")
     @classmethod
@@ -234,12 +283,36 @@ class Params(Strict):
     codeio: CodeIOConfig
     data: DataConfig
     sample: SamplingConfig
+    # (sampling config, filter) pairs, one trained model each: filter@, train@, evaluate@ and
+    # diagnose@<name>, models/<name>.
+    arms: dict[str, Arm] = Field(min_length=1)
     filter: FilterConfig
     train: TrainConfig
     evaluate: EvalConfig
     sandbox: SandboxConfig
     diagnose: DiagnoseConfig
     report: ReportConfig
+
+    @field_validator("arms", mode="before")
+    @classmethod
+    def _arm_names(cls, arms: object) -> object:
+        if isinstance(arms, dict):
+            _file_safe("arm", arms)
+            if "base" in arms:
+                raise ValueError("arm 'base': the name of the untrained model (models/base); pick another")
+        return arms
+
+    @model_validator(mode="after")
+    def _arms_use_the_configs(self) -> "Params":
+        configs = self.sample.configs
+        for name, arm in self.arms.items():
+            if arm.sample not in configs:
+                raise ValueError(f"arms.{name}.sample: {arm.sample!r} is not a key of sample.configs "
+                                 f"({', '.join(configs)})")
+        unused = set(configs) - {arm.sample for arm in self.arms.values()}
+        if unused:  # dvc repro would sample them for nothing
+            raise ValueError(f"sample.configs: {', '.join(sorted(unused))} used by no arm (remove it or add an arm)")
+        return self
 
     @model_validator(mode="after")
     def _diagnosed_set_exists(self) -> "Params":
@@ -251,6 +324,14 @@ class Params(Strict):
 
 class ParamsError(ValueError):
     pass
+
+
+def named(section, name: str, key: str):
+    """`section[name]` of a named section (sample.configs, arms), or an error naming `key`."""
+    try:
+        return section[name]
+    except KeyError:
+        raise ParamsError(f"{PARAMS_FILE}: {key} has no {name!r} (it has: {', '.join(section)})") from None
 
 
 def _key(loc: tuple) -> str:
@@ -287,6 +368,8 @@ class _TracedParams:
         if name in type(self._model).model_fields:
             if isinstance(value, BaseModel):
                 return _TracedParams(value, f"{self._prefix}{name}.", self._seen)
+            if isinstance(value, dict) and all(isinstance(v, BaseModel) for v in value.values()):
+                return _TracedMapping(value, f"{self._prefix}{name}", self._seen)
             self._seen.add(self._prefix + name)
         elif name in ("model_dump", "model_dump_json", "model_copy"):  # counted as reading every key
             def read_all(*args, **kwargs):
@@ -294,6 +377,39 @@ class _TracedParams:
                 return value(*args, **kwargs)
             return read_all
         return value
+
+
+class _TracedMapping:
+    """A named section (sample.configs, arms): one entry read is that entry's keys read; the
+    names themselves (iterating, `in`, len) are the whole section read."""
+
+    def __init__(self, mapping: dict, prefix: str, seen: set[str]):
+        self._mapping, self._prefix, self._seen = mapping, prefix, seen
+
+    def __getitem__(self, name: str):
+        return _TracedParams(self._mapping[name], f"{self._prefix}.{name}.", self._seen)
+
+    def _names(self) -> list[str]:
+        self._seen.add(self._prefix)
+        return list(self._mapping)
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def keys(self):
+        return self._names()
+
+    def items(self):
+        return [(name, self[name]) for name in self._names()]
+
+    def values(self):
+        return [self[name] for name in self._names()]
 
 
 def _flat_keys(values: dict, prefix: str = "") -> list[str]:
@@ -336,15 +452,21 @@ def _load_params(path: str | os.PathLike | None = None) -> Params:
     return validate_params(raw if raw is not None else {}, str(path), path.parent)
 
 
-def merge(raw: dict, overlay: dict, where: str) -> dict:
-    """Set each leaf of `overlay` in `raw` (lists are values: replaced whole); `where` names the
-    source of the overlay in errors."""
+# Named sections: a profile that names them gives the whole set (the arms of a profile are its
+# arms, not those of params.yaml plus its own); a key=value override still sets one leaf.
+NAMED_SECTIONS = ("arms", "sample.configs")
+
+
+def merge(raw: dict, overlay: dict, where: str, whole: tuple[str, ...] = (), at: str = "") -> dict:
+    """Set each leaf of `overlay` in `raw` (lists, and the sections named in `whole`, are values:
+    replaced whole); `where` names the source of the overlay in errors."""
     for key, value in overlay.items():
-        if isinstance(value, dict):
+        path = f"{at}{key}"
+        if isinstance(value, dict) and path not in whole:
             node = raw.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ParamsError(f"{where}: {key} is not a section")
-            merge(node, value, f"{where}: {key}")
+            merge(node, value, f"{where}: {key}", whole, f"{path}.")
         else:
             raw[key] = value
     return raw
@@ -365,7 +487,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = parse(value)
-        merge(raw, overlay, f"override {item!r}")
+        merge(raw, overlay, f"override {item!r}", whole=(key,))  # a mapping given for a key: that key's whole value
     return raw
 
 
@@ -407,7 +529,7 @@ def update_params_file(path: str | os.PathLike, overrides: list[str] = (), profi
     raw = raw if raw is not None else {}
     sources = []
     if profile is not None:
-        merge(raw, read_profile(profile), str(profile))
+        merge(raw, read_profile(profile), str(profile), whole=NAMED_SECTIONS)
         sources.append(f"profile {profile}")
     if overrides:
         apply_overrides(raw, list(overrides))

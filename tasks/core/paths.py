@@ -9,12 +9,19 @@ TRAIN_PROBLEMS = "data/train.jsonl"
 VALIDATION_PROBLEMS = "data/validation.jsonl"  # where each model's T_eval is chosen
 EVAL_PROBLEMS = "data/eval"  # one <set>.jsonl per eval set
 DATA_SOURCE = "data/source.json"
-SAMPLES = "samples/samples.jsonl"
-SAMPLE_STATS = "samples/stats.json"
 REPORT_JSON = "report/summary.json"
 REPORT_MD = "report/summary.md"
 REPORT_FIGURES = "report/figures"  # PNGs, linked from summary.md
 CHECKPOINTS = "checkpoints"  # not a DVC out: survives DVC clearing outs, so training resumes
+
+
+def samples(config: str) -> str:
+    """The raw samples of one sampling config (sample.configs.<config>)."""
+    return f"samples/{config}/samples.jsonl"
+
+
+def sample_stats(config: str) -> str:
+    return f"samples/{config}/stats.json"
 
 
 def filtered_samples(arm: str) -> str:
@@ -48,6 +55,11 @@ def eval_samples_dir(name: str) -> str:
 
 def eval_samples(name: str, eval_set: str) -> str:
     return f"{eval_samples_dir(name)}/{eval_set}.jsonl"
+
+
+def repeat_samples(name: str, eval_set: str, seed: int) -> str:
+    """A repeat of a test set's decoding with another seed (evaluate.repeats)."""
+    return f"{eval_samples_dir(name)}/repeats/{eval_set}.seed{seed}.jsonl"
 
 
 def validation_samples(name: str, temperature: float) -> str:
