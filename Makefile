@@ -39,15 +39,17 @@ bench: install
 gpu-smoke: install
 	$(BIN)/python bench/gpu_smoke.py
 
+# The GPU machine's Python, torch and transformers (what is installed there).
 GPU_PYTHON_VERSION ?= 3.12
+GPU_TORCH ?= 2.11.0
+GPU_TRANSFORMERS ?= 5.17.0
 gpu-wheels:
-	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON_VERSION) \
-	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-	  --platform manylinux2014_x86_64 -d .whl -r bench/gpu-smoke-requirements.txt
+	$(PYTHON) bench/gpu_wheels.py --python-version $(GPU_PYTHON_VERSION) --torch $(GPU_TORCH) \
+	  --transformers $(GPU_TRANSFORMERS) -o .whl
 
 gpu-smoke-offline:
 	python3 -m pip install -q --no-index --no-deps --target /tmp/selfdistill-site .whl/*.whl
-	PYTHONPATH=/tmp/selfdistill-site python3 bench/gpu_smoke.py
+	PATH=/tmp/selfdistill-site/bin:$$PATH PYTHONPATH=/tmp/selfdistill-site python3 bench/gpu_smoke.py
 
 flow: install
 	PATH=$(BIN):$$PATH $(BIN)/selfdistill flow run

@@ -61,7 +61,8 @@ def main() -> int:
         else:
             shutil.copy(src, workspace / name)
     params = update_params_file(workspace / "params.yaml", args.overrides, profile=args.profile)
-    env = {**os.environ, "PYTHONPATH": str(workspace)}
+    # The workspace's tasks/ first; packages installed with --target (make gpu-smoke-offline) stay.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(workspace), os.environ.get("PYTHONPATH")]))}
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     print(f"gpu-smoke: {device}; workspace {workspace}", flush=True)
     seconds = {}

@@ -136,6 +136,12 @@ def markdown(summary: dict, params) -> str:
         for model, choice in summary["t_eval"].items():
             cells = [f"{choice['validation_pass@1'][f'{t:g}']:.3f}" for t in ev.sweep]
             lines.append(f"| {model} | " + " | ".join(cells) + f" | **{choice['chosen']:g}** |")
+        tied = [model for model, choice in summary["t_eval"].items()
+                if len(set(choice["validation_pass@1"].values())) == 1]
+        if tied:
+            lines += ["", f"Validation could not tell the T_eval apart for {', '.join(tied)} (equal pass@1 at every "
+                          f"T): the tie-breaker, evaluate.temperature={ev.temperature:g}, chose. A larger or easier "
+                          "validation set (data.validation) gives the choice something to go on."]
         lines += ["", "Every model below is tested at its own chosen T_eval; each Δ compares an arm at its T "
                       "with the base at the base's."]
     else:

@@ -15,6 +15,7 @@ evaluation decoding settings, README.md model card) and plots/train/<arm>.csv.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -102,6 +103,12 @@ def train(arm: str) -> int:
         trainer.save_model(str(tmp_dir))
     if not trainer.is_world_process_zero():
         return 0
+    # Done with the optimizer's state (twice the weights in fp32) and the gradients: free them
+    # before writing the model, which otherwise sets the run's peak RSS.
+    trainer.accelerator.free_memory()
+    trainer.optimizer = trainer.lr_scheduler = None
+    model.zero_grad(set_to_none=True)
+    gc.collect()
     model.to("cpu").eval()
     with atomic_path(out_dir, is_dir=True) as tmp:
         if cfg.method == "full" and trainer.accelerator.num_processes > 1:
