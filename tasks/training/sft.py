@@ -159,9 +159,16 @@ def training_args(cfg, output_dir: Path):
 
 
 def build_trainer(model, tokenizer, examples: list[tuple[list[int], list[int]]], cfg, output_dir: Path):
-    from datasets import Dataset
+    import hashlib
 
-    dataset = Dataset.from_dict({"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]})
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    columns = {"input_ids": [e[0] for e in examples], "labels": [e[1] for e in examples]}
+    # Our own fingerprint: datasets would hash the table with dill, which fails on some pyarrow
+    # builds ("Can't pickle <class 'MonthDayNano'>", seen with wheels installed --target).
+    fingerprint = hashlib.sha256(json.dumps(columns).encode()).hexdigest()[:16]
+    dataset = Dataset(InMemoryTable.from_pydict(columns), fingerprint=fingerprint)
     return _trainer_class()(model=model, args=training_args(cfg, output_dir), train_dataset=dataset,
                             processing_class=tokenizer, data_collator=Collator(tokenizer.pad_token_id, cfg.packing),
                             callbacks=[_mark_complete_callback()], lean_loss=cfg.lean_loss)
