@@ -50,7 +50,8 @@ def build_report(params) -> dict:
     configs = params.sample.configs
     summary = {"samples": {name: {**configs[name].model_dump(), **read_json(paths.sample_stats(name))}
                            for name in configs},
-               "arms": {arm: {"sample": spec.sample, "filter": spec.filter} for arm, spec in params.arms.items()},
+               "arms": {arm: {"sample": spec.sample, "filter": spec.filter, "kept": kept[arm]["kept"],
+                              "kept_fraction": kept[arm]["kept_fraction"]} for arm, spec in params.arms.items()},
                "isolation": metrics["base"]["isolation"], "t_eval": t_eval_choices(params, metrics), "sets": {}}
     for eval_set in params.data.eval:
         name = eval_set.name
@@ -119,10 +120,9 @@ def markdown(summary: dict, params) -> str:
     ]
     for arm, spec in summary["arms"].items():
         s = summary["samples"][spec["sample"]]
-        m = summary["sets"][next(iter(summary["sets"]))]["models"][arm]
         lines.append(f"| {arm} | {spec['sample']} | {s['temperature']:g} | {s['top_k'] or 'off'} | {s['top_p']:g} | "
                      f"{s['samples']} | {s['extractable_fraction']:.0%} | {spec['filter']} | "
-                     f"{m['kept']} ({m['kept_fraction']:.0%}) |")
+                     f"{spec['kept']} ({spec['kept_fraction']:.0%}) |")
     lines += ["", f"Evaluation: {ev.n} samples per problem, top-k={ev.top_k}, top-p={ev.top_p}; sandbox isolation: "
                   f"{summary['isolation']}."]
     if ev.sweep:

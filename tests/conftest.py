@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,18 @@ def humaneval_only(train: int, eval: int = 4) -> dict:
     return {"train": {"source": "humaneval", "max_problems": train},
             "validation": {"source": "humaneval", "max_problems": 2},
             "eval": [{"name": "humaneval", "source": "humaneval", "max_problems": eval}]}
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM a process started with start_new_session=True and its children; SIGKILL after
+    `timeout` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def stage_env(root: Path) -> dict:

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import init_repo, write_params
+from conftest import init_repo, stop_process_group, write_params
 from flows.pipeline import FLOW_NAME
 from flows.records import recorded_runs
 
@@ -66,12 +65,7 @@ def prefect_server(tmp_path):
             time.sleep(1)
         yield env
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server, timeout=30)
 
 
 def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 300) -> str:

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from conftest import stop_process_group
 
 from test_deployment import prefect_server  # noqa: F401  (a fixture: a real Prefect server)
 
@@ -94,13 +95,7 @@ def dockerd(tmp_path_factory):
 
 
 def _stop(daemon: subprocess.Popen) -> None:
-    if daemon.poll() is None:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(daemon.pid, signal.SIGKILL)
-            daemon.wait()
+    stop_process_group(daemon, timeout=60)
 
 
 @pytest.fixture(scope="module")
