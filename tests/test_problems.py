@@ -4,7 +4,7 @@ import pytest
 
 from tasks.core.extract import last_fenced_block, one_line_stub, program_from_answer
 from tasks.core.files import DataError
-from tasks.core.problems import chat_messages, load_problems, split_problems
+from tasks.core.problems import chat_messages, load_problems, seeded_subset, split_problems
 
 
 def test_humaneval_split_is_disjoint_and_seeded():
@@ -17,6 +17,22 @@ def test_humaneval_split_is_disjoint_and_seeded():
     other, _ = split_problems(problems, 0.4, seed=1)
     assert [p["task_id"] for p in again] == [p["task_id"] for p in train]
     assert [p["task_id"] for p in other] != [p["task_id"] for p in train]
+
+
+def test_a_problem_more_or_less_changes_a_subset_by_that_one():
+    # CodeIO's conversion keeps a problem more or less from run to run: two clones must still
+    # train and test on the same problems but that one.
+    problems = load_problems("humaneval")
+    ids = lambda ps: {p["task_id"] for p in ps}
+    subset = ids(seeded_subset(problems, 40, seed=0))
+    train, held_out = split_problems(problems, 0.3, seed=0)
+    for dropped in (problems[:1], [next(p for p in problems if p["task_id"] in subset)]):
+        pool = [p for p in problems if p not in dropped]
+        again = ids(seeded_subset(pool, 40, seed=0))
+        assert len(again) == 40 and len(subset - again) <= 1 and len(again - subset) <= 1
+        train2, held_out2 = split_problems(pool, 0.3, seed=0)
+        assert len(ids(held_out) ^ ids(held_out2)) <= 2 and len(ids(train) - ids(train2)) <= 2
+    assert ids(seeded_subset(problems, 40, seed=1)) != subset
 
 
 def test_prompt_carries_no_solution_or_tests():

@@ -44,6 +44,27 @@ def test_packed_loss_equals_unpacked_loss(tiny, lean):
     assert loss_p.item() == pytest.approx(loss_u.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("lean", [True, False])
+def test_rows_capped_at_pack_tokens_give_the_unpacked_loss(tiny, lean):
+    # A cap that splits the micro-batch into several rows, one of them padded with a block of its own.
+    model, tok = tiny
+    feats = features(tiny_examples(tok, 5))
+    lengths = sorted((len(f["input_ids"]) for f in feats), reverse=True)
+    cap = lengths[0] + lengths[-1]
+    collate = Collator(tok.pad_token_id, pack=True, row_tokens=cap)
+    rows = collate.rows(feats)
+    assert 1 < len(rows) < len(feats) and all(sum(len(f["input_ids"]) for f in r) <= cap for r in rows)
+    assert sorted(id(f) for r in rows for f in r) == sorted(id(f) for f in feats)
+    packed = collate(feats)
+    assert packed["input_ids"].shape[0] == len(rows) and "attention_mask" not in packed
+    assert (packed["input_ids"] == tok.pad_token_id).any()  # the shorter rows are padded
+    with torch.no_grad():
+        loss_p, n_p = answer_loss_sum(model, packed, lean=lean)
+        loss_u, n_u = answer_loss_sum(model, Collator(tok.pad_token_id, pack=False)(feats), lean=lean)
+    assert n_p == n_u
+    assert loss_p.item() == pytest.approx(loss_u.item(), rel=1e-5)
+
+
 def test_packing_keeps_attention_inside_each_example(tiny):
     # Changing the first example must not change the second example's loss when packed.
     model, tok = tiny
@@ -61,8 +82,8 @@ def test_packing_keeps_attention_inside_each_example(tiny):
 def test_lean_loss_equals_full_vocab_loss(tiny):
     model, tok = tiny
     feats = features(tiny_examples(tok))
-    for pack in (True, False):
-        batch = Collator(tok.pad_token_id, pack=pack)(feats)
+    for pack, cap in ((True, 0), (True, 40), (False, 0)):
+        batch = Collator(tok.pad_token_id, pack=pack, row_tokens=cap)(feats)
         with torch.no_grad():
             assert answer_loss_sum(model, batch, lean=True)[0].item() == pytest.approx(
                 answer_loss_sum(model, batch, lean=False)[0].item(), rel=1e-5)

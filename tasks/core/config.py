@@ -202,9 +202,12 @@ class TrainConfig(Strict):
     bf16: bool
     seed: int
     checkpoint_every: int = Field(ge=1)
-    # Each micro-batch as one packed row (position ids restart per example, attention kept
-    # inside each example); false: padded rows.
+    # Each micro-batch packed into rows (position ids restart per example, attention kept
+    # inside each example); false: one padded row per example.
     packing: bool
+    # Most tokens in one packed row (0: the whole micro-batch in one row). On CPU attention
+    # over a packed row costs the square of its length (README: Training).
+    pack_tokens: int = Field(ge=0)
     # Logits only at answer positions (never the prompt's, never a full fp32 [tokens x vocab]).
     lean_loss: bool
     gradient_checkpointing: bool

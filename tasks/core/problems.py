@@ -10,7 +10,7 @@ words (the pipeline's prompt for the stdin and call kinds; `selfdistill score` d
 """
 from __future__ import annotations
 
-import random
+import hashlib
 from pathlib import Path
 
 from tasks.core.files import DataError, iter_jsonl
@@ -90,10 +90,18 @@ def load_problems(source: str, kinds: tuple[str, ...] = KINDS, prompted: bool = 
     return problems
 
 
+def seeded_rank(problems: list[dict], seed: int) -> list[int]:
+    """Indices of `problems` in a seeded random order that depends only on each problem's own
+    task_id: a pool that gains or loses a problem (CodeIO's conversion keeps 2,873-2,875 from run
+    to run) keeps every other problem's place, so the subsets drawn from it change by that one."""
+    def key(i: int) -> str:
+        return hashlib.sha256(f"{seed}:{problems[i]['task_id']}".encode()).hexdigest()
+    return sorted(range(len(problems)), key=key)
+
+
 def split_problems(problems: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded, disjoint split into train prompts and held-out eval problems."""
-    order = list(range(len(problems)))
-    random.Random(seed).shuffle(order)
+    """A seeded, disjoint split into train prompts and held-out eval problems, each in pool order."""
+    order = seeded_rank(problems, seed)
     n_eval = max(1, round(len(problems) * eval_fraction))
     if n_eval >= len(problems):
         raise DataError(f"data.eval_fraction={eval_fraction} leaves no train prompts from {len(problems)} problems")
@@ -113,10 +121,10 @@ def chat_messages(problem: dict) -> list[dict]:
 
 
 def seeded_subset(problems: list[dict], size: int, seed: int) -> list[dict]:
-    """`size` problems drawn at random (seeded), in their original order; all when size is 0."""
+    """`size` problems drawn at random (seeded, `seeded_rank`), in pool order; all when size is 0."""
     if not size or size >= len(problems):
         return problems
-    chosen = sorted(random.Random(seed).sample(range(len(problems)), size))
+    chosen = sorted(seeded_rank(problems, seed)[:size])
     return [problems[i] for i in chosen]
 
 

@@ -1,12 +1,15 @@
 """Plain SFT on TRL's SFTTrainer (transformers Trainer + accelerate underneath), answer tokens only.
 
 What this adds to TRL's defaults, and why:
-- Packing per micro-batch: the micro-batch's examples are concatenated into one row, with
-  position ids restarting at 0 for each example and no attention mask. transformers (>= 5)
-  reads that layout as packed sequences and builds a block-diagonal causal mask (sdpa, eager)
-  or varlen attention (flash-attention), so no token attends across examples: the loss equals
-  the unpacked, padded micro-batch's (tests/test_training.py). Packing per micro-batch, not over
-  the dataset, keeps the seeded order of examples and the number of optimizer steps.
+- Packing per micro-batch: the micro-batch's examples are concatenated into rows of at most
+  `train.pack_tokens` tokens (first fit, longest first; 0: all in one row), with position ids
+  restarting at 0 for each example and no attention mask; a shorter row is filled with a pad
+  block that is its own "example". transformers (>= 5) reads that layout as packed sequences
+  and builds a block-diagonal causal mask (sdpa, eager) or varlen attention (flash-attention),
+  so no token attends across examples: the loss equals the unpacked, padded micro-batch's
+  (tests/test_training.py). Packing per micro-batch, not over the dataset, keeps the seeded
+  order of examples and the number of optimizer steps. The row cap matters on CPU, where the
+  block-diagonal mask is applied densely: attention costs the square of the row's length.
 - A lean loss: the model's LM head runs only at the positions whose next token is an answer
   token (`logits_to_keep` with those indices), so neither the prompt's logits nor a
   [tokens x vocab] fp32 tensor for them is ever built; cross-entropy is summed and divided by
@@ -43,22 +46,48 @@ def encode(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int],
 
 
 class Collator:
-    """Micro-batch of {"input_ids", "labels"} -> model inputs: one packed row (position ids
-    restarting per example, no attention mask) or padded rows with an attention mask."""
+    """Micro-batch of {"input_ids", "labels"} -> model inputs: packed rows of at most
+    `row_tokens` tokens (position ids restarting per example, no attention mask; 0: one row)
+    or, without packing, one padded row per example with an attention mask."""
 
-    def __init__(self, pad_id: int, pack: bool):
-        self.pad_id, self.pack = pad_id, pack
+    def __init__(self, pad_id: int, pack: bool, row_tokens: int = 0):
+        self.pad_id, self.pack, self.row_tokens = pad_id, pack, row_tokens
+
+    def rows(self, features: list[dict]) -> list[list[dict]]:
+        """First-fit-decreasing bins of at most `row_tokens` tokens (an example longer than
+        that gets a row of its own)."""
+        if not self.row_tokens:
+            return [features]
+        rows, sizes = [], []
+        for f in sorted(features, key=lambda f: -len(f["input_ids"])):
+            n = len(f["input_ids"])
+            fit = next((i for i, size in enumerate(sizes) if size + n <= self.row_tokens), None)
+            if fit is None:
+                rows.append([f])
+                sizes.append(n)
+            else:
+                rows[fit].append(f)
+                sizes[fit] += n
+        return rows
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if self.pack:
-            ids, labels, positions = [], [], []
-            for f in features:
-                n = len(f["input_ids"])
-                ids += f["input_ids"]
-                labels += [IGNORE] + list(f["labels"][1:])  # never predict an example's first token from the previous one
-                positions += range(n)
-            return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                    "position_ids": torch.tensor([positions])}
+            packed = []
+            for row in self.rows(features):
+                ids, labels, positions = [], [], []
+                for f in row:
+                    ids += f["input_ids"]
+                    labels += [IGNORE] + list(f["labels"][1:])  # never predict an example's first token from the previous one
+                    positions += range(len(f["input_ids"]))
+                packed.append((ids, labels, positions))
+            width = max(len(ids) for ids, _, _ in packed)
+            for ids, labels, positions in packed:
+                pad = width - len(ids)  # a block of its own: positions restart, nothing to predict
+                ids += [self.pad_id] * pad
+                labels += [IGNORE] * pad
+                positions += range(pad)
+            return {"input_ids": torch.tensor([p[0] for p in packed]), "labels": torch.tensor([p[1] for p in packed]),
+                    "position_ids": torch.tensor([p[2] for p in packed])}
         width = max(len(f["input_ids"]) for f in features)
         input_ids = torch.full((len(features), width), self.pad_id)
         labels = torch.full((len(features), width), IGNORE)
@@ -77,13 +106,12 @@ def answer_loss_sum(model, inputs: dict, lean: bool = True) -> tuple[torch.Tenso
     target = labels[:, 1:]
     mask = target != IGNORE
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    if lean and labels.size(0) == 1:
-        keep = mask[0].nonzero().squeeze(-1)  # positions whose next token is an answer token
-        logits = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits[0]
-        tgt = target[0, keep]
-    elif lean:
-        logits = model(**model_inputs, use_cache=False).logits[:, :-1][mask]  # fp32 only at answer positions
-        tgt = target[mask]
+    if lean:
+        # The LM head only at the columns where some row's next token is an answer token.
+        keep = mask.any(0).nonzero().squeeze(-1)
+        chosen = mask[:, keep]
+        logits = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits[chosen]
+        tgt = target[:, keep][chosen]
     else:  # the pre-TRL stage's loss: every position's logits in fp32
         logits = model(**model_inputs, use_cache=False).logits[:, :-1]
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
@@ -170,7 +198,7 @@ def build_trainer(model, tokenizer, examples: list[tuple[list[int], list[int]]],
     fingerprint = hashlib.sha256(json.dumps(columns).encode()).hexdigest()[:16]
     dataset = Dataset(InMemoryTable.from_pydict(columns), fingerprint=fingerprint)
     return _trainer_class()(model=model, args=training_args(cfg, output_dir), train_dataset=dataset,
-                            processing_class=tokenizer, data_collator=Collator(tokenizer.pad_token_id, cfg.packing),
+                            processing_class=tokenizer, data_collator=Collator(tokenizer.pad_token_id, cfg.packing, cfg.pack_tokens),
                             callbacks=[_mark_complete_callback()], lean_loss=cfg.lean_loss)
 
 
