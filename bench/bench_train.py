@@ -230,7 +230,7 @@ def main() -> int:
                    heldout_loss=round(heldout_loss(trained, heldout, train["max_length"]), 4))
         results[name] = res
         print(f"{name:13s} steps {res['steps']:3d}  answer tokens {res['answer_tokens']:6d}  wall {wall:7.1f}s  "
-              f"{res['tok_s']:7.1f} answer tok/s  peak RSS {rss:5.2f} GB  final loss {res['final_loss']:.4f}  "
+              f"{res['tok_s']:7.1f} answer tok/s  peak RSS {rss:5.2f} GiB  final loss {res['final_loss']:.4f}  "
               f"held-out loss {res['heldout_loss']:.4f}",
               flush=True)
     if "trl" in results:

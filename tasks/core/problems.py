@@ -92,8 +92,8 @@ def load_problems(source: str, kinds: tuple[str, ...] = KINDS, prompted: bool = 
 
 def seeded_rank(problems: list[dict], seed: int) -> list[int]:
     """Indices of `problems` in a seeded random order that depends only on each problem's own
-    task_id: a pool that gains or loses a problem (CodeIO's conversion keeps 2,873-2,875 from run
-    to run) keeps every other problem's place, so the subsets drawn from it change by that one."""
+    task_id: a pool that gains or loses a problem (CodeIO's conversion keeps a few more or fewer
+    from run to run) keeps every other problem's place, so the subsets drawn from it change by that one."""
     def key(i: int) -> str:
         return hashlib.sha256(f"{seed}:{problems[i]['task_id']}".encode()).hexdigest()
     return sorted(range(len(problems)), key=key)
