@@ -17,7 +17,8 @@ Model: `models/base` if it exists; else the embedded SmolLM2-135M-Instruct, dequ
 into the bench's cache dir.
 
 Variants: trl (the anchor); stage (the train stage as configured in params.yaml: packing into
-rows of at most train.pack_tokens, the lean loss and activation checkpointing on); stage-nopack,
+rows of at most train.pack_tokens with attention per example, the chunked lean loss, the heap
+trim and activation checkpointing on); stage-nopack,
 stage-nolean, stage-plain (each change off alone / both off); stage-onerow (the micro-batch in one
 packed row, pack_tokens 0); stage-nogc (activation checkpointing off); stage-matched (the stage with as many answer tokens
 per optimizer step as TRL's packed rows, --matched-micro-batch: the like-for-like final loss);
@@ -178,8 +179,8 @@ def main() -> int:
     parser.add_argument("--before", help="a copy of the pre-TRL tasks/train.py, for the `before` variant")
     parser.add_argument("--matched-micro-batch", type=int, default=9,
                         help="stage-matched: examples per micro-batch that carry as many answer tokens per step "
-                             "as TRL's 4 packed rows of 1,024 tokens (9 on the default run's samples: TRL trains "
-                             "~3,100 answer tokens per step, the stage ~170 per example x 2 micro-batches)")
+                             "as TRL's 4 packed rows of 1,024 tokens (9 on SSD samples of CodeIO prompts: TRL trains "
+                             "~3,160 answer tokens per step, the stage ~180 per example x 2 micro-batches)")
     args = parser.parse_args()
     from tasks.core.config import load_params
 

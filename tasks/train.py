@@ -3,8 +3,8 @@
 The engine is TRL's SFTTrainer on transformers' Trainer and accelerate (tasks/training/sft.py):
 cross-entropy on the assistant tokens only, AdamW (train.beta1/beta2, weight decay), cosine to
 train.min_lr after a linear warm-up, gradient accumulation, bf16 autocast, full fine-tune (or
-LoRA with `train.method: lora`), each micro-batch packed into one row with attention kept inside
-each example, logits only at answer positions. `train.accelerate` names an accelerate config
+LoRA with `train.method: lora`), each micro-batch packed into rows of at most train.pack_tokens
+with attention kept inside each example, logits only at answer positions and in chunks. `train.accelerate` names an accelerate config
 (multi-GPU, FSDP, DeepSpeed): the stage then relaunches itself under `accelerate launch`.
 Checkpoints go to checkpoints/<arm>/ (not a DVC out, so it survives DVC clearing outs) and
 a rerun with the same data and params resumes from there.

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import train_config
-from tasks.training.sft import IGNORE, Collator, answer_loss_sum, build_trainer, encode
+from tasks.core.config import ParamsError
+from tasks.training.sft import (IGNORE, Collator, LinearCrossEntropy, answer_loss_sum, build_trainer,
+                                check_against_reference, encode, trim_heap_per_layer, use_packed_attention)
 
 
 def tiny_examples(tokenizer, n=4):
@@ -87,6 +89,91 @@ def test_lean_loss_equals_full_vocab_loss(tiny):
         with torch.no_grad():
             assert answer_loss_sum(model, batch, lean=True)[0].item() == pytest.approx(
                 answer_loss_sum(model, batch, lean=False)[0].item(), rel=1e-5)
+
+
+def test_chunked_linear_cross_entropy_has_the_full_logits_loss_and_gradients():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(37, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    target = torch.randint(0, 50, (37,))
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    reference = torch.nn.functional.cross_entropy(h1 @ w1.T, target, reduction="sum")
+    (0.5 * reference).backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ours = LinearCrossEntropy.apply(h2, w2, target, 8)  # 5 chunks, the last one short
+    (0.5 * ours).backward()
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert torch.allclose(h2.grad, h1.grad, rtol=1e-6, atol=1e-9) and torch.allclose(w2.grad, w1.grad, rtol=1e-6, atol=1e-9)
+    with torch.no_grad():  # scoring: no gradient work, same loss
+        assert LinearCrossEntropy.apply(hidden, weight, target, 8).item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_packed_attention_gives_the_unpacked_loss_and_gradients(tiny, split):
+    # Per-example SDPA on packed rows (one row, or rows of two examples and a padded one) against
+    # SDPA with an attention mask on the padded micro-batch: same loss, same gradients.
+    model, tok = tiny
+    feats = features(tiny_examples(tok, 5))
+    lengths = sorted(len(f["input_ids"]) for f in feats)
+    cap = lengths[-1] + lengths[0] if split else 0
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss, n = answer_loss_sum(model, batch)
+        (loss / n).backward()
+        return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    reference, ref_grads = loss_and_grads(Collator(tok.pad_token_id, pack=False)(feats))
+    before = use_packed_attention(model)
+    try:
+        packed, grads = loss_and_grads(Collator(tok.pad_token_id, pack=True, row_tokens=cap)(feats))
+    finally:
+        model.set_attn_implementation(before)
+        model.zero_grad(set_to_none=True)
+    assert packed == pytest.approx(reference, rel=1e-5)
+    assert all(torch.allclose(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6) for k in ref_grads)
+
+
+def test_the_stage_refuses_a_model_whose_loss_its_shortcuts_would_get_wrong(tiny_model):
+    # Logit soft-capping after the LM head (Gemma 2 does it): the chunked LM-head loss would skip it.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    pad_id = AutoTokenizer.from_pretrained(tiny_model).pad_token_id
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30)  # logits of a trained model's size, not ~0.1
+    cfg = train_config(packing=True, lean_loss=True, pack_tokens=0)
+    before = use_packed_attention(model)
+    check_against_reference(model, pad_id, cfg, before)  # a plain causal LM passes
+
+    def soft_cap(module, args, kwargs, output):
+        output.logits = 3.0 * torch.tanh(output.logits / 3.0)
+        return output
+
+    model.register_forward_hook(soft_cap, with_kwargs=True)
+    with pytest.raises(ParamsError, match="train.lean_loss"):
+        check_against_reference(model, pad_id, cfg, before)
+    check_against_reference(model, pad_id, train_config(packing=True, lean_loss=False), before)
+
+
+def test_the_lean_loss_is_refused_where_accelerate_shards_the_lm_head(tiny, tmp_path, monkeypatch):
+    from tasks.training.sft import fit
+
+    model, tok = tiny
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ParamsError, match="train.lean_loss: false"):
+        fit(model, tok, tiny_examples(tok), train_config(lean_loss=True), tmp_path, {}, "t")
+    assert not (tmp_path / "resume_key.json").exists()
+
+
+def test_heap_trim_hooks_every_decoder_layer(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = torch.arange(1, 20)[None]
+    with torch.no_grad():
+        before = model(ids).logits
+        assert trim_heap_per_layer(model) == model.config.num_hidden_layers
+        assert torch.equal(model(ids).logits, before)  # the hooks leave the computation alone
 
 
 def test_trainer_uses_the_papers_optimizer_and_schedule(tiny, tmp_path):

@@ -10,28 +10,40 @@ What this adds to TRL's defaults, and why:
   (tests/test_training.py). Packing per micro-batch, not over the dataset, keeps the seeded
   order of examples and the number of optimizer steps. The row cap matters on CPU, where the
   block-diagonal mask is applied densely: attention costs the square of the row's length.
-- A lean loss: the model's LM head runs only at the positions whose next token is an answer
-  token (`logits_to_keep` with those indices), so neither the prompt's logits nor a
-  [tokens x vocab] fp32 tensor for them is ever built; cross-entropy is summed and divided by
-  the step's answer tokens across micro-batches and processes (every answer token weighs the same).
+- A lean loss: the model returns its final hidden states where its LM head would be, only at the
+  positions whose next token is an answer token; `LinearCrossEntropy` then runs the LM head and
+  cross-entropy over them in chunks of `LOSS_CHUNK` tokens and takes each chunk's gradient at
+  once, so no [tokens x vocab] tensor outlives its chunk (Liger's fused linear cross-entropy does
+  this with triton, which has no CPU backend). Cross-entropy is summed and divided by the step's
+  answer tokens across micro-batches and processes (every answer token weighs the same).
+- Attention per example: with packing, the model runs `packed_attention` (one causal SDPA call
+  per example of a row, flash kernel, no mask) instead of SDPA over the row with transformers'
+  block-diagonal mask; same loss, attention costs the examples' squared lengths, not the row's.
+- The heap trimmed before each decoder layer (glibc's `malloc_trim`): on CPU, the churn of
+  activations between 128 KiB and 32 MiB fragments glibc's heap, whose freed pages then count in
+  RSS for the rest of the run; trimming keeps the default run's peak RSS near its live memory.
 - Resume only from a checkpoint of the same run: the checkpoint dir holds the run's resume key
   (tasks/core/files.py `resume_key`), and only checkpoints marked complete after their save count.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from tasks.core.config import ParamsError
 from tasks.core.files import DataError, atomic_path, key_differences
 from tasks.core.modeling import chat_token_ids
 
 IGNORE = -100
 KEY_FILE = "resume_key.json"
 COMPLETE = "complete"
+LOSS_CHUNK = 256  # answer tokens per LM-head chunk: 256 x 49k vocabulary x 4 bytes = 50 MB at most
 
 
 def encode(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
@@ -100,6 +112,166 @@ class Collator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the logits `hidden @ weight.T` against `target`, chunk by chunk.
+
+    Each chunk's logits are built in the compute dtype (bf16 under autocast, as the LM head
+    would), turned into fp32 log-probabilities and at once into their gradient (softmax minus
+    one-hot), which is multiplied out into the gradients of `hidden` and `weight` and dropped.
+    Backward only scales what forward kept, so nothing is computed twice."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk):
+        kind = hidden.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+        want_h, want_w = ctx.needs_input_grad[:2]
+        exact = torch.promote_types(dtype, torch.float32)  # log-probabilities and sums: fp32 at least
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=exact, device=weight.device) if want_w else None
+        loss = torch.zeros((), dtype=exact, device=hidden.device)
+        for start in range(0, hidden.size(0), chunk):
+            h, t = hidden[start:start + chunk].to(dtype), target[start:start + chunk]
+            logits = (h @ w.T).to(exact)
+            lse = torch.logsumexp(logits, -1)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if want_h or want_w:
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad[torch.arange(len(t), device=t.device), t] -= 1
+                grad = grad.to(dtype)
+                if want_h:
+                    grad_h[start:start + chunk] = grad @ w
+                if want_w:
+                    grad_w += (grad.T @ h).to(exact)
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_loss, None, None)
+
+
+@contextmanager
+def hidden_states_for_logits(model):
+    """Inside: the model's LM head passes its input through, so `logits` are the final hidden
+    states (the model's own forward still runs, under any DDP wrapper). Yields the head's weight."""
+    inner = model
+    while hasattr(inner, "module"):  # DDP and accelerate wrappers
+        inner = inner.module
+    head = inner.get_output_embeddings()
+    wrapped = head.__dict__.get("forward")  # a hook library's instance-level forward, if any
+    head.forward = lambda hidden: hidden
+    try:
+        yield head.weight
+    finally:
+        if wrapped is None:
+            del head.forward
+        else:
+            head.forward = wrapped
+
+
+PACKED_ATTENTION = "selfdistill_packed_sdpa"
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
+                     **kwargs):
+    """Causal attention inside each example of a packed row, one SDPA call per example.
+
+    Registered as an attention implementation without a mask function, so transformers builds
+    no [rows x L x L] block-diagonal mask; the examples are the runs of `position_ids` that
+    start at 0. `is_causal` with no mask lets SDPA use its flash kernel (CPU too), whose cost
+    is the sum of the squares of the examples' lengths, not the square of the row's."""
+    if attention_mask is not None or position_ids is None or query.size(2) != key.size(2):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = query.size(1) // key.size(1)
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    length = query.size(2)
+    rows = []
+    for b, positions in enumerate(position_ids.expand(query.size(0), -1)):
+        starts = (positions == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
+            starts = [0] + starts
+        bounds = list(zip(starts, starts[1:] + [length]))
+        rows.append(torch.cat([F.scaled_dot_product_attention(
+            query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout,
+            scale=scaling, is_causal=True) for s, e in bounds], dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def transformers_model(model):
+    """The transformers model itself, under a LoRA (peft) wrapper or not."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def use_packed_attention(model) -> str:
+    """Switch the model to `packed_attention`; returns the implementation it had."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    base = transformers_model(model)
+    before = base.config._attn_implementation
+    base.set_attn_implementation(PACKED_ATTENTION)
+    return before
+
+
+def check_against_reference(model, pad_id: int, cfg, plain_attention: str | None) -> None:
+    """Once before training: the configured loss (packed rows, per-example attention, chunked LM
+    head) on three short seeded examples must equal the plain one (padded rows with a mask, the
+    model's own attention, full logits). A model whose forward does more than its LM head (logit
+    soft-capping or scaling) or a transformers that stops passing position ids to attention would
+    otherwise train on a wrong loss without a sign."""
+    gen = torch.Generator().manual_seed(0)
+    feats = []
+    for n in (9, 6, 12):
+        ids = torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist()
+        feats.append({"input_ids": ids, "labels": [IGNORE] * (n // 2) + ids[n // 2:]})
+    base = transformers_model(model)
+    mode, configured = base.training, base.config._attn_implementation
+    base.eval()
+    try:
+        with torch.no_grad():
+            if plain_attention:
+                base.set_attn_implementation(plain_attention)
+            reference = answer_loss_sum(model, Collator(pad_id, pack=False)(feats), lean=False)[0].item()
+            base.set_attn_implementation(configured)
+            ours = answer_loss_sum(model, Collator(pad_id, cfg.packing, cfg.pack_tokens)(feats), cfg.lean_loss)[0].item()
+    finally:
+        base.set_attn_implementation(configured)
+        base.train(mode)
+    if abs(ours - reference) > 1e-3 * max(1.0, abs(reference)):
+        raise ParamsError(
+            f"train.packing={cfg.packing}, train.lean_loss={cfg.lean_loss}: the stage's loss on a seeded check "
+            f"batch is {ours:.6f}, the plain loss {reference:.6f}: this model or transformers computes them "
+            "differently (e.g. logit soft-capping); set train.lean_loss: false (or train.packing: false)")
+
+
+def trim_heap_per_layer(model) -> int:
+    """Hook glibc's malloc_trim before every decoder layer (forward and its recomputation in
+    backward); returns how many layers were hooked (0 without glibc, e.g. macOS or musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return 0
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+
+    def before_layer(module, args):
+        trim(0)  # returns None: a pre-hook's return value would replace the layer's inputs
+
+    for layer in layers:
+        layer.register_forward_pre_hook(before_layer)
+    return len(layers)
+
+
 def answer_loss_sum(model, inputs: dict, lean: bool = True) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the answer tokens of one micro-batch, and their count."""
     labels = inputs["labels"]
@@ -107,16 +279,16 @@ def answer_loss_sum(model, inputs: dict, lean: bool = True) -> tuple[torch.Tenso
     mask = target != IGNORE
     model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
     if lean:
-        # The LM head only at the columns where some row's next token is an answer token.
+        # Hidden states only at the columns where some row's next token is an answer token.
         keep = mask.any(0).nonzero().squeeze(-1)
         chosen = mask[:, keep]
-        logits = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits[chosen]
-        tgt = target[:, keep][chosen]
-    else:  # the pre-TRL stage's loss: every position's logits in fp32
-        logits = model(**model_inputs, use_cache=False).logits[:, :-1]
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
-                               reduction="sum"), int(mask.sum())
-    return F.cross_entropy(logits.float(), tgt, reduction="sum"), int(mask.sum())
+        with hidden_states_for_logits(model) as weight:
+            hidden = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits[chosen]
+        return LinearCrossEntropy.apply(hidden, weight, target[:, keep][chosen], LOSS_CHUNK), int(mask.sum())
+    # The pre-TRL stage's loss: every position's logits in fp32.
+    logits = model(**model_inputs, use_cache=False).logits[:, :-1]
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum"), int(mask.sum())
 
 
 def _trainer_class():
@@ -232,12 +404,22 @@ def find_resume(trainer, output_dir: Path, key: dict, name: str) -> str | None:
 def fit(model, tokenizer, examples, cfg, output_dir: Path, key: dict, name: str):
     """Train; returns (trainer, curve): curve rows {step, loss, lr, tokens}, resumed runs included."""
     output_dir = Path(output_dir)
+    sharded = [v for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED") if os.environ.get(v, "").lower() == "true"]
+    if cfg.lean_loss and sharded:
+        raise ParamsError(f"train.lean_loss: the chunked loss reads the LM head's whole weight, which this accelerate "
+                          f"config shards ({sharded[0]}=true); set train.lean_loss: false for it")
+    attention = use_packed_attention(model) if cfg.packing else None
+    check_against_reference(model, tokenizer.pad_token_id, cfg, attention)
+    if not torch.cuda.is_available():
+        trim_heap_per_layer(model)
     trainer = build_trainer(model, tokenizer, examples, cfg, output_dir)
     resume = find_resume(trainer, output_dir, key, name)
     if resume and trainer.is_world_process_zero():
         state = json.loads((Path(resume) / "trainer_state.json").read_text())
         print(f"{name}: resuming at step {state['global_step']}/{state['max_steps']}")
     trainer.train(resume_from_checkpoint=resume)
+    if attention:  # the saved model names the implementation it was loaded with
+        transformers_model(model).set_attn_implementation(attention)
     curve = [{"step": h["step"], "loss": h["loss"], "lr": h["lr"], "tokens": h["tokens"]}
              for h in trainer.state.log_history if "tokens" in h and "loss" in h]
     return trainer, curve
