@@ -8,8 +8,9 @@ What this adds to TRL's defaults, and why:
   and builds a block-diagonal causal mask (sdpa, eager) or varlen attention (flash-attention),
   so no token attends across examples: the loss equals the unpacked, padded micro-batch's
   (tests/test_training.py). Packing per micro-batch, not over the dataset, keeps the seeded
-  order of examples and the number of optimizer steps. The row cap matters on CPU, where the
-  block-diagonal mask is applied densely: attention costs the square of the row's length.
+  order of examples and the number of optimizer steps. The row cap came first, when attention
+  ran over the whole row (cost: the row's length squared); with `packed_attention` below it
+  matters less.
 - A lean loss: the model returns its final hidden states where its LM head would be, only at the
   positions whose next token is an answer token; `LinearCrossEntropy` then runs the LM head and
   cross-entropy over them in chunks of `LOSS_CHUNK` tokens and takes each chunk's gradient at
@@ -236,11 +237,10 @@ def check_against_reference(model, pad_id: int, cfg, plain_attention: str | None
     base.eval()
     try:
         with torch.no_grad():
+            ours = answer_loss_sum(model, Collator(pad_id, cfg.packing, cfg.pack_tokens)(feats), cfg.lean_loss)[0].item()
             if plain_attention:
                 base.set_attn_implementation(plain_attention)
             reference = answer_loss_sum(model, Collator(pad_id, pack=False)(feats), lean=False)[0].item()
-            base.set_attn_implementation(configured)
-            ours = answer_loss_sum(model, Collator(pad_id, cfg.packing, cfg.pack_tokens)(feats), cfg.lean_loss)[0].item()
     finally:
         base.set_attn_implementation(configured)
         base.train(mode)
