@@ -58,6 +58,7 @@ ARG EXTRA_CA_CERTS
 # Dependencies first, so editing stage code doesn't reinstall torch. README.md (pyproject's
 # readme) is a stand-in here, so that editing it doesn't either; `COPY . .` brings the real one.
 COPY --chown=selfdistill:selfdistill pyproject.toml Makefile ./
+COPY --chown=selfdistill:selfdistill requirements/ requirements/
 RUN echo "# selfdistill" > README.md
 COPY --chown=selfdistill:selfdistill tasks/__init__.py tasks/__init__.py
 COPY --chown=selfdistill:selfdistill flows/__init__.py flows/__init__.py

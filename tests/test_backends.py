@@ -501,9 +501,9 @@ def test_vllm_mapping():
     assert kw["max_tokens"] == 256 and kw["seed"] == 5 and kw["n"] == 1
     assert kw["stop_token_ids"] == [2, 7] and kw["ignore_eos"] is False
     assert kw["repetition_penalty"] == 1.0 and kw["presence_penalty"] == 0 and kw["frequency_penalty"] == 0
-    assert sampling_params_kwargs(decoding(top_k=0), [2], 0)["top_k"] == -1
+    assert sampling_params_kwargs(decoding(top_k=0), [2], 0)["top_k"] == 0  # vLLM 0.32: 0 disables top-k
     greedy = sampling_params_kwargs(decoding(temperature=0.0, top_k=20, top_p=0.5), [2], 0)
-    assert greedy["temperature"] == 0.0 and greedy["top_k"] == -1 and greedy["top_p"] == 1.0
+    assert greedy["temperature"] == 0.0 and greedy["top_k"] == 0 and greedy["top_p"] == 1.0
     # min-p commutes with top-k, not with top-p (vLLM applies it before top-p).
     assert sampling_params_kwargs(decoding(top_k=20, top_p=1.0, min_p=0.1), [2], 0)["min_p"] == 0.1
     with pytest.raises(ParamsError, match="min_p"):
@@ -570,7 +570,7 @@ def test_the_real_model_losing_its_context_is_refused(tmp_path):
     from tasks.core.modeling import load_base
     from tasks.sampling.backends import BackendError, load_backend, self_check
 
-    model, tokenizer = load_base("embedded:smollm2-135m-instruct")
+    model, tokenizer, _ = load_base("embedded:smollm2-135m-instruct")
     model.save_pretrained(tmp_path / "smol")
     tokenizer.save_pretrained(tmp_path / "smol")
     for name in ("transformers", "continuous-int8"):
@@ -596,37 +596,33 @@ except BackendError:
 """
 
 
-def lowest_transformers() -> str:
-    import re
-
-    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    return re.search(r'"transformers>=([\d.]+),', pyproject).group(1)
+TRANSFORMERS_LOCKS = sorted((Path(__file__).resolve().parents[1] / "requirements").glob("transformers-*.txt"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("version", [lowest_transformers(), "5.19.0"], ids=["pyproject-lowest", "vllm-extra"])
-def test_backends_under_older_transformers(tmp_path, char_model, version):
-    """pyproject's lower bound on transformers, and the version the vllm extra brings
-    (tests/test_extras.py): the backends pass their self-checks under each, and a cache passed by
-    the keyword it ignores is caught."""
+@pytest.mark.parametrize("lock", TRANSFORMERS_LOCKS, ids=[p.stem for p in TRANSFORMERS_LOCKS])
+def test_backends_under_older_transformers(tmp_path, char_model, lock):
+    """Each transformers version the project claims (pyproject's lower bound, the vllm extra's:
+    requirements/transformers-*.txt, made by `make lock`), in a venv of its own installed from its
+    lock, so nothing only a newer version brings leaks in: the backends pass their self-checks,
+    a cache passed by the keyword it ignores is caught, and the training equivalences hold
+    (gradient accumulation, 2 processes) under that version too."""
     import subprocess
 
-    target = tmp_path / "site"
-
-    def pip_target(*requirements: str) -> None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                        *requirements], check=True, capture_output=True)
-
-    # That transformers with the tokenizers and huggingface-hub its own metadata asks for; the
-    # rest of the environment (torch, numpy, ...) is this one's.
-    pip_target(f"transformers=={version}")
-    metadata = next(target.glob("transformers-*.dist-info")) / "METADATA"
-    pins = [line.split(":", 1)[1].strip() for line in metadata.read_text().splitlines()
-            if line.startswith(("Requires-Dist: tokenizers", "Requires-Dist: huggingface-hub",
-                                "Requires-Dist: huggingface_hub")) and "extra ==" not in line]
-    pip_target(*pins)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(Path(__file__).resolve().parents[1])])}
-    proc = subprocess.run([sys.executable, "-c", OLDER_TRANSFORMERS_CHECK, str(char_model)], env=env,
+    version = lock.stem.removeprefix("transformers-")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    proc = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--require-hashes", "-r", str(lock)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([python, "-c", OLDER_TRANSFORMERS_CHECK, str(char_model)], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"transformers {version} ok" in proc.stdout
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+                           "gradient_accumulation or two_processes", str(repo / "tests" / "test_training.py")],
+                          cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "3 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
