@@ -178,7 +178,11 @@ def main() -> int:
     for name in names:
         converted = ensure_converted(args.model, name)
         started = time.perf_counter()
-        backends[name] = GenerateBaseline(args.model) if name == GenerateBaseline.name else load_backend(name, args.model)
+        # vllm: an engine sized for the longest prompt here plus the longer max_new_tokens of the two runs.
+        backends[name] = GenerateBaseline(args.model) if name == GenerateBaseline.name else load_backend(
+            name, args.model, engine={"vllm": params.vllm.model_dump()},
+            conversations=[chat_messages(p) for p in train + held_out[:args.eval_problems]],
+            max_new_tokens=max(cfg.max_new_tokens, params.evaluate.max_new_tokens))
         print(f"  {name}: loaded in {time.perf_counter() - started:.1f}s"
               + (f" (converted first, {converted:.0f}s)" if converted else ""), flush=True)
         prompts[name] = [backends[name].encode_chat(chat_messages(p)) for p in train]

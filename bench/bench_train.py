@@ -134,7 +134,7 @@ def prepare_model() -> Path:
         from tasks.core.config import EMBEDDED_MODEL
         from tasks.core.modeling import load_base
 
-        model, tok = load_base(EMBEDDED_MODEL)
+        model, tok, _ = load_base(EMBEDDED_MODEL)
         tmp = CACHE / "base.tmp"
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -223,9 +223,8 @@ def main() -> int:
             else:
                 cmd = [sys.executable, "-m", "tasks.train", "--arm", "ssd-none"]
             wall, rss, text = run_child(cmd, ws, env)
-            curve = (ws / "plots/train/ssd-none.csv").read_text().splitlines()[1:]
-            res = {"answer_tokens": sum(int(l.split(",")[3]) for l in curve),
-                   "final_loss": float(curve[-1].split(",")[1]), "steps": len(curve)}
+            stats = json.loads((ws / "train/ssd-none/stats.json").read_text())
+            res = {key: stats[key] for key in ("answer_tokens", "final_loss", "steps")}
             trained = ws / "models/ssd-none"
         res.update(wall_s=round(wall, 1), peak_rss_gb=round(rss, 2), tok_s=round(res["answer_tokens"] / wall, 1),
                    heldout_loss=round(heldout_loss(trained, heldout, train["max_length"]), 4))

@@ -11,7 +11,6 @@ tests use, with a tiny profile, to check the script itself).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -24,16 +23,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-COPIED = ("tasks", "problems", "params.yaml", "dvc.yaml")
+COPIED = ("tasks", "problems", "requirements", "params.yaml", "dvc.yaml")
 
 
 def stage_commands(params) -> list[list[str]]:
     """dvc.yaml's stages, upstream first, for the profile's sampling configs and arms."""
     arms = list(params.arms)
-    return ([["tasks.codeio"], ["tasks.prepare"]] + [["tasks.sample", "--config", c] for c in params.sample.configs]
+    return ([["tasks.codeio"], ["tasks.model"], ["tasks.prepare"]] + [["tasks.sample", "--config", c] for c in params.sample.configs]
             + [["tasks.filter", "--arm", a] for a in arms] + [["tasks.train", "--arm", a] for a in arms]
             + [["tasks.evaluate", "--model", "models/base", "--name", "base"]]
             + [["tasks.evaluate", "--model", f"models/{a}", "--name", a] for a in arms]
+            + [["tasks.publish", "--arm", a] for a in arms]
             + [["tasks.diagnose", "--model", "models/base", "--name", "base"]]
             + [["tasks.diagnose", "--model", f"models/{a}", "--name", a] for a in arms] + [["tasks.report"]])
 
@@ -77,8 +77,7 @@ def main() -> int:
         config = params.arms[arm].sample
         sampled = sum(json.loads(line)["num_tokens"]
                       for line in (workspace / f"samples/{config}/samples.jsonl").read_text().splitlines())
-        with open(workspace / f"plots/train/{arm}.csv") as f:
-            trained = sum(int(row["tokens"]) for row in csv.DictReader(f))
+        trained = json.loads((workspace / f"train/{arm}/stats.json").read_text())["answer_tokens"]
         print(f"\ngpu-smoke on {device}: sampling {sampled / seconds[f'sample --config {config}']:,.0f} tokens/s "
               f"({sampled:,} tokens, model load and self-check included); training {arm}: "
               f"{trained / seconds[f'train --arm {arm}']:,.0f} answer tokens/s ({trained:,} tokens); "

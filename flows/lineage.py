@@ -13,8 +13,8 @@ command against dvc.yaml; the exit status is 1 when anything changed since it wa
 (a file edited by hand, an input re-made after its consumer ran, a param or command changed),
 2 when PATH is not tracked.
 
-`selfdistill lineage PATH --rev REV` audits PATH as it was at a git rev, typically a flow run's
-record branch (`selfdistill runs` lists them; flows/records.py makes them): the rev is checked
+`selfdistill lineage PATH --rev REV` audits PATH as it was at a git rev or DVC experiment,
+typically a flow run's (`dvc exp show` lists them; flows/records.py makes them): the rev is checked
 out into a temporary git worktree sharing this workspace's DVC cache and remotes, the outputs
 PATH needs are fetched from the DVC remote if the cache no longer has them (`dvc fetch` +
 `dvc checkout --with-deps`), and the audit runs there, so it shows that run's params and hashes
@@ -29,6 +29,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flows.dvcfiles import flatten
+
 # A stage that brings outside data into the pipeline notes where it came from in this file,
 # as an output itself or inside an output directory (tasks/prepare.py writes two).
 ORIGIN_FILE = "source.json"
@@ -37,18 +39,6 @@ MISSING = object()
 
 class LineageError(ValueError):
     pass
-
-
-def flatten(values: dict, prefix: str = "") -> dict:
-    """{'train': {'lr': 1}} -> {'train.lr': 1}; dvc.lock stores whole sections as nested maps."""
-    flat = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def stage_address(stage, root: str | os.PathLike) -> str:
@@ -318,7 +308,7 @@ def lineage_at_rev(path: str | os.PathLike, rev: str, repo_dir: str | os.PathLik
 
     from dvc.repo import Repo
 
-    from flows.records import RecordError, git, git_toplevel, parse_trailers
+    from flows.gitrepo import GitError, git, git_toplevel, parse_trailers
 
     root = Path(Repo.find_root(str(repo_dir) if repo_dir is not None else None)).resolve()
     top = git_toplevel(root)
@@ -326,7 +316,11 @@ def lineage_at_rev(path: str | os.PathLike, rev: str, repo_dir: str | os.PathLik
         raise LineageError(f"--rev needs a git repository: {root} is not in one")
     commit = git(top, "rev-parse", "--verify", "-q", f"{rev}^{{commit}}", check=False)
     if not commit:
-        raise LineageError(f"--rev {rev}: not a commit or branch of {top}")
+        from flows.records import experiment_refs
+
+        commit = experiment_refs(top).get(rev)
+    if not commit:
+        raise LineageError(f"--rev {rev}: not a commit, branch or DVC experiment of {top}")
     target = Path(os.path.abspath(path))
     try:
         rel = target.relative_to(root)
@@ -341,7 +335,7 @@ def lineage_at_rev(path: str | os.PathLike, rev: str, repo_dir: str | os.PathLik
     try:
         try:
             git(top, "worktree", "add", "--detach", "--quiet", str(worktree), commit)
-        except RecordError as err:
+        except GitError as err:
             raise LineageError(f"--rev {rev}: {err}") from None
         wroot = worktree / root.relative_to(top)
         if not (wroot / ".dvc").is_dir():
@@ -399,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfdistill lineage",
                                      description="Show where a DVC-tracked file came from and check it against the record.")
     parser.add_argument("path", help="a tracked output or a file inside one (models/ssd-none, samples/ssd/samples.jsonl)")
-    parser.add_argument("--rev", help="audit PATH as it was at this git rev (a flow run's branch: `selfdistill runs`), "
+    parser.add_argument("--rev", help="audit PATH as it was at this git rev or DVC experiment (a flow run's: `dvc exp show`), "
                                       "fetching its outputs from the DVC remote if needed")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))

@@ -11,7 +11,15 @@ dvc.lock stays the record. Adding a stage to dvc.yaml adds a task here with no c
 
 Every run holds the workspace's flow lock from start to end (one run at a time per workspace;
 another waits) and ends by recording what it produced, unless `record=False` / `--no-record`:
-a git commit on its own branch `selfdistill/runs/...` and `dvc push` (flows/records.py).
+a DVC experiment named after the flow run, pushed with its data (flows/records.py).
+
+Where CUDA is present, the stages that put a model on the GPU (GPU_STAGES) run one at a time:
+each takes the slot of a Prefect global concurrency limit named for the machine
+(`selfdistill-gpu:<hostname>`, limit 1), which the flow creates if it is missing.
+SELFDISTILL_ASSUME_CUDA=1 (or 0) says whether CUDA is present instead of asking torch.
+
+A stage whose command exits with EXIT_NO_RETRY (bad params or data, a fixed config out of GPU
+memory: tasks.core.config.run_stage) is not retried; any other failure is, `retries` times.
 
 With no PREFECT_API_URL set, Prefect runs an ephemeral local API for the run; with it set, the
 run is recorded on that server.
@@ -19,9 +27,12 @@ run is recorded on that server.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,19 +46,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.core.config import PARAMS_FILE, ParamsError, update_params_file
+from tasks.core.config import EXIT_NO_RETRY, PARAMS_FILE, ParamsError, update_params_file
 from tasks.core.files import atomic_path
 
 FLOW_NAME = "selfdistill"
 # dvc.yaml writes every model under models/ (models/base, models/<arm>); each one gets a lineage
 # artifact on the flow run.
 MODELS_DIR = "models"
-# DVC's own words for what it did with a stage (dvc/stage/__init__.py, run.py, cache.py).
-DVC_OUTCOMES = (
-    (re.compile(r"^Stage '(.+)' didn't change, skipping"), "unchanged: skipped (outputs match dvc.lock)"),
-    (re.compile(r"^Stage '(.+)' is cached - skipping run"), "cached: outputs restored from DVC's run-cache"),
-    (re.compile(r"^Running stage '(.+)':"), "ran"),
-)
+# What DVC did with a stage, read from its dvc.lock entry before and after `dvc repro`.
+OUTCOME_SKIPPED = "unchanged: skipped (its dvc.lock entry is as before)"
+OUTCOME_RAN = "ran: its dvc.lock entry changed (by its command, or restored from DVC's run-cache)"
+OUTCOME_FORCED = "ran (--force): its dvc.lock entry is as before"
 # Prefect waits 20 s by default for its ephemeral API to start; a first start on a fresh machine
 # can take over a minute. Used only where the user has not set
 # PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.
@@ -62,10 +71,23 @@ DEFAULT_MAX_PARALLEL = 2
 # A stage command prints its own reason for failing as a line starting with this
 # (tasks.core.config.run_stage); DVC's own lines say "ERROR:".
 STAGE_ERROR_PREFIX = "error:"
+# DVC's words for a stage command that failed (dvc/stage/exceptions.py, StageCmdFailedError): the
+# end of its "ERROR: failed to reproduce ..." message, which may span lines (a multi-line cmd).
+DVC_COMMAND_STATUS = re.compile(r", exited with (-?\d+)$")
+# Stage groups that put a model on the GPU: their tasks are tagged `gpu` and, where CUDA is
+# present, run one at a time (gpu_slot). `model` and `publish` load and save on the CPU.
+GPU_STAGES = ("sample", "train", "evaluate", "evaluate-base", "diagnose", "diagnose-base")
+# "1" / "0": CUDA is present / absent, whatever torch says (tests; a worker that must not import torch).
+ASSUME_CUDA_ENV = "SELFDISTILL_ASSUME_CUDA"
+# The global concurrency limit that keeps GPU stages apart on this machine, and its slots when
+# the flow creates it (the user may change it: `prefect gcl update NAME --limit N`).
+GPU_LIMIT_PREFIX = "selfdistill-gpu:"
+GPU_LIMIT_SLOTS = 1
 
 
 class PipelineError(RuntimeError):
-    pass
+    # False on a stage failure that a rerun would repeat (its command exited with EXIT_NO_RETRY).
+    retry = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +186,20 @@ def _dvc_command(stage: str, force: bool) -> list[str]:
     return cmd + ["--force"] if force else cmd
 
 
+def lock_entry(repo_dir: str, stage: str) -> object:
+    """The stage's entry in its dvc.lock (None if it has none): what DVC recorded it ran with
+    and made. A foreach item `name@key` is its own entry; `dir/dvc.yaml:name` reads dir/dvc.lock."""
+    import yaml
+
+    path, _, name = stage.rpartition(":")
+    lock = Path(repo_dir) / (str(Path(path).with_suffix(".lock")) if path else "dvc.lock")
+    try:
+        data = yaml.safe_load(lock.read_text()) or {}
+    except FileNotFoundError:
+        return None
+    return (data.get("stages") or {}).get(name)
+
+
 def _stage_env() -> dict[str, str]:
     env = dict(os.environ)
     # Stage commands say `python -m tasks...`: give them this interpreter's environment even when
@@ -202,32 +238,119 @@ def stage_slots(max_parallel: int) -> threading.BoundedSemaphore:
 
 def stage_failure(stage: str, returncode: int, tail: list[str]) -> PipelineError:
     """The error of a failed stage, led by the stage command's own last `error:` line when it
-    printed one (DVC's "ERROR: failed to reproduce" and any traceback come after it)."""
+    printed one (DVC's "ERROR: failed to reproduce" and any traceback come after it). Its
+    `retry` is False where the command exited with EXIT_NO_RETRY."""
     errors = [line for line in tail if line.startswith(STAGE_ERROR_PREFIX)]
     status = f"stage {stage}: `dvc repro` exited with status {returncode}; its last output:"
-    return PipelineError("\n".join(errors[-1:] + [status] + tail))
+    statuses = [int(m.group(1)) for line in tail if (m := DVC_COMMAND_STATUS.search(line))]
+    final = statuses[-1:] == [EXIT_NO_RETRY]
+    if final:
+        status = (f"stage {stage}: its command exited with {EXIT_NO_RETRY}: a rerun would fail the same way, "
+                  f"so it is not retried. `dvc repro` exited with status {returncode}; its last output:")
+    error = PipelineError("\n".join(errors[-1:] + [status] + tail))
+    error.retry = not final
+    return error
 
 
-@task(cache_policy=NO_CACHE)  # DVC is the cache: Prefect must never skip a stage by itself
-def run_dvc_stage(repo_dir: str, stage: str, force: bool = False, max_parallel: int = DEFAULT_MAX_PARALLEL) -> str:
-    """`dvc repro --single-item STAGE` in repo_dir, its output streamed to the run's logs, once
-    one of the max_parallel stage slots is free. Returns what DVC did: ran the command, skipped
-    it (unchanged), or restored it from cache."""
-    logger = get_run_logger()
-    slots = stage_slots(max_parallel)
-    if not slots.acquire(blocking=False):
-        logger.info("%s: waiting: %d stage(s) already running (max_parallel)", stage, max_parallel)
-        slots.acquire()
+def worth_retrying(task, task_run, state) -> bool:
+    """Prefect's retry condition (retry_condition_fn) of every stage task: not a stage whose
+    failure would repeat (PipelineError.retry)."""
+    return getattr(state.data, "retry", True)
+
+
+def cuda_present() -> bool:
+    forced = os.environ.get(ASSUME_CUDA_ENV)
+    if forced is not None:
+        if forced not in ("0", "1"):
+            error = PipelineError(f"{ASSUME_CUDA_ENV}={forced!r}: 1 (CUDA present) or 0 (absent)")
+            error.retry = False
+            raise error
+        return forced == "1"
+    return _torch_sees_cuda()
+
+
+@functools.cache
+def _torch_sees_cuda() -> bool:
     try:
-        return _run_dvc_stage(logger, repo_dir, stage, force)
-    finally:
-        slots.release()
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def gpu_limit_name() -> str:
+    # One limit per machine: GPU stages of flow runs on other machines use other GPUs.
+    return GPU_LIMIT_PREFIX + socket.gethostname()
+
+
+def ensure_gpu_limit(name: str, logger) -> None:
+    """Create the global concurrency limit `name` with GPU_LIMIT_SLOTS slots unless it exists
+    (as the user may have set it, it is then left as it is)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=GPU_LIMIT_SLOTS))
+        except ObjectAlreadyExists:  # another stage created it meanwhile
+            return
+    logger.info("created Prefect global concurrency limit %s (%d slot): one GPU stage at a time on this machine",
+                name, GPU_LIMIT_SLOTS)
+
+
+@contextlib.contextmanager
+def gpu_slot(logger, stage: str):
+    """Hold a slot of this machine's GPU limit while the block runs, where CUDA is present."""
+    if not cuda_present():
+        yield
+        return
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+    from prefect.concurrency.sync import concurrency
+    from prefect.runtime import task_run
+
+    name = gpu_limit_name()
+    ensure_gpu_limit(name, logger)
+    holder = ConcurrencyLeaseHolder(type="task_run", id=task_run.id) if task_run.id else None
+    asked = time.monotonic()
+    # strict: a missing limit is an error, not a stage let through. A lease renewal that fails
+    # (the API briefly away) is logged, not fatal: it must not kill a stage hours in.
+    with concurrency(name, occupy=1, strict=True, holder=holder, raise_on_lease_renewal_failure=False):
+        waited = time.monotonic() - asked
+        logger.info("%s: holds the GPU (concurrency limit %s%s)", stage, name,
+                    f", after waiting {waited:.0f} s" if waited >= 1 else "")
+        yield
+
+
+@task(cache_policy=NO_CACHE, retry_condition_fn=worth_retrying)  # DVC is the cache: Prefect never skips a stage
+def run_dvc_stage(repo_dir: str, stage: str, force: bool = False, max_parallel: int = DEFAULT_MAX_PARALLEL,
+                  gpu: bool = False) -> str:
+    """`dvc repro --single-item STAGE` in repo_dir, its output streamed to the run's logs, once
+    one of the max_parallel stage slots is free (and, for a `gpu` stage, the GPU: gpu_slot).
+    Returns what DVC did: changed the stage's dvc.lock entry (ran it, or restored its outputs
+    from the run-cache) or left it as it was (skipped it)."""
+    logger = get_run_logger()
+    # The GPU first: a stage waiting for it holds no stage slot, so CPU stages run meanwhile.
+    with gpu_slot(logger, stage) if gpu else contextlib.nullcontext():
+        slots = stage_slots(max_parallel)
+        if not slots.acquire(blocking=False):
+            logger.info("%s: waiting: %d stage(s) already running (max_parallel)", stage, max_parallel)
+            slots.acquire()
+        try:
+            return _run_dvc_stage(logger, repo_dir, stage, force)
+        finally:
+            slots.release()
 
 
 def _run_dvc_stage(logger, repo_dir: str, stage: str, force: bool) -> str:
     cmd = _dvc_command(stage, force)
     logger.info("%s: $ %s", stage, " ".join(["dvc", *cmd[3:]]))
-    outcome = None
+    before = lock_entry(repo_dir, stage)
     tail: list[str] = []
     last_redraw = 0.0
     # Own session, so that cancelling the task can stop DVC and the stage command it started.
@@ -244,10 +367,6 @@ def _run_dvc_stage(logger, repo_dir: str, stage: str, force: bool) -> str:
                 continue
             logger.info("%s: %s", stage, line)
             tail = (tail + [line])[-20:]
-            for pattern, meaning in DVC_OUTCOMES:
-                match = pattern.match(line)
-                if match and match.group(1) == stage:
-                    outcome = meaning
         returncode = proc.wait()
     finally:
         if proc.poll() is None:
@@ -255,7 +374,8 @@ def _run_dvc_stage(logger, repo_dir: str, stage: str, force: bool) -> str:
             proc.wait()
     if returncode != 0:
         raise stage_failure(stage, returncode, tail)
-    outcome = outcome or "done (DVC's output did not say whether it ran the command)"
+    after = lock_entry(repo_dir, stage)
+    outcome = OUTCOME_RAN if after != before else OUTCOME_FORCED if force else OUTCOME_SKIPPED
     logger.info("%s: %s", stage, outcome)
     return outcome
 
@@ -291,24 +411,22 @@ def artifact_key(*parts: str) -> str:
 
 
 def record_markdown(recorded, outs: list[str]) -> str:
-    """The run-record artifact: the rev holding this run's outputs and how to audit them there."""
+    """The run-record artifact: the experiment holding this run's outputs and how to audit them there."""
     if recorded is None:
         return "This run was not recorded (`record=False` / `--no-record`): its dvc.lock and outputs stay only in the workspace."
     if recorded.rev is None:
         return "This run was not recorded: " + "; ".join(recorded.notes)
-    if recorded.record:
-        run = recorded.record
-        lines = [f"Recorded as git branch `{run.branch}` (commit `{run.commit[:12]}`): its dvc.lock, params and "
-                 f"metrics; outputs pushed to DVC remote `{recorded.remote}`." if recorded.remote else
-                 f"Recorded as git branch `{run.branch}` (commit `{run.commit[:12]}`); outputs not pushed."]
-    else:
-        run = recorded.same_as
-        lines = [f"Nothing changed since the recorded run `{run.flow_run_name}`: its dvc.lock is this run's, so "
-                 f"its branch `{run.branch}` (commit `{run.commit[:12]}`) holds this run's outputs too."]
-    lines += ["", "Audit an output as it was in this run, after the workspace has moved on:", "", "```bash"]
-    lines += [f"selfdistill lineage {out} --rev {run.branch}" for out in outs] or [
-        f"selfdistill lineage PATH --rev {run.branch}"]
-    lines += ["selfdistill runs                  # every recorded run", f"git show {run.branch} --stat", "```"]
+    run = recorded.record
+    where = (f"data pushed to DVC remote `{recorded.remote}`"
+             + (f", experiment ref to git remote `{recorded.git_remote}`" if recorded.git_remote else "")
+             if recorded.pushed else "not pushed")
+    lines = [f"Recorded as DVC experiment `{run.name}` (commit `{run.commit[:12]}`): its dvc.lock, params and "
+             f"metrics; {where}.", "", "Audit an output as it was in this run, after the workspace has moved on:",
+             "", "```bash"]
+    lines += [f"selfdistill lineage {out} --rev {run.name}" for out in outs] or [
+        f"selfdistill lineage PATH --rev {run.name}"]
+    lines += ["dvc exp show --only-changed      # every recorded run, its params and metrics",
+              f"git show --stat {run.commit[:12]}", "```"]
     return "\n".join(lines)
 
 
@@ -332,14 +450,14 @@ def publish_artifacts(repo_dir: Path, stages: list[StageNode], finished: set[str
                 models.append(out)
                 audit = lineage(path, repo_dir)
                 command = f"selfdistill lineage {out}" + (f" --rev {rev}" if rev else "")
-                where = f"Recorded in git branch `{rev}`: `{command}`\n\n" if rev else ""
+                where = f"Recorded as DVC experiment `{rev}`: `{command}`\n\n" if rev else ""
                 create_markdown_artifact(f"{where}```text\n{render_text(audit)}\n```", key=artifact_key("lineage", out),
                                          description=f"where {out} came from (`{command}`)")
                 if audit["problems"]:
                     logger.warning("lineage of %s: %s", out, "; ".join(audit["problems"]))
     create_markdown_artifact(record_markdown(recorded, models), key="run-record",
                              description="where this run's dvc.lock, params and outputs are recorded"
-                             + (f": git branch {rev}" if rev else ""))
+                             + (f": DVC experiment {rev}" if rev else ""))
 
 
 def stage_error_line(future) -> str | None:
@@ -364,10 +482,11 @@ def run_stages(repo_dir: Path, targets, force: bool, retries: int, retry_delay_s
 
     futures = {}
     for node in stages:
-        tags = [f"stage:{node.group}"] + (["gpu"] if node.group in gpu_stages else [])
+        gpu = node.group in gpu_stages
+        tags = [f"stage:{node.group}"] + (["gpu"] if gpu else [])
         stage_task = run_dvc_stage.with_options(name=node.name, task_run_name=node.name, tags=tags,
                                                 retries=retries, retry_delay_seconds=retry_delay_s)
-        futures[node.name] = stage_task.submit(str(repo_dir), node.name, force, max_parallel,
+        futures[node.name] = stage_task.submit(str(repo_dir), node.name, force, max_parallel, gpu,
                                                wait_for=[futures[name] for name in node.upstream])
 
     outcomes, failed, blocked = {}, [], []
@@ -398,7 +517,7 @@ def run_stages(repo_dir: Path, targets, force: bool, retries: int, retry_delay_s
 
 @task(name="record", task_run_name="record", cache_policy=NO_CACHE)
 def record_run_task(repo_dir: str, flow_run_id: str, flow_run_name: str, status: str, outcomes: dict[str, str]):
-    """The run's record: a commit on its own branch and `dvc push` (flows/records.py)."""
+    """The run's record: a DVC experiment, pushed with its data (flows/records.py)."""
     from flows.records import record_run
 
     return record_run(repo_dir, flow_run_id, flow_run_name, status, outcomes, log=get_run_logger())
@@ -412,7 +531,7 @@ def selfdistill_pipeline(
     force: bool = False,
     retries: int = 2,
     retry_delay_s: float = 30.0,
-    gpu_stages: tuple[str, ...] = ("sample", "train", "evaluate", "evaluate-base"),
+    gpu_stages: tuple[str, ...] = GPU_STAGES,
     max_parallel: int | None = None,
     record: bool = True,
 ) -> dict[str, str]:
@@ -422,14 +541,15 @@ def selfdistill_pipeline(
     set_params: `key=value` overrides written into params.yaml first (like `dvc exp run -S`);
         kept if the run succeeds, taken out again (params.yaml restored) if it fails.
     force: rerun the stages even when DVC finds them unchanged.
-    retries / retry_delay_s: retries of a failed stage (transient failures: OOM kills, locks).
-    gpu_stages: stage groups whose tasks also get the tag `gpu`, so one Prefect concurrency
-        limit (`prefect concurrency-limit create gpu 1`) keeps them off a GPU at the same time.
+    retries / retry_delay_s: retries of a failed stage (transient failures: OOM kills, locks);
+        a stage whose command exited with EXIT_NO_RETRY (bad params or data) is not retried.
+    gpu_stages: stage groups that use the GPU: tagged `gpu`, and where CUDA is present run one
+        at a time through the Prefect global concurrency limit `selfdistill-gpu:<hostname>`,
+        created with one slot if it is missing.
     max_parallel: stage commands running at once (default: PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS,
         else 2).
-    record: end by committing dvc.lock, params, DVC's .gitignore files and the metrics on the
-        branch `selfdistill/runs/<time>-<flow run name>` and pushing the outputs to the DVC
-        remote (flows/records.py); a run whose dvc.lock is the last recorded run's records nothing.
+    record: end by saving the workspace (dvc.lock, params, metrics) as a DVC experiment named
+        after the flow run and pushing it with its data (flows/records.py).
     """
     from prefect.runtime import flow_run
 
@@ -532,7 +652,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                      help="override a param in params.yaml before running, like `dvc exp run -S` (repeatable)")
     run.add_argument("--force", action="store_true", help="rerun stages even if DVC finds them unchanged")
     run.add_argument("--no-record", dest="record", action="store_false",
-                     help="do not record the run (no commit on a selfdistill/runs/ branch, no dvc push)")
+                     help="do not record the run (no DVC experiment, no push)")
     run.add_argument("--retries", type=int, help="retries of a failed stage (default: the flow's)")
     run.add_argument("--task-runner", choices=("threads", "dask", "ray"), default="threads")
     run.add_argument("--address", help="scheduler address of an existing Dask / Ray cluster")

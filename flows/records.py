@@ -1,33 +1,30 @@
-"""The record a flow run leaves: a git commit on a branch of its own, and its outputs on a DVC remote.
+"""The record a flow run leaves: a DVC experiment named after the flow run, and its data on a DVC remote.
 
 A run's dvc.lock, params and outputs live in the worker's checkout, and the next run overwrites
-them. So every flow run ends (flows/pipeline.py) by recording what it produced:
+them. So every flow run ends (flows/pipeline.py) by saving the workspace as a DVC experiment
+(`dvc exp save`): a commit under refs/exps/ whose parent is the checkout's HEAD, holding the
+files git tracks as the run left them (dvc.lock, params, the metrics DVC leaves to git, an edited
+tasks/ file) plus the untracked files that say what ran (dvc.lock, DVC's .gitignore files,
+`cache: false` outputs, untracked code dependencies). Untracked files under problems/ are left
+out: problem sets are data, for DVC (`dvc add`) or git by the user's choice, never committed by a
+record. The user's branch, index and working tree are not touched. `dvc exp show` lists the runs
+with their params and metrics; `selfdistill lineage PATH --rev NAME` audits one.
 
-- a git commit on `selfdistill/runs/<UTC time>-<flow run name>`, whose parent is the checkout's
-  HEAD, holding the files that say what ran: every dvc.yaml and dvc.lock (and .dvc file), the
-  params files the stages read, the .gitignore files DVC writes next to its outputs, the outputs
-  DVC leaves to git (`cache: false`: metrics, plots, the report), and the stages' plain code
-  dependencies as they were when the run used them (an uncommitted edit to tasks/ included);
-- then `dvc push` of the outputs to the workspace's default DVC remote, so the commit's dvc.lock
-  can be checked out again after the workspace and its cache have moved on.
+The message names the Prefect flow run, its status, the stages that ran, the params that differ
+from HEAD and the stack's lock file; its trailers (Selfdistill-*) are what `selfdistill runs`
+and the lineage audit read.
 
-Why a branch and a commit rather than a DVC experiment (`dvc exp save`): an experiment is a
-hidden ref (refs/exps/...) that plain git does not list, clone or push by default, and `dvc exp
-save` works through the checked-out branch's workspace; a branch is audited with plain git
-(`git log`, `git show BRANCH:dvc.lock`, `git diff A B -- params.yaml`), pushed like any branch,
-and built here with git plumbing on a temporary index, so the user's checked-out branch, index
-and working tree are never touched.
-
-A run whose dvc.lock files are identical to the last recorded run's records nothing (and pushes
-nothing): it produced nothing new. The commit message names the Prefect flow run and the params
-that differ from HEAD; its trailers (Selfdistill-*) are what `selfdistill runs` reads.
+Then the record is pushed, data first: the experiment's outputs to the default DVC remote, then,
+where git has a remote, the experiment's ref (`dvc exp push --no-cache`), so a ref on the git
+remote always names data the DVC remote has. A record whose push fails is noted in
+`.dvc/tmp/selfdistill-unpushed.json` and pushed again by the next run.
 
 No DVC remote configured at all: a local directory next to the workspace,
 `<workspace>/../<workspace name>-dvc-remote`, is added as the default remote in
 `.dvc/config.local` (this machine only; never inside the repo, where `git clean` or deleting the
-workspace would take it along), with a warning to configure a real one (`dvc remote add -d`).
-Remotes configured but none of them the default: an error naming them, since picking one would
-be a guess.
+workspace would take it along); every push to it logs its size and how to point records
+elsewhere (`dvc remote add -d`). Remotes configured but none of them the default: an error
+naming them, since picking one would be a guess.
 
 Two flow runs in one workspace would mix their params, dvc.lock and records, so whole runs are
 serialized per workspace: `workspace_lock` holds an flock on `.dvc/tmp/selfdistill-flow.lock`
@@ -43,39 +40,41 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
+from flows.dvcfiles import load_params
+from flows.gitrepo import GitError, git, git_toplevel, head_commit, parse_trailers, read_at
+from tasks.core.stack import LOCK as STACK_LOCK, describe as describe_stack
 
-RUNS_PREFIX = "selfdistill/runs/"
 DEFAULT_REMOTE = "selfdistill-local"
 LOCK_NAME = "selfdistill-flow.lock"
-# The trailers of a record commit, read back by `selfdistill runs` and `selfdistill lineage --rev`.
+# Records saved but not yet pushed (a push failed): the next run pushes them first.
+UNPUSHED_NAME = "selfdistill-unpushed.json"
+# Imported problem sets: data, never committed into git by a record (see the module doc).
+PROBLEMS_DIR = "problems"
+# The trailers of a record's message, read back by `selfdistill runs` and `selfdistill lineage --rev`.
 T_ID, T_NAME, T_STATUS, T_AT = ("Selfdistill-Flow-Run-Id", "Selfdistill-Flow-Run-Name", "Selfdistill-Status",
                                 "Selfdistill-Recorded-At")
 T_PARAMS, T_METRICS, T_REMOTE = "Selfdistill-Params-Files", "Selfdistill-Metrics-Files", "Selfdistill-DVC-Remote"
-# The report's DVC metrics file (tasks/report.py): `selfdistill runs` shows its pass@1 per model.
-REPORT_SUMMARY = "report/summary.json"
-TRAILER = re.compile(r"^(Selfdistill-[A-Za-z-]+): (.*)$")
+T_LOCK = "Selfdistill-Lock-Sha256"  # requirements/lock.txt, the stack the run was meant to run on
 # How often a run waiting for the workspace lock says it still waits.
 LOCK_WAIT_LOG_INTERVAL_S = 300.0
 
 log_default = logging.getLogger("selfdistill.records")
 
 
-class RecordError(RuntimeError):
+class RecordError(GitError):
     pass
 
 
 @dataclass
 class RunRecord:
-    """One recorded run: its branch, commit and trailers."""
-    branch: str
+    """One recorded run: its experiment (name and commit) and its message's trailers."""
+    name: str
     commit: str
     trailers: dict[str, str]
     subject: str = ""
@@ -99,82 +98,44 @@ class RunRecord:
         except (KeyError, ValueError):
             return datetime.fromtimestamp(0, timezone.utc)
 
-    def files(self, trailer: str) -> list[str]:
-        return [f for f in self.trailers.get(trailer, "").split(", ") if f]
-
 
 @dataclass
 class RecordResult:
-    """What recording a run did: `record` is the new record, or None when nothing was recorded;
-    `same_as` the earlier record this run's dvc.lock matches (nothing changed)."""
+    """What recording a run did: `record` is the experiment saved, or None when nothing was
+    recorded; `pushed` whether it reached the remote(s) named; `remote` the DVC remote,
+    `git_remote` the git remote its ref went to (None: no git remote configured)."""
     record: RunRecord | None = None
-    same_as: RunRecord | None = None
     remote: str | None = None
+    git_remote: str | None = None
+    pushed: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
     def rev(self) -> str | None:
-        """The branch holding this run's outputs: its own, or the identical earlier run's."""
-        found = self.record or self.same_as
-        return found.branch if found else None
+        """The experiment holding this run's outputs."""
+        return self.record.name if self.record else None
 
 
-# ---------------------------------------------------------------------------------------------
-# git
-
-
-def git(cwd: Path, *args: str, env: dict | None = None, input: str | None = None, check: bool = True) -> str:
-    proc = subprocess.run(["git", *args], cwd=cwd, env=env, input=input, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise RecordError(f"git {' '.join(args[:3])}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout.strip() if proc.returncode == 0 else ""
-
-
-def git_toplevel(path: Path) -> Path | None:
-    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=path, capture_output=True, text=True)
-    return Path(proc.stdout.strip()).resolve() if proc.returncode == 0 else None
-
-
-def head_commit(top: Path) -> str | None:
-    return git(top, "rev-parse", "--verify", "-q", "HEAD^{commit}", check=False) or None
-
-
-def parse_trailers(message: str) -> dict[str, str]:
-    return {m.group(1): m.group(2).strip() for line in message.splitlines() if (m := TRAILER.match(line))}
+def experiment_refs(top: Path) -> dict[str, str]:
+    """{experiment name: commit} for every DVC experiment in the git repo at `top`."""
+    out = git(top, "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/", check=False)
+    found = {}
+    for line in out.splitlines():
+        ref, commit = line.rsplit(" ", 1)
+        if not ref.startswith("refs/exps/exec/"):  # DVC's own working refs, not experiments
+            found[ref.rsplit("/", 1)[1]] = commit
+    return found
 
 
 def recorded_runs(top: Path) -> list[RunRecord]:
-    """Every recorded run in the git repo at `top`, oldest first (by the time it was recorded)."""
-    out = git(top, "for-each-ref", "--format=%(refname)%00%(objectname)%00%(contents)%1e",
-              f"refs/heads/{RUNS_PREFIX}", check=False)
+    """Every experiment in the git repo at `top` that a flow run saved, oldest first."""
     runs = []
-    for entry in out.split("\x1e"):
-        if not entry.strip():
-            continue
-        ref, commit, message = entry.strip("\n").split("\x00", 2)
+    for name, commit in experiment_refs(top).items():
+        message = git(top, "log", "-1", "--format=%B", commit)
         trailers = parse_trailers(message)
-        if T_ID not in trailers and T_AT not in trailers:
-            continue  # a branch under the prefix that is not a record
-        runs.append(RunRecord(ref.removeprefix("refs/heads/"), commit, trailers, message.split("\n", 1)[0]))
-    return sorted(runs, key=lambda r: (r.recorded_at, r.branch))
-
-
-def read_at(top: Path, rev: str, path: str) -> str | None:
-    """A file's text at a git rev (path relative to the git top level), or None if absent."""
-    proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=top, capture_output=True)
-    return proc.stdout.decode(errors="replace") if proc.returncode == 0 else None
-
-
-def load_params(text: str | None, name: str) -> dict:
-    from flows.lineage import flatten
-
-    if text is None:
-        return {}
-    if name.endswith(".json"):
-        data = json.loads(text)
-    else:
-        data = yaml.safe_load(text)
-    return flatten(data) if isinstance(data, dict) else {}
+        if T_ID in trailers or T_AT in trailers:  # `selfdistill grid` and hand-made experiments are not runs
+            runs.append(RunRecord(name, commit, trailers, message.split("\n", 1)[0]))
+    return sorted(runs, key=lambda r: (r.recorded_at, r.name))
 
 
 def params_of(texts: dict[str, str | None]) -> dict[str, object]:
@@ -254,14 +215,45 @@ def record_files(root: Path, top: Path) -> RecordFiles:
     return RecordFiles(rel(paths | locks | params), rel(code), rel(locks), rel(params), rel(metrics))
 
 
+def up_to_date_stages(root: Path) -> tuple[list[str], list[str]]:
+    """(stages whose outputs and dvc.lock entry match their deps now, the others). `dvc exp save`
+    re-records every stage it is given as if it had just run (DVC's commit, forced): given only
+    the up-to-date ones, it rewrites their entries as they are and leaves a stage that failed,
+    never ran or has an edited dependency as dvc.lock says, not as the workspace is."""
+    from dvc.dvcfile import ProjectFile
+    from dvc.repo import Repo
+
+    def address(stage) -> str:  # as `dvc exp save` in root takes it (stage.addressing is cwd's)
+        path = os.path.relpath(stage.dvcfile.path, root)
+        if not isinstance(stage.dvcfile, ProjectFile):
+            return path
+        return stage.name if path == "dvc.yaml" else f"{path}:{stage.name}"
+
+    with Repo(str(root)) as repo:
+        changed = repo.status()
+        stages = [(address(stage), stage.addressing in changed) for stage in repo.index.stages]
+    return [s for s, stale in stages if not stale], [s for s, stale in stages if stale]
+
+
+def untracked_to_save(top: Path, root: Path, files: RecordFiles) -> list[str]:
+    """The record's files git does not track yet (paths relative to `root`), for `dvc exp save
+    -I`: dvc.lock, .gitignore, metrics, code; not git-ignored files, not problems/ (data)."""
+    listed = git(top, "ls-files", "-z", "--others", "--exclude-standard", "--", *files.paths, *files.code,
+                 check=False) if files.paths or files.code else ""
+    problems = os.path.relpath(root / PROBLEMS_DIR, top)
+    return sorted(os.path.relpath(top / p, root) for p in listed.split("\0")
+                  if p and not (p == problems or p.startswith(problems + "/")))
+
+
 # ---------------------------------------------------------------------------------------------
-# The commit
+# The experiment
 
 
 def identity_env(top: Path) -> dict[str, str]:
-    """The environment for commit-tree: the user's git identity, or one naming this tool where
+    """The environment for `dvc exp save`: the user's git identity, or one naming this tool where
     the worker's account has none (a fresh container)."""
     env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     name = git(top, "config", "user.name", check=False)
     email = git(top, "config", "user.email", check=False)
     if not name:
@@ -273,72 +265,56 @@ def identity_env(top: Path) -> dict[str, str]:
     return env
 
 
-def branch_name(top: Path, when: datetime, flow_run_name: str, flow_run_id: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", flow_run_name or "run").strip("-") or "run"
-    base = f"{RUNS_PREFIX}{when.strftime('%Y%m%dT%H%M%SZ')}-{slug}"
+def experiment_name(top: Path, flow_run_name: str, flow_run_id: str) -> str:
+    """The flow run's name as an experiment name (a git ref name); Prefect's random names can
+    repeat, so a taken one gets the flow run id's first characters, then a number."""
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", flow_run_name or "run").strip("-") or "run"
+    taken = experiment_refs(top)
     name, n = base, 1
-    while git(top, "rev-parse", "--verify", "-q", f"refs/heads/{name}", check=False):
+    while name in taken:
         n += 1
         name = f"{base}-{(flow_run_id or '')[:8] or n}" if n == 2 else f"{base}-{n}"
     return name
 
 
-def write_tree(top: Path, files: RecordFiles, parent: str | None) -> tuple[str, list[str]]:
-    """HEAD's tree plus the record files as they are in the working tree, built in a temporary
-    index (the user's index and working tree are only read); returns the tree and the files it
-    changes from HEAD (`M path`)."""
-    with tempfile.TemporaryDirectory(prefix="selfdistill-record-") as tmp:
-        env = dict(os.environ, GIT_INDEX_FILE=str(Path(tmp) / "index"))
-        if parent:
-            git(top, "read-tree", parent, env=env)
-        git(top, "update-index", "--add", "--remove", "-z", "--stdin", env=env, input="\0".join(files.paths) + "\0")
-        ignored = set(git(top, "check-ignore", "-z", "--stdin", input="\0".join(files.code) + "\0",
-                          check=False).split("\0")) if files.code else set()
-        code = [p for p in files.code if p not in ignored]
-        if code:
-            # As `git add` would: the code as the run used it, files git ignores (__pycache__) left out.
-            git(top, "add", "-A", "--", *code, env=env)
-        tree = git(top, "write-tree", env=env)
-    if parent:
-        changed = git(top, "diff-tree", "-r", "--name-status", "--no-renames", parent, tree).splitlines()
-    else:
-        changed = [f"A\t{p}" for p in git(top, "ls-tree", "-r", "--name-only", tree).splitlines()]
-    return tree, [line.replace("\t", " ") for line in changed]
-
-
 def commit_message(name: str, run_id: str, status: str, when: datetime, stages: dict[str, str],
-                   head: str | None, params_diff: list[str], files: RecordFiles, changed: list[str] | None,
-                   remote: str | None) -> str:
-    ran = [s for s, outcome in stages.items() if outcome == "ran"]
+                   head: str | None, params_diff: list[str], files: RecordFiles, remote: str | None,
+                   stack: dict | None = None) -> str:
+    ran = [s for s, outcome in stages.items() if outcome.startswith("ran")]
     subject = f"selfdistill run {name or run_id}: {status}, {len(ran)} stage(s) ran"
     lines = [subject, "", f"Prefect flow run {name} ({run_id}), {status}, recorded {when.isoformat()}."]
-    base = f"HEAD ({head[:12]})" if head else "HEAD (none: an empty repository)"
+    base = f"HEAD ({head[:12]})"
     if params_diff:
         lines += ["", f"Params that differ from {base}:"] + [f"  {line}" for line in params_diff]
     else:
         lines += ["", f"Params: as in {base}."]
     if stages:
         lines += ["", "Stages:"] + [f"  {stage}: {outcome}" for stage, outcome in stages.items()]
-    if changed:
-        lines += ["", "Files that differ from HEAD:"] + [f"  {line}" for line in changed]
+    if stack and stack.get("lock"):
+        lines += ["", f"Stack: {stack['lock']} (sha256 {stack['lock_sha256']}), "
+                  + (f"{len(stack['differs'])} installed package(s) differ:" if stack["differs"] else "installed exactly")]
+        lines += [f"  {line}" for line in stack["differs"]]
     lines += ["", f"{T_ID}: {run_id}", f"{T_NAME}: {name}", f"{T_STATUS}: {status}", f"{T_AT}: {when.isoformat()}",
               f"{T_PARAMS}: {', '.join(files.params)}", f"{T_METRICS}: {', '.join(files.metrics)}"]
     if remote:
         lines.append(f"{T_REMOTE}: {remote}")
+    if stack and stack.get("lock"):
+        lines.append(f"{T_LOCK}: {stack['lock_sha256']}")
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
-# The DVC remote
+# The remotes
 
 
-def dvc_run(root: Path, *args: str, log=log_default) -> tuple[int, list[str]]:
+def dvc_run(root: Path, *args: str, log=log_default, env: dict | None = None) -> tuple[int, list[str]]:
     """`dvc ARGS` in root, its lines logged; returns the exit status and the lines."""
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    if env is None:
+        env = dict(os.environ)
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
     lines = [line.rstrip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    command = next(a for a in args if not a.startswith("-"))
+    command = " ".join(a for a in args[:3] if not a.startswith("-"))
     for line in lines:
         log.info("dvc %s: %s", command, line)
     return proc.returncode, lines
@@ -371,14 +347,115 @@ def ensure_remote(root: Path, log=log_default) -> str:
     if code != 0:
         raise RecordError(f"dvc remote add {DEFAULT_REMOTE} {path}: {' '.join(lines[-3:])}")
     log.warning("no DVC remote was configured: added %s -> %s as the default (in .dvc/config.local, this machine "
-                "only). For records that outlive this disk: dvc remote add -d NAME URL", DEFAULT_REMOTE, path)
+                "only)", DEFAULT_REMOTE, path)
     return DEFAULT_REMOTE
 
 
-def push(root: Path, remote: str, log=log_default) -> None:
-    code, lines = dvc_run(root, "--wait-for-lock", "push", "--remote", remote, log=log)
-    if code != 0:
-        raise RecordError(f"dvc push --remote {remote} failed: {' '.join(lines[-3:])}")
+def announce_local_remote(root: Path, remote: str, log=log_default) -> None:
+    """The remote this tool made on the user's behalf: where it is, how big, how to move off it."""
+    path = default_remote_path(root)
+    if remote != DEFAULT_REMOTE or not path.is_dir():
+        return
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    log.warning("DVC remote %s (made by selfdistill because none was configured) is %s and holds %s. To keep "
+                "records elsewhere: dvc remote add -d NAME URL (then `dvc remote remove %s` and delete %s)",
+                DEFAULT_REMOTE, path, f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size} bytes", DEFAULT_REMOTE, path)
+
+
+def git_remote_of(top: Path) -> str | None:
+    """The git remote experiments are pushed to: origin, else the only one; None when none."""
+    remotes = git(top, "remote", check=False).split()
+    return "origin" if "origin" in remotes else (remotes[0] if len(remotes) == 1 else None)
+
+
+def unpushed_path(root: Path) -> Path:
+    return root / ".dvc" / "tmp" / UNPUSHED_NAME
+
+
+def read_unpushed(root: Path) -> dict[str, str]:
+    try:
+        return json.loads(unpushed_path(root).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def write_unpushed(root: Path, entries: dict[str, str]) -> None:
+    path = unpushed_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entries, indent=1) + "\n")
+
+
+def push_experiment(root: Path, top: Path, name: str, commit: str, remote: str, git_remote: str | None,
+                    log=log_default) -> None:
+    """The experiment's data to the DVC remote, then its ref to the git remote (if any); raises
+    RecordError when either fails, leaving the ref off the git remote unless its data got there."""
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            pushed = repo.push(remote=remote, revs=[commit], workspace=False)
+    except Exception as err:  # noqa: BLE001 - DVC's errors (unreachable, unwritable) and the OS's
+        raise RecordError(f"pushing experiment {name}'s data to DVC remote {remote} failed: {err}") from None
+    log.info("experiment %s: %d file(s) pushed to DVC remote %s", name, pushed, remote)
+    if git_remote:
+        code, lines = dvc_run(root, "exp", "push", "--no-cache", git_remote, name, log=log, env=identity_env(top))
+        if code != 0:
+            raise RecordError(f"dvc exp push --no-cache {git_remote} {name} failed: {' '.join(lines[-3:])}")
+
+
+def push_pending(root: Path, top: Path, remote: str, git_remote: str | None, current: str = "",
+                 log=log_default) -> None:
+    """Push every record in the unpushed list (`current`: this run's); the ones that fail stay
+    listed, and raise."""
+    pending = read_unpushed(root)
+    errors = []
+    for name, commit in list(pending.items()):
+        if experiment_refs(top).get(name) != commit:
+            log.warning("unpushed experiment %s is gone (removed with dvc exp remove?): not retried", name)
+        else:
+            try:
+                push_experiment(root, top, name, commit, remote, git_remote, log)
+            except RecordError as err:
+                errors.append(str(err))
+                continue
+            if name != current:
+                log.info("experiment %s, not pushed by its own run, is pushed now", name)
+        del pending[name]
+        write_unpushed(root, pending)
+    if errors:
+        raise RecordError("; ".join(errors) + f" (still listed in {unpushed_path(root)}: the next run retries)")
+
+
+def save_experiment(root: Path, top: Path, name: str, message: str, files: RecordFiles, log=log_default) -> str | None:
+    """`dvc exp save` of the workspace as experiment `name`; its commit, or None when no stage is
+    up to date (nothing a record could hold). Leaves the user's index and dvc.lock as they were."""
+    include = [arg for path in untracked_to_save(top, root, files) for arg in ("-I", path)]
+    current, stale = up_to_date_stages(root)
+    if not current:
+        log.warning("no stage is up to date (%s): nothing for a record to hold, the run is not recorded",
+                    ", ".join(stale))
+        return None
+    locks = {path: (top / path).read_bytes() for path in files.lockfiles}
+    # `dvc exp save` resets git's index to HEAD when it is done, unstaging what the user staged:
+    # the index is put back as it was, byte for byte.
+    index = top / git(top, "rev-parse", "--git-path", "index")
+    staged = index.read_bytes() if index.is_file() else None
+    try:
+        code, lines = dvc_run(root, "--wait-for-lock", "exp", "save", "-n", name, "-m", message, *include,
+                              *current, log=log, env=identity_env(top))
+    finally:
+        if staged is not None:
+            index.write_bytes(staged)
+    commit = experiment_refs(top).get(name)
+    if code != 0 or not commit:
+        raise RecordError(f"dvc exp save -n {name} failed: {' '.join(lines[-3:])}")
+    rewritten = [path for path, text in locks.items() if (top / path).read_bytes() != text]
+    if rewritten:  # a record must hold dvc.lock as the run left it: undone, and refused
+        for path in rewritten:
+            (top / path).write_bytes(locks[path])
+        dvc_run(root, "exp", "remove", name, log=log)
+        raise RecordError(f"dvc exp save rewrote {', '.join(rewritten)} (put back as it was): not recorded")
+    return commit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +465,8 @@ def push(root: Path, remote: str, log=log_default) -> None:
 def record_run(repo_dir: str | os.PathLike, flow_run_id: str = "", flow_run_name: str = "", status: str = "completed",
                stages: dict[str, str] | None = None, push_outputs: bool = True, log=log_default,
                now: datetime | None = None) -> RecordResult:
-    """Record what the last run produced in the workspace at repo_dir (see the module doc)."""
+    """Save what the last run produced in the workspace at repo_dir as a DVC experiment, then
+    push it and any earlier record not yet pushed (see the module doc)."""
     from dvc.repo import Repo
 
     root = Path(Repo.find_root(str(repo_dir))).resolve()
@@ -396,40 +474,37 @@ def record_run(repo_dir: str | os.PathLike, flow_run_id: str = "", flow_run_name
     if top is None:
         log.warning("%s is not in a git repository: the run is not recorded", root)
         return RecordResult(notes=["not a git repository: not recorded"])
+    head = head_commit(top)
+    if head is None:
+        log.warning("%s has no commit yet: a DVC experiment needs one (git commit), the run is not recorded", top)
+        return RecordResult(notes=["no git commit yet: not recorded"])
     files = record_files(root, top)
     if not files.lockfiles:
         log.info("no dvc.lock: no stage has run yet, nothing to record")
         return RecordResult(notes=["no dvc.lock: nothing recorded"])
-    runs = recorded_runs(top)
-    if runs:
-        last = runs[-1]
-        same = all(git(top, "rev-parse", "--verify", "-q", f"{last.commit}:{p}", check=False)
-                   == git(top, "hash-object", "--", p) for p in files.lockfiles)
-        if same:
-            log.info("dvc.lock is as recorded by the last run %s (%s): nothing new to record", last.branch,
-                     last.flow_run_name or last.flow_run_id)
-            return RecordResult(same_as=last, notes=[f"unchanged since {last.branch}: nothing recorded"])
     remote = ensure_remote(root, log) if push_outputs else None
+    git_remote = git_remote_of(top) if push_outputs else None
     when = now or datetime.now(timezone.utc)
-    head = head_commit(top)
-    old = params_at(top, head, files.params) if head else {}
+    old = params_at(top, head, files.params)
     new = params_of({name: (top / name).read_text() for name in files.params})
     params_diff = diff_params(old, new)
-    tree, changed = write_tree(top, files, head)
     message = commit_message(flow_run_name, flow_run_id, status, when, stages or {}, head, params_diff, files,
-                             changed, remote)
-    commit = git(top, "commit-tree", tree, *(["-p", head] if head else []), "-F", "-", env=identity_env(top),
-                 input=message)
-    branch = branch_name(top, when, flow_run_name, flow_run_id)
-    git(top, "update-ref", "-m", f"selfdistill: record flow run {flow_run_name or flow_run_id}",
-        f"refs/heads/{branch}", commit, "")
-    record = RunRecord(branch, commit, parse_trailers(message), message.split("\n", 1)[0])
-    log.info("recorded flow run %s as git branch %s (commit %s)%s", flow_run_name or flow_run_id, branch, commit[:12],
-             "; params differ from HEAD: " + "; ".join(params_diff) if params_diff else "")
-    result = RecordResult(record=record, remote=remote)
+                             remote, describe_stack(root / STACK_LOCK))
+    name = experiment_name(top, flow_run_name, flow_run_id)
+    commit = save_experiment(root, top, name, message, files, log)
+    if commit is None:
+        return RecordResult(notes=["no stage up to date: not recorded"])
+    record = RunRecord(name, commit, parse_trailers(message), message.split("\n", 1)[0])
+    log.info("recorded flow run %s as DVC experiment %s (commit %s)%s", flow_run_name or flow_run_id, name,
+             commit[:12], "; params differ from HEAD: " + "; ".join(params_diff) if params_diff else "")
+    result = RecordResult(record=record, remote=remote, git_remote=git_remote)
     if push_outputs:
-        push(root, remote, log)
-        log.info("outputs pushed to DVC remote %s", remote)
+        write_unpushed(root, {**read_unpushed(root), name: commit})
+        push_pending(root, top, remote, git_remote, name, log)
+        result.pushed = True
+        log.info("experiment %s pushed: data to DVC remote %s%s", name, remote,
+                 f", ref to git remote {git_remote}" if git_remote else " (no git remote: the ref stays local)")
+        announce_local_remote(root, remote, log)
     return result
 
 

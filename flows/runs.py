@@ -1,118 +1,88 @@
 """`selfdistill runs [--repo DIR] [--json] [-n N]`: the flow runs recorded in this repository.
 
-Each flow run records what it produced as a commit on its own branch `selfdistill/runs/...`
-(flows/records.py). This lists them, newest first: when, the Prefect flow run (name and id) and
-its status, the params that differ from the previous recorded run, and headline metrics
-(pass@1 per model from report/summary.json when the run has one, else the values in the
-metrics files dvc.yaml declares), with the command that audits an output as it was in that run.
+Each flow run is saved as a DVC experiment named after it (flows/records.py); this is a view
+over `dvc exp show --json --all-commits`, newest first: the experiment, when, the Prefect flow
+run and its status (from the experiment's message), pass@1 per model and the command that audits
+an output as it was in that run. `dvc exp show` itself shows every param and metric.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
-from flows.records import (REPORT_SUMMARY, T_METRICS, T_PARAMS, RunRecord, diff_params, git_toplevel, params_at,
-                           read_at, recorded_runs)
+from flows.gitrepo import git, git_toplevel, parse_trailers
+from flows.records import T_AT, T_ID, T_NAME, T_STATUS
 
-# How many values of a metrics file to show when there is no report/summary.json.
-MAX_METRIC_VALUES = 6
+# The report's metrics (tasks/report.py): report/headline.json, flat keys `<set>.<model>.pass@1`;
+# runs recorded before it existed had report/summary.json, pass@1 under `models`.
+HEADLINE, SUMMARY = "report/headline.json", "report/summary.json"
 
 
-def headline_metrics(top: Path, run: RunRecord, prefix: str) -> dict[str, object]:
-    """{'pass@1': {'base': 0.02, 'none': 0.03}} from the run's report/summary.json, else
-    {'eval/base/metrics.json': {'pass@1': 0.02, ...}} from its metrics files (numbers only)."""
-    from flows.lineage import flatten
+def pass_at_1(metrics: dict) -> dict[str, float]:
+    """{'humaneval.base': 0.02, ...} from an experiment's metrics as `dvc exp show --json` gives them."""
+    data = lambda name: ((metrics.get(name) or {}).get("data") or {})  # noqa: E731
+    flat = {k: v for k, v in data(HEADLINE).items() if k.endswith(".pass@1") and isinstance(v, (int, float))}
+    if flat:
+        return {k.removesuffix(".pass@1"): v for k, v in flat.items()}
+    models = data(SUMMARY).get("models") or {}
+    return {name: m["pass@1"] for name, m in models.items() if isinstance(m, dict) and "pass@1" in m}
 
-    text = read_at(top, run.commit, prefix + REPORT_SUMMARY)
-    if text is not None:
-        try:
-            models = json.loads(text).get("models", {})
-            found = {name: m["pass@1"] for name, m in models.items() if isinstance(m, dict) and "pass@1" in m}
-            if found:
-                return {"pass@1": found}
-        except (json.JSONDecodeError, AttributeError):
-            pass
-    metrics = {}
-    for name in run.files(T_METRICS):
-        text = read_at(top, run.commit, name)
-        if text is None:
-            metrics[name] = "(in the DVC cache, not in git)"
-            continue
-        try:
-            import yaml
 
-            data = yaml.safe_load(text)  # JSON is YAML
-        except Exception:  # noqa: BLE001 - a metrics file in another format: named, not read
-            metrics[name] = "(not JSON or YAML)"
-            continue
-        values = {k: v for k, v in flatten(data).items() if isinstance(v, (int, float)) and not isinstance(v, bool)} \
-            if isinstance(data, dict) else {}
-        metrics[name] = dict(list(values.items())[:MAX_METRIC_VALUES])
-    return metrics
+def exp_show(root: Path) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", "--all-commits"], cwd=root,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc exp show: {(proc.stderr or proc.stdout).strip()[-500:]}")
+    return json.loads(proc.stdout or "[]")
 
 
 def list_runs(repo_dir: str | Path = ".") -> list[dict]:
-    """The recorded runs, oldest first, each with its params diff against the previous one."""
+    """The experiments flow runs saved, oldest first."""
     from dvc.repo import Repo
 
     root = Path(Repo.find_root(str(repo_dir))).resolve()
     top = git_toplevel(root)
     if top is None:
         return []
-    prefix = "" if root == top else f"{root.relative_to(top)}/"
-    rows, previous = [], None
-    for run in recorded_runs(top):
-        files = run.files(T_PARAMS)
-        params = params_at(top, run.commit, files)
-        if previous is None:
-            changed = None
-        else:
-            changed = diff_params(params_at(top, previous.commit, previous.files(T_PARAMS) or files), params)
-        rows.append({
-            "branch": run.branch, "commit": run.commit, "recorded_at": run.trailers.get("Selfdistill-Recorded-At"),
-            "flow_run_id": run.flow_run_id, "flow_run_name": run.flow_run_name, "status": run.status,
-            "params_changed": changed, "metrics": headline_metrics(top, run, prefix),
-        })
-        previous = run
-    return rows
-
-
-def format_metrics(metrics: dict) -> str:
-    if "pass@1" in metrics:
-        return "pass@1 " + ", ".join(f"{name} {value:.3f}" for name, value in metrics["pass@1"].items())
-    parts = []
-    for name, values in metrics.items():
-        shown = values if isinstance(values, str) else ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-        parts.append(f"{name}: {shown or '(no numbers)'}")
-    return "; ".join(parts) or "(no metrics files)"
+    rows, seen = [], set()
+    for baseline in exp_show(root):
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev["rev"] in seen:
+                    continue
+                seen.add(rev["rev"])
+                trailers = parse_trailers(git(top, "log", "-1", "--format=%B", rev["rev"]))
+                if T_ID not in trailers:
+                    continue  # a `selfdistill grid` or hand-made experiment
+                rows.append({"name": rev.get("name") or exp.get("name"), "commit": rev["rev"],
+                             "baseline": baseline["rev"], "recorded_at": trailers.get(T_AT),
+                             "flow_run_id": trailers[T_ID], "flow_run_name": trailers.get(T_NAME, ""),
+                             "status": trailers.get(T_STATUS, ""),
+                             "pass@1": pass_at_1((rev.get("data") or {}).get("metrics") or {})})
+    return sorted(rows, key=lambda r: (r["recorded_at"] or "", r["name"]))
 
 
 def render(rows: list[dict]) -> str:
     if not rows:
-        return ("No recorded runs. A flow run records itself on a branch selfdistill/runs/... when it ends "
-                "(selfdistill flow run, or a deployment's run).")
+        return ("No recorded runs. A flow run saves itself as a DVC experiment when it ends "
+                "(selfdistill flow run, or a deployment's run); `dvc exp show` lists experiments.")
     lines = []
     for row in reversed(rows):
         when = (row["recorded_at"] or "?").replace("T", " ")[:19] + " UTC"
-        lines.append(f"{row['branch']}")
-        lines.append(f"  when:     {when}   flow run {row['flow_run_name']} ({row['flow_run_id']})   {row['status']}")
-        if row["params_changed"] is None:
-            lines.append("  params:   (the first recorded run)")
-        elif row["params_changed"]:
-            lines.append("  params:   vs the previous run: " + "; ".join(row["params_changed"]))
-        else:
-            lines.append("  params:   as in the previous run")
-        lines.append(f"  metrics:  {format_metrics(row['metrics'])}")
-        lines.append(f"  audit:    selfdistill lineage PATH --rev {row['branch']}")
-        lines.append("")
+        scores = ", ".join(f"{name} {value:.3f}" for name, value in row["pass@1"].items()) or "(no pass@1)"
+        lines += [f"{row['name']}  ({row['commit'][:7]}, on {row['baseline'][:7]})",
+                  f"  when:    {when}   flow run {row['flow_run_name']} ({row['flow_run_id']})   {row['status']}",
+                  f"  pass@1:  {scores}",
+                  f"  audit:   selfdistill lineage PATH --rev {row['name']}", ""]
     return "\n".join(lines).rstrip()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfdistill runs",
-                                     description="List the recorded flow runs (branches selfdistill/runs/...), newest first.")
+                                     description="List the recorded flow runs (DVC experiments), newest first.")
     parser.add_argument("--repo", default=".", help="the DVC workspace (default: .)")
     parser.add_argument("-n", "--limit", type=int, help="only the N newest runs")
     parser.add_argument("--json", action="store_true", help="print the runs as JSON (oldest first)")
@@ -121,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rows = list_runs(args.repo)
-    except NotDvcRepoError as err:
+    except (NotDvcRepoError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.limit is not None:

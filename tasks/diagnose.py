@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     if not problems:
         raise DataError(f"{source}: no problem with a canonical_solution to diagnose on (diagnose.eval_set)")
     problems = seeded_subset(problems, cfg.max_problems, params.data.split_seed)
-    base_classes = None if args.name == "base" else read_json(paths.diagnose_classes())["classes"]
+    if args.name == "base":
+        base_classes = None
+    else:
+        classed = read_json(paths.diagnose_classes())
+        base_classes = dict(zip(classed["task_ids"], classed["classes"]))
     use_all_cores()
     model, tokenizer = load_pretrained(args.model)
     model.to(device()).eval()

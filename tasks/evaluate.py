@@ -18,7 +18,7 @@ import sys
 from collections import Counter, defaultdict
 
 from tasks import sandbox
-from tasks.analysis.selection import choose_temperature, validation_pass_at_1
+from tasks.analysis.selection import choose_temperature
 from tasks.core import paths
 from tasks.core.config import DecodingConfig, load_params, run_stage
 from tasks.core.extract import last_fenced_block
@@ -27,7 +27,7 @@ from tasks.core.jobs import answer_job
 from tasks.core.metrics import mean_pass_at_k, per_problem_counts
 from tasks.core.problems import chat_messages, difficulty_band
 from tasks.sampling.backends import load_backend
-from tasks.sampling.generate import Request, generate_jsonl
+from tasks.sampling.generate import Request, discard_partials, generate_jsonl
 
 
 def set_metrics(problems: list[dict], rows: list[dict], n: int) -> dict:
@@ -77,10 +77,20 @@ def answer_and_check(backend, model_dir: str, problems: list[dict], cfg: Decodin
     return rows
 
 
+def conversations_answered(params) -> list[list[dict]]:
+    """The chat of every problem this stage decodes (validation when swept, every eval set): an
+    engine sized at start (vllm) is sized for the longest of them."""
+    problems = read_jsonl(paths.VALIDATION_PROBLEMS) if params.evaluate.sweep else []
+    for eval_set in params.data.eval:
+        problems += read_jsonl(paths.eval_problems(eval_set.name))
+    return [chat_messages(p) for p in problems]
+
+
 def evaluate(model_dir: str, name: str) -> dict:
     params = load_params()
     cfg = params.evaluate
-    backend = load_backend(cfg.backend, model_dir)  # once, for every set
+    backend = load_backend(cfg.backend, model_dir, engine={"vllm": params.vllm.model_dump()},  # once, for every set
+                           conversations=conversations_answered(params), max_new_tokens=cfg.max_new_tokens)
     metrics = {"model": model_dir, "sets": {}}
     chosen = cfg.temperature
     if cfg.sweep:
@@ -89,10 +99,11 @@ def evaluate(model_dir: str, name: str) -> dict:
         for t in cfg.sweep:
             answer_and_check(backend, model_dir, validation, decoding_at(cfg, t), paths.validation_samples(name, t),
                              f"evaluate[{name}/validation T={t:g}]", cfg.timeout_s, params.sandbox)
-        by_t = validation_pass_at_1(name, cfg.sweep)
-        chosen = choose_temperature(by_t, cfg.temperature)
+        choice = choose_temperature(name, cfg.sweep, cfg.temperature, cfg.sweep_confidence, cfg.seed)
+        chosen, by_t = choice["chosen"], choice["pass@1"]
         metrics["validation"] = {"problems": len(validation), "pass@1_by_temperature": {f"{t:g}": v for t, v in by_t.items()},
-                                 "chosen_temperature": chosen}
+                                 "chosen_temperature": chosen,
+                                 "vs_tie_breaker": {f"{t:g}": v for t, v in choice["vs_tie_breaker"].items()}}
         print(f"evaluate[{name}]: validation pass@1 " + ", ".join(f"T={t:g} {v:.3f}" for t, v in by_t.items())
               + f"; T_eval {chosen:g}")
     test_cfg = decoding_at(cfg, chosen)
@@ -124,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="its name in eval/ and the report: base, or the arm")
     args = parser.parse_args(argv)
     evaluate(args.model, args.name)
+    discard_partials(paths.eval_dir(args.name))
     return 0
 
 

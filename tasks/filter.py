@@ -7,6 +7,9 @@ An arm (params `arms.<name>`, one DVC foreach stage each) pairs a sampling confi
   syntax       also drop samples whose code block does not parse
   passes       also drop samples failing their train problem's tests (rejection sampling,
                the baseline the paper lacks; the only arm that reads tests)
+Samples cut off at sample.max_new_tokens (finish_reason "length") are dropped by every filter
+with `filter.truncated: drop`; with `keep-open` they keep their finish_reason, and the train
+stage trains no end-of-turn token after them.
 """
 from __future__ import annotations
 
@@ -21,9 +24,16 @@ from tasks.core.files import DataError, read_jsonl, write_json, write_jsonl
 from tasks.core.jobs import answer_job
 
 
+TRUNCATED = "cut off at sample.max_new_tokens"
+
+
 def drop_reasons(kind: str, rows: list[dict], params, problems: dict[str, dict]) -> list[str | None]:
     """For each sample, why filter `kind` drops it (None keeps it)."""
-    reasons: list[str | None] = ["empty or one-line stub" if one_line_stub(r["text"]) else None for r in rows]
+    drop_truncated = params.filter.truncated == "drop"
+    reasons: list[str | None] = [
+        "empty or one-line stub" if one_line_stub(r["text"])
+        else TRUNCATED if drop_truncated and r["finish_reason"] == "length" else None
+        for r in rows]
     if kind == "shortest":
         ranked = sorted((i for i, why in enumerate(reasons) if why is None), key=lambda i: (rows[i]["num_tokens"], i))
         for i in ranked[: int(len(ranked) * params.filter.shortest_fraction)]:
@@ -61,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = {p["task_id"]: p for p in read_jsonl(paths.TRAIN_PROBLEMS)}
     reasons = drop_reasons(kind, rows, params, problems)
     kept = [
-        {"prompt_id": r["prompt_id"], "sample_index": r["sample_index"],
+        {"prompt_id": r["prompt_id"], "sample_index": r["sample_index"], "finish_reason": r["finish_reason"],
          "messages": r["messages"] + [{"role": "assistant", "content": r["text"]}]}
         for r, why in zip(rows, reasons) if why is None
     ]
@@ -76,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         "kept": len(kept),
         "kept_fraction": len(kept) / len(rows),
         "dropped": dict(Counter(why for why in reasons if why is not None)),
+        # Cut off at sample.max_new_tokens: how many were, how many are kept (trained with no
+        # end-of-turn label) and how many were dropped for it (filter.truncated: drop).
+        "truncated": {"samples": sum(r["finish_reason"] == "length" for r in rows),
+                      "kept": sum(r["finish_reason"] == "length" for r in kept),
+                      "dropped": reasons.count(TRUNCATED)},
     }
     if kind == "passes":
         from tasks import sandbox
@@ -83,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         stats["isolation"] = sandbox.isolation_level()
     write_jsonl(paths.filtered_samples(arm), kept)
     write_json(paths.filter_stats(arm), stats)
-    print(f"filter[{arm}]: kept {len(kept)}/{len(rows)}; dropped {stats['dropped']}")
+    print(f"filter[{arm}]: kept {len(kept)}/{len(rows)} ({stats['truncated']['kept']} of them cut off at "
+          f"sample.max_new_tokens: no end-of-turn label); dropped {stats['dropped']}")
     return 0
 
 

@@ -1,6 +1,9 @@
 """Stage `report`: base vs every arm on each eval set, with paired bootstrap confidence intervals.
 
-Outputs report/summary.json (DVC metrics: `dvc metrics show` / `dvc metrics diff`),
+Outputs report/headline.json, the pipeline's only DVC metrics (`dvc metrics show`, `dvc exp
+show`): flat keys, pass@1 per eval set and model, each model's chosen T_eval, each arm's final
+training loss and the lock/fork diagnostics at a glance; report/summary.json, every number below;
+report/t_eval/<model>.json, validation pass@1 per T_eval (a `dvc plots` source); and
 report/summary.md: per eval set, pass@k of every model with its difference from the base and
 the CI, and pass@1 per difficulty band where the set has difficulties (the paper finds the
 gains on the hard problems); the lock/fork diagnostics; and report/figures/*.png, linked from it.
@@ -11,10 +14,10 @@ import sys
 from pathlib import Path
 
 from tasks.analysis import plots
-from tasks.analysis.selection import choose_temperature, validation_pass_at_1
+from tasks.analysis.selection import choose_temperature
 from tasks.core import paths
 from tasks.core.config import load_params, run_stage
-from tasks.core.files import DataError, read_json, read_jsonl, write_json, write_text
+from tasks.core.files import DataError, atomic_path, read_json, read_jsonl, write_json, write_text
 from tasks.core.metrics import paired_bootstrap, pass_at_k, per_problem_counts
 
 
@@ -32,13 +35,14 @@ def t_eval_choices(params, metrics: dict) -> dict:
         if not ev.sweep:
             choices[name] = {"chosen": ev.temperature}
             continue
-        by_t = validation_pass_at_1(name, ev.sweep)
-        chosen = choose_temperature(by_t, ev.temperature)
+        choice = choose_temperature(name, ev.sweep, ev.temperature, ev.sweep_confidence, ev.seed)
+        chosen, by_t = choice["chosen"], choice["pass@1"]
         tested = {s["temperature"] for s in m["sets"].values()}
         if tested != {chosen}:
             raise DataError(f"{paths.eval_metrics(name)}: tested at T={sorted(tested)}, but its validation answers "
                             f"choose T={chosen:g}: rerun evaluate for {name}")
-        choices[name] = {"chosen": chosen, "validation_pass@1": {f"{t:g}": v for t, v in by_t.items()}}
+        choices[name] = {"chosen": chosen, "validation_pass@1": {f"{t:g}": v for t, v in by_t.items()},
+                         "vs_tie_breaker": {f"{t:g}": v for t, v in choice["vs_tie_breaker"].items()}}
     return choices
 
 
@@ -47,11 +51,15 @@ def build_report(params) -> dict:
     arms = list(params.arms)
     metrics = {name: read_json(paths.eval_metrics(name)) for name in ["base", *arms]}
     kept = {arm: read_json(paths.filter_stats(arm)) for arm in arms}
+    trained = {arm: read_json(paths.train_stats(arm)) for arm in arms}
     configs = params.sample.configs
     summary = {"samples": {name: {**configs[name].model_dump(), **read_json(paths.sample_stats(name))}
                            for name in configs},
                "arms": {arm: {"sample": spec.sample, "filter": spec.filter, "kept": kept[arm]["kept"],
-                              "kept_fraction": kept[arm]["kept_fraction"]} for arm, spec in params.arms.items()},
+                              "kept_fraction": kept[arm]["kept_fraction"], "truncated": kept[arm]["truncated"],
+                              "trained": trained[arm]["trained"], "train_dropped": trained[arm]["dropped"],
+                              "final_loss": trained[arm]["final_loss"]}
+                        for arm, spec in params.arms.items()},
                "isolation": metrics["base"]["isolation"], "t_eval": t_eval_choices(params, metrics), "sets": {}}
     for eval_set in params.data.eval:
         name = eval_set.name
@@ -85,7 +93,53 @@ def build_report(params) -> dict:
         if "by_difficulty" in base:
             summary["sets"][name]["difficulty_problems"] = {b: m["problems"] for b, m in base["by_difficulty"].items()}
     summary["diagnostics"] = {name: read_json(paths.diagnose_metrics(name)) for name in ["base", *arms]}
+    data_source = read_json(paths.DATA_SOURCE) if Path(paths.DATA_SOURCE).exists() else {}
+    summary["train_prompts"] = {key: data_source[key] for key in ("decontamination", "near_duplicates")
+                                if key in data_source}
     return summary
+
+
+def train_prompts_markdown(record: dict) -> list[str]:
+    """One line: how many candidate train prompts overlapped a validation or eval problem (and
+    were dropped), per set, and the near-duplicates dropped before the split."""
+    if "decontamination" not in record:
+        return []
+    d = record["decontamination"]
+    per_set = ", ".join([f"validation {d['dropped_validation']}", *(f"{k} {v}" for k, v in d["dropped_eval"].items())])
+    line = (f"Train prompts: of {d['checked']} candidates, {d['dropped_total']} shared {d['ngram']}-grams "
+            f"covering {d['min_tokens']}+ tokens with a held-out problem and were dropped ({per_set})")
+    if "near_duplicates" in record:
+        dups = record["near_duplicates"]
+        line += f"; {dups['dropped']} near-duplicates dropped from {dups['source']} before the split"
+    return ["", line + "."]
+
+
+def headline(summary: dict) -> dict[str, float]:
+    """One flat key per number: `<set>.<model>.pass@1`, `t_eval.<model>`, `train.<arm>.loss` (the
+    last step's), `lock.<model>.kept_mass` and `fork.<model>.entropy` (SSD's account: tails at
+    locks shrink, forks keep their spread). Few, short keys: `dvc exp show` fits a terminal."""
+    flat = {}
+    for name, result in summary["sets"].items():
+        for model, m in result["models"].items():
+            flat[f"{name}.{model}.pass@1"] = m["pass@1"]
+    for model, choice in summary["t_eval"].items():
+        flat[f"t_eval.{model}"] = choice["chosen"]
+    for arm, spec in summary["arms"].items():
+        flat[f"train.{arm}.loss"] = spec["final_loss"]
+    for model, m in summary["diagnostics"].items():
+        for cls, value in (("lock", "kept_mass"), ("fork", "entropy")):
+            if cls in m:
+                flat[f"{cls}.{model}.{value}"] = m[cls][value]
+    return flat
+
+
+def t_eval_curves(summary: dict) -> None:
+    """report/t_eval/<model>.json: [{T_eval, pass@1}] of the validation sweep ([] without one),
+    one file per model of this report (the folder is replaced whole)."""
+    with atomic_path(paths.REPORT_T_EVAL, is_dir=True) as tmp:
+        for model, choice in summary["t_eval"].items():
+            write_json(tmp / Path(paths.t_eval_curve(model)).name,
+                       [{"T_eval": float(t), "pass@1": v} for t, v in choice.get("validation_pass@1", {}).items()])
 
 
 def figures(summary: dict, params) -> dict[str, str]:
@@ -115,16 +169,20 @@ def markdown(summary: dict, params) -> str:
         "Arms: each trains the base on its own samples, drawn at one sampling config and kept by one filter "
         "(`null`: T=1 without truncation, plain self-training, the control; `gibberish`: T=2 without truncation).",
         "",
-        "| arm | sampling config | T_train | top-k | top-p | samples | with a code block | filter | kept |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | sampling config | T_train | top-k | top-p | samples | with a code block | filter | kept | "
+        "cut off at max_new_tokens: kept (no end-of-turn label) / dropped | trained (dropped: why) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, spec in summary["arms"].items():
-        s = summary["samples"][spec["sample"]]
+        s, cut = summary["samples"][spec["sample"]], spec["truncated"]
+        dropped = "; ".join(f"{n} {why}" for why, n in spec["train_dropped"].items())
         lines.append(f"| {arm} | {spec['sample']} | {s['temperature']:g} | {s['top_k'] or 'off'} | {s['top_p']:g} | "
                      f"{s['samples']} | {s['extractable_fraction']:.0%} | {spec['filter']} | "
-                     f"{spec['kept']} ({spec['kept_fraction']:.0%}) |")
+                     f"{spec['kept']} ({spec['kept_fraction']:.0%}) | {cut['samples']}: {cut['kept']} / "
+                     f"{cut['dropped']} | {spec['trained']}{f' (dropped: {dropped})' if dropped else ''} |")
     lines += ["", f"Evaluation: {ev.n} samples per problem, top-k={ev.top_k}, top-p={ev.top_p}; sandbox isolation: "
                   f"{summary['isolation']}."]
+    lines += train_prompts_markdown(summary.get("train_prompts", {}))
     if ev.sweep:
         lines += [
             "",
@@ -136,6 +194,12 @@ def markdown(summary: dict, params) -> str:
         for model, choice in summary["t_eval"].items():
             cells = [f"{choice['validation_pass@1'][f'{t:g}']:.3f}" for t in ev.sweep]
             lines.append(f"| {model} | " + " | ".join(cells) + f" | **{choice['chosen']:g}** |")
+        lines += ["", f"Validation pass@1 minus the tie-breaker's (evaluate.temperature={ev.temperature:g}), paired "
+                      f"over validation problems, {ev.sweep_confidence:.0%} bootstrap CI: a T replaces the tie-breaker "
+                      "only where the whole CI is above 0.", ""]
+        for model, choice in summary["t_eval"].items():
+            lines.append(f"- {model}: " + ", ".join(f"T={t}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                                                    for t, (d, lo, hi) in choice["vs_tie_breaker"].items()))
         tied = [model for model, choice in summary["t_eval"].items()
                 if len(set(choice["validation_pass@1"].values())) == 1]
         if tied:
@@ -216,6 +280,8 @@ def main() -> int:
     params = load_params()
     summary = build_report(params)
     write_json(paths.REPORT_JSON, summary)
+    write_json(paths.REPORT_HEADLINE, headline(summary))
+    t_eval_curves(summary)
     made = figures(summary, params)
     text = markdown(summary, params) + "\nFigures: " + ", ".join(f"[{c}]({p})" for c, p in made.items()) + "\n"
     write_text(paths.REPORT_MD, text)

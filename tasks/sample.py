@@ -16,7 +16,7 @@ from tasks.core.config import load_params, named, run_stage, sampling_decoding
 from tasks.core.extract import last_fenced_block
 from tasks.core.files import DataError, read_jsonl, write_json, write_jsonl
 from tasks.core.problems import chat_messages
-from tasks.sampling.generate import Request, generate_jsonl
+from tasks.sampling.generate import Request, discard_partials, generate_jsonl
 
 
 def sample_stats(rows: list[dict]) -> dict:
@@ -41,13 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     # Prompts only: solutions and tests never reach the sampler.
     requests = [Request({"prompt_id": p["task_id"]}, chat_messages(p)) for p in problems]
     rows = generate_jsonl(paths.BASE_MODEL, requests, sampling_decoding(params.sample, name), paths.samples(name),
-                          desc=f"sample[{name}]")
+                          desc=f"sample[{name}]", engine={"vllm": params.vllm.model_dump()})
     for row in rows:
         row.pop("batch")
         row["extractable"] = last_fenced_block(row["text"]) is not None
     write_jsonl(paths.samples(name), rows)
     stats = sample_stats(rows)
     write_json(paths.sample_stats(name), stats)
+    discard_partials(paths.samples(name))
     print(f"sample[{name}]: {stats}")
     return 0
 

@@ -1,16 +1,23 @@
 """Stage `train`: plain SFT of the base model on one filter arm's samples.
 
 The engine is TRL's SFTTrainer on transformers' Trainer and accelerate (tasks/training/sft.py):
-cross-entropy on the assistant tokens only, AdamW (train.beta1/beta2, weight decay), cosine to
+cross-entropy on the assistant tokens only (after an answer cut off at sample.max_new_tokens,
+not on the end-of-turn token the chat template appends), AdamW (train.beta1/beta2, weight decay), cosine to
 train.min_lr after a linear warm-up, gradient accumulation, bf16 autocast, full fine-tune (or
 LoRA with `train.method: lora`), each micro-batch packed into rows of at most train.pack_tokens
 with attention kept inside each example, logits only at answer positions and in chunks. `train.accelerate` names an accelerate config
 (multi-GPU, FSDP, DeepSpeed): the stage then relaunches itself under `accelerate launch`.
 Checkpoints go to checkpoints/<arm>/ (not a DVC out, so it survives DVC clearing outs) and
-a rerun with the same data and params resumes from there.
+a rerun with the same data and params resumes from there. A sample with no answer token within
+train.max_length is dropped and counted; a run whose learning rate never leaves 0, or whose
+weights end equal to the base's, is refused.
 
-Outputs: models/<arm>/ (safetensors, tokenizer, generation_config.json carrying the
-evaluation decoding settings, README.md model card) and plots/train/<arm>.csv.
+Outputs: models/<arm>/ (safetensors, tokenizer, README.md model card), train/<arm>/live/ (dvclive's
+files, written as it trains: loss, learning rate and answer tokens per optimizer step, a resumed
+run's included) and train/<arm>/stats.json (samples trained on and dropped by reason, steps,
+answer tokens, final loss).
+Decoding settings are not set here: `publish` writes them, at the T_eval `evaluate` chose for
+this model, so no `evaluate.*` value reruns training.
 """
 from __future__ import annotations
 
@@ -26,17 +33,39 @@ from pathlib import Path
 import torch
 
 from tasks.core import paths
-from tasks.core.config import load_params, named, run_stage
-from tasks.core.files import DataError, atomic_path, dir_sha256, file_sha256, read_jsonl, resume_key, write_text
+from tasks.core.config import ParamsError, load_params, named, run_stage
+from tasks.core.files import DataError, atomic_path, dir_sha256, file_sha256, read_jsonl, resume_key, write_json
 from tasks.core.modeling import load_pretrained, use_all_cores
+from tasks.core.stack import code_fingerprint, versions
 from tasks.training.sft import IGNORE, encode, fit
 
+TRAINING_LIBRARIES = ("torch", "transformers", "trl", "accelerate", "peft", "datasets")
 LAUNCHED = "SELFDISTILL_ACCELERATE_LAUNCHED"
+NO_ANSWER = "no answer token within train.max_length"
+
+
+def same_weights(model_dir: str | os.PathLike, base_dir: str | os.PathLike) -> bool:
+    """Whether every tensor of `model_dir`'s safetensors equals the base's tensor of that name."""
+    from safetensors import safe_open
+
+    def files(directory) -> dict[str, Path]:
+        found = {}
+        for file in sorted(Path(directory).glob("*.safetensors")):
+            with safe_open(file, "pt") as f:
+                found.update(dict.fromkeys(f.keys(), file))
+        return found
+
+    ours, base = files(model_dir), files(base_dir)
+    common = sorted(ours.keys() & base.keys())
+    for name in common:
+        with safe_open(ours[name], "pt") as a, safe_open(base[name], "pt") as b:
+            if not torch.equal(a.get_tensor(name).float(), b.get_tensor(name).float()):
+                return False
+    return bool(common)
 
 
 def model_card(arm: str, params, data_file: str, n_examples: int, final_loss: float | None) -> str:
     source = json.loads((Path(paths.BASE_MODEL) / "source.json").read_text())
-    ev = params.evaluate
     spec = params.arms[arm]
     sampled = params.sample.configs[spec.sample]
     return f"""---
@@ -52,7 +81,6 @@ Fine-tuned by simple self-distillation (SSD, arXiv 2604.01193) with selfdistill.
 - Sampled at temperature {sampled.temperature}, top-k {sampled.top_k}, top-p {sampled.top_p}, min-p {sampled.min_p}
 - Training: {params.train.model_dump_json()}
 - Final training loss: {final_loss if final_loss is None else round(final_loss, 4)}
-- Decode with temperature {ev.temperature}, top-k {ev.top_k}, top-p {ev.top_p} (in generation_config.json)
 
 Lineage: `selfdistill lineage models/{arm}`.
 """
@@ -75,10 +103,18 @@ def train(arm: str) -> int:
     if not rows:
         raise DataError(f"{data_file}: arm {arm!r} has 0 samples to train on")
     model, tokenizer = load_pretrained(paths.BASE_MODEL)
-    examples = [encode(tokenizer, r["messages"], cfg.max_length) for r in rows]
-    examples = [e for e in examples if any(label != IGNORE for label in e[1])]
+    # A sample cut off at sample.max_new_tokens trains no end-of-turn label (filter.truncated).
+    encoded = [encode(tokenizer, r["messages"], cfg.max_length, open_end=r["finish_reason"] == "length") for r in rows]
+    used = [i for i, (_, labels) in enumerate(encoded) if any(label != IGNORE for label in labels)]
+    examples = [encoded[i] for i in used]
+    stats = {"arm": arm, "samples": len(rows), "trained": len(examples),
+             "dropped": {NO_ANSWER: len(rows) - len(used)} if len(used) < len(rows) else {},
+             "trained_open": sum(rows[i]["finish_reason"] == "length" for i in used)}
+    print(f"train[{arm}]: training on {len(examples)} of {len(rows)} samples ({stats['trained_open']} cut off at "
+          f"sample.max_new_tokens, with no end-of-turn label); dropped {stats['dropped']}", flush=True)
     if not examples:
-        raise DataError(f"{data_file}: arm {arm!r} has no sample with answer tokens within train.max_length")
+        raise DataError(f"{data_file}: arm {arm!r} has no sample with answer tokens within train.max_length "
+                        f"(dropped all {len(rows)})")
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -86,17 +122,18 @@ def train(arm: str) -> int:
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     # Resume only from a checkpoint of this exact data and config.
     ckpt_dir = Path(paths.CHECKPOINTS) / arm
-    key = resume_key(data=file_sha256(data_file), model=dir_sha256(paths.BASE_MODEL), train=cfg.model_dump())
-    trainer, curve = fit(model, tokenizer, examples, cfg, ckpt_dir, key, name=f"train[{arm}]")
+    # The code that trains (every project module this process loaded) and the libraries that
+    # compute: a checkpoint of other code or another engine is discarded, naming what differs.
+    key = resume_key(data=file_sha256(data_file), model=dir_sha256(paths.BASE_MODEL), train=cfg.model_dump(),
+                     code=code_fingerprint(Path(__file__).resolve().parent), libraries=versions(*TRAINING_LIBRARIES))
+    trainer, curve = fit(model, tokenizer, examples, cfg, ckpt_dir, key, name=f"train[{arm}]",
+                         live_dir=paths.train_live_dir(arm))
 
-    ev = params.evaluate
     final = curve[-1]["loss"] if curve else None
     out_dir = paths.trained_model(arm)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if cfg.method == "lora":
         model = model.merge_and_unload()
-    model.generation_config.update(do_sample=ev.temperature > 0, temperature=ev.temperature, top_k=ev.top_k,
-                                   top_p=ev.top_p, min_p=ev.min_p or None, max_new_tokens=ev.max_new_tokens)
     if cfg.method == "full" and trainer.accelerator.num_processes > 1:
         # Sharded (FSDP / DeepSpeed) weights are gathered by the trainer; every process takes part.
         tmp_dir = Path(str(out_dir) + ".gathered")
@@ -118,12 +155,17 @@ def train(arm: str) -> int:
             model.generation_config.save_pretrained(tmp)
         else:
             model.save_pretrained(tmp)
+        if same_weights(tmp, paths.BASE_MODEL):
+            raise ParamsError(f"train[{arm}]: the trained weights equal the base's after {len(curve)} steps "
+                              f"(learning rates {sorted({c['lr'] for c in curve})}): nothing was learned; check "
+                              "train.lr and train.warmup_steps")
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(arm, params, data_file, len(examples), final))
-    write_text(paths.train_curve(arm), "step,loss,lr,tokens\n" + "".join(
-        f"{c['step']},{c['loss']},{c['lr']:.3e},{c['tokens']}\n" for c in curve))
+    stats.update(steps=len(curve), answer_tokens=sum(c["tokens"] for c in curve), final_loss=final)
+    write_json(paths.train_stats(arm), stats)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    print(f"train[{arm}]: {len(curve)} steps on {len(examples)} samples, final loss {final:.4f}")
+    print(f"train[{arm}]: {len(curve)} steps on {len(examples)} of {len(rows)} samples (dropped {stats['dropped']}), "
+          f"final loss {final:.4f}")
     return 0
 
 

@@ -155,7 +155,7 @@ def make_workspace(root: Path, model_dir: Path, overrides: dict | None = None) -
     """A git + DVC repo holding the project's pipeline files, params.yaml with the tiny profile
     applied and `model.base` set to `model_dir`."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "tasks", "problems", ".dvcignore"):
+    for name in ("dvc.yaml", "tasks", "problems", "requirements", ".dvcignore"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -199,6 +199,7 @@ class Interrupted(Exception):
 def interrupted_run(model_dir, requests, cfg, out_path: Path, backend, batches: int) -> Path:
     """Run generate_jsonl and stop it, as a kill would, after `batches` batches: the real partial
     file it leaves (its resume key first, then the finished batches)."""
+    from tasks.core.paths import partial_of
     from tasks.sampling.generate import generate_jsonl
 
     class Stopping:
@@ -216,6 +217,6 @@ def interrupted_run(model_dir, requests, cfg, out_path: Path, backend, batches: 
 
     with pytest.raises(Interrupted):
         generate_jsonl(model_dir, requests, cfg, out_path, backend=Stopping())
-    partial = out_path.with_name(out_path.name + ".partial")
+    partial = partial_of(out_path)
     assert partial.exists() and not out_path.exists()
     return partial

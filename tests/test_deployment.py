@@ -1,7 +1,7 @@
 """prefect.yaml's process deployment against a real `prefect server start` (SQLite in a temp
 PREFECT_HOME on 127.0.0.1): deploy, trigger a run, a worker runs it to completion on a temp
-DVC repo and records it (a branch selfdistill/runs/..., outputs pushed to the DVC remote); a
-second run with a param changed; the first run's model audited by its branch after the
+DVC repo and records it (a DVC experiment named after the flow run, pushed with its data); a
+second run with a param changed; the first run's model audited by its experiment after the
 workspace and its cache moved on; then `selfdistill flow run` with PREFECT_API_URL records its
 run on the same server. And two runs at once in one workspace take turns."""
 from __future__ import annotations
@@ -168,36 +168,36 @@ def test_deployment_runs_are_recorded_and_audited_after_the_workspace_moved_on(p
     assert deployed_run.parameters == {"repo": str(root)}
     assert (root / "model.txt").read_text() == "rows trained 1 epochs"
     assert set(yaml.safe_load((root / "dvc.lock").read_text())["stages"]) == {"prepare", "train"}
-    # Recorded: a commit on its own branch naming the flow run, the checkout's HEAD untouched.
+    # Recorded: a DVC experiment named after the flow run, the checkout's HEAD untouched.
     (first,) = recorded_runs(root)
     assert first.flow_run_id == first_id and first.flow_run_name == deployed_run.name
-    assert git(root, "rev-parse", "HEAD") == head and git(root, "rev-parse", f"{first.branch}^") == head
-    assert first.branch in flow_run_logs(env, first_id)
+    assert git(root, "rev-parse", "HEAD") == head and git(root, "rev-parse", f"{first.commit}^") == head
+    assert first.name == deployed_run.name and f"DVC experiment {first.name}" in flow_run_logs(env, first_id)
 
-    # The next run with a param changed: the workspace moves on; recorded on a second branch.
+    # The next run with a param changed: the workspace moves on; recorded as a second experiment.
     second_id = trigger(env, root, "--param", 'set_params=["train.epochs=2"]')
     run_worker_once(env, pool)
     (second_run,) = [r for r in flow_runs(env) if str(r.id) == second_id]
     assert second_run.state.is_completed(), second_run.state
     assert (root / "model.txt").read_text() == "rows trained 2 epochs"
     first_again, second = recorded_runs(root)
-    assert first_again.branch == first.branch and second.flow_run_id == second_id
-    assert "  train.epochs: 1 -> 2" in git(root, "log", "-1", "--format=%B", second.branch)
-    first_model = locked_outs(git(root, "show", f"{first.branch}:dvc.lock"), "train")["model.txt"]
+    assert first_again.name == first.name and second.flow_run_id == second_id
+    assert "  train.epochs: 1 -> 2" in git(root, "log", "-1", "--format=%B", second.commit)
+    first_model = locked_outs(git(root, "show", f"{first.commit}:dvc.lock"), "train")["model.txt"]
     assert first_model == hashlib.md5(b"rows trained 1 epochs").hexdigest()
     assert first_model != locked_outs((root / "dvc.lock").read_text(), "train")["model.txt"]
 
     # The CLI with PREFECT_API_URL set records its run on this server; DVC finds nothing to do,
-    # so there is nothing new to record either.
+    # and the run is recorded all the same (every run is an experiment).
     out = run([sys.executable, "-m", "tasks.commands.cli", "flow", "run", "--repo", str(root)], env, PROJECT)
     assert env["PREFECT_API_URL"] in out and "Running stage" not in out
-    assert out.count("unchanged: skipped") >= 2 and "nothing new to record" in out
-    assert len(recorded_runs(root)) == 2
+    assert out.count("unchanged: skipped") >= 2
+    assert len(recorded_runs(root)) == 3
 
-    # The first run's model audited by its branch, its outputs gone from the workspace's cache:
+    # The first run's model audited by its experiment's name, its outputs gone from the workspace's cache:
     # they come back from the DVC remote, and the audit shows that run's params and hashes.
     shutil.rmtree(root / ".dvc/cache")
-    proc = subprocess.run([sys.executable, "-m", "tasks.commands.cli", "lineage", "model.txt", "--rev", first.branch,
+    proc = subprocess.run([sys.executable, "-m", "tasks.commands.cli", "lineage", "model.txt", "--rev", first.name,
                            "--json"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     audit = json.loads(proc.stdout)
@@ -209,11 +209,15 @@ def test_deployment_runs_are_recorded_and_audited_after_the_workspace_moved_on(p
     assert (root / ".dvc/cache/files/md5" / first_model[:2] / first_model[2:]).is_file()
     assert (root / "model.txt").read_text() == "rows trained 2 epochs"
 
-    # `selfdistill runs`: both runs, newest first, with the param that changed between them.
+    # `selfdistill runs` and `dvc exp show`: every run, newest first, with its params.
     listed = run([sys.executable, "-m", "flows.runs", "--repo", str(root)], env, PROJECT)
-    assert listed.index(second.branch) < listed.index(first.branch)
+    assert listed.index(second.name + "  ") < listed.index(first.name + "  ")
     assert f"({second_id})" in listed and f"({first_id})" in listed
-    assert "params:   vs the previous run: train.epochs: 1 -> 2" in listed
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=300, check=True).stdout
+    epochs = {rev["name"]: rev["data"]["params"]["params.yaml"]["data"]["train"]["epochs"]
+              for baseline in json.loads(shown) for exp in baseline["experiments"] or [] for rev in exp["revs"]}
+    assert epochs[first.name] == 1 and epochs[second.name] == 2
 
     runs = flow_runs(env)
     (cli_run,) = [r for r in runs if r.deployment_id is None]
@@ -242,7 +246,7 @@ def test_two_runs_at_once_in_one_workspace_take_turns(prefect_server, tmp_path):
     assert {r.flow_run_id for r in records} == set(ids)
     for record in records:
         epochs = ids[record.flow_run_id]
-        assert yaml.safe_load(git(root, "show", f"{record.branch}:params.yaml"))["train"]["epochs"] == epochs
-        lock = git(root, "show", f"{record.branch}:dvc.lock")
+        assert yaml.safe_load(git(root, "show", f"{record.commit}:params.yaml"))["train"]["epochs"] == epochs
+        lock = git(root, "show", f"{record.commit}:dvc.lock")
         assert yaml.safe_load(lock)["stages"]["train"]["params"]["params.yaml"] == {"train.epochs": epochs}
         assert locked_outs(lock, "train")["model.txt"] == hashlib.md5(f"rows trained {epochs} epochs".encode()).hexdigest()

@@ -2,13 +2,13 @@
 the base model's positions."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import decoding
 from tasks.analysis.diagnostics import classify, diagnose, position_stats, reference_answer, truncation_mask
+from tasks.core.files import DataError
 from tasks.core.problems import load_problems
 
 
@@ -46,36 +46,78 @@ def test_every_model_is_measured_on_the_base_models_positions(tiny_model):
     model, tokenizer = load_pretrained(tiny_model)
     cfg = decoding(temperature=0.7, top_k=20, top_p=0.8)
     base, classes = diagnose(model, tokenizer, problems, cfg, [0.5, 1.0], None, 0.9, 0.5)
-    again, same = diagnose(model, tokenizer, problems, cfg, [0.5, 1.0], classes, 0.99, 0.01)
+    by_id = {p["task_id"]: c for p, c in zip(problems, classes)}
+    again, same = diagnose(model, tokenizer, problems, cfg, [0.5, 1.0], by_id, 0.99, 0.01)
     assert same == classes and again == base  # the base's classes, whatever the thresholds now
     answer_tokens = sum(len(c) for c in classes)
     assert base["all"]["positions"] == answer_tokens > 100
     assert sum(base[c]["positions"] for c in ("lock", "fork", "other") if c in base) == answer_tokens
+    # Classes that do not fit this model's positions are refused, not laid on other tokens.
+    first, second = (p["task_id"] for p in problems)
+    with pytest.raises(DataError, match=f"{second}: it was not classed"):
+        diagnose(model, tokenizer, problems, cfg, [0.5, 1.0], {first: by_id[first]}, 0.9, 0.5)
+    with pytest.raises(DataError, match=f"{first}: {len(by_id[first]) - 1} classed positions, {len(by_id[first])} here"):
+        diagnose(model, tokenizer, problems, cfg, [0.5, 1.0], {**by_id, first: by_id[first][1:]}, 0.9, 0.5)
 
 
-def test_t_eval_choice_reads_validation_answers_only(tmp_path, monkeypatch):
-    """Change every test result: the chosen T_eval stays; change validation results: it moves."""
+@pytest.mark.slow
+@pytest.mark.parametrize("winner", [0.5, 0.9])
+def test_t_eval_is_chosen_on_validation_before_any_test_problem_is_decoded(tmp_path, monkeypatch, tiny_model, winner):
+    """The real `evaluate` on a tiny model, with the validation verdicts planted so that `winner`
+    is best: every validation decoding comes before the first test decoding, and the test sets
+    are decoded at `winner`, whichever it is."""
+    import subprocess
+    import sys
+
+    from conftest import humaneval_only, make_workspace, stage_env
+    from tasks import evaluate as stage
+
+    root = make_workspace(tmp_path / "ws", tiny_model, {"data": humaneval_only(train=2)})
+    for module in ("tasks.model", "tasks.prepare"):
+        subprocess.run([sys.executable, "-m", module], cwd=root, env=stage_env(root), check=True, capture_output=True)
+    monkeypatch.chdir(root)
+    real, order = stage.answer_and_check, []
+
+    def planted(backend, model_dir, problems, cfg, out, desc, *args):
+        rows = real(backend, model_dir, problems, cfg, out, desc, *args)
+        order.append((desc, cfg.temperature))
+        if "/validation" in desc:
+            for row in rows:
+                row["passed"] = cfg.temperature == winner
+            stage.write_jsonl(out, rows)
+        return rows
+
+    monkeypatch.setattr(stage, "answer_and_check", planted)
+    metrics = stage.evaluate(str(root / "models/base"), "base")
+    validation = [i for i, (desc, _) in enumerate(order) if "/validation" in desc]
+    tests = [i for i, (desc, _) in enumerate(order) if "/validation" not in desc]
+    assert validation and tests and max(validation) < min(tests)
+    assert metrics["validation"]["chosen_temperature"] == winner
+    assert {t for i, (_, t) in enumerate(order) if i in tests} == {winner}
+    assert metrics["sets"]["humaneval"]["temperature"] == winner
+
+
+
+
+
+@pytest.mark.parametrize("more_solved, moves", [(1, False), (12, True)])
+def test_t_eval_leaves_the_tie_breaker_only_beyond_validation_noise(tmp_path, monkeypatch, more_solved, moves):
+    """40 validation problems: T=0.9 solving 1 more than the tie-breaker (0.7) is noise and does
+    not move the choice; 12 more is not, and does."""
     import json
 
-    from tasks.analysis.selection import choose_temperature, validation_pass_at_1
+    from tasks.analysis.selection import choose_temperature
     from tasks.core import paths
 
     monkeypatch.chdir(tmp_path)
-    rows = {0.5: [1, 0, 0, 0], 0.7: [1, 1, 0, 0], 0.9: [1, 1, 0, 0]}  # 0.7 and 0.9 tie; 0.7 is nearer 0.7
-
-    def write(path, passed):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text("".join(json.dumps({"task_id": f"v{i}", "passed": bool(p)}) + "\n"
-                                      for i, p in enumerate(passed)))
-
-    for t, passed in rows.items():
-        write(paths.validation_samples("base", t), passed)
-    write(paths.eval_samples("base", "humaneval"), [0, 0, 0, 0])
-    assert choose_temperature(validation_pass_at_1("base", list(rows)), 0.7) == 0.7
-    write(paths.eval_samples("base", "humaneval"), [1, 1, 1, 1])  # every test result changes
-    assert choose_temperature(validation_pass_at_1("base", list(rows)), 0.7) == 0.7
-    write(paths.validation_samples("base", 0.5), [1, 1, 1, 0])
-    assert choose_temperature(validation_pass_at_1("base", list(rows)), 0.7) == 0.5
-
-
-
+    solved = {0.5: 4, 0.7: 8, 0.9: 8 + more_solved}
+    for t, count in solved.items():
+        path = tmp_path / paths.validation_samples("base", t)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"task_id": f"v{i}", "passed": i < count}) + "\n" for i in range(40)))
+    choice = choose_temperature("base", [0.5, 0.7, 0.9], 0.7, 0.95, seed=0)
+    assert choice["chosen"] == (0.9 if moves else 0.7)
+    delta, low, high = choice["vs_tie_breaker"][0.9]
+    assert delta == pytest.approx(more_solved / 40) and low <= delta <= high and (low > 0) == moves
+    assert choice["vs_tie_breaker"][0.5][0] == pytest.approx(-4 / 40) and set(choice["vs_tie_breaker"]) == {0.5, 0.9}
+    assert choice["pass@1"] == {t: pytest.approx(c / 40) for t, c in solved.items()}

@@ -275,7 +275,7 @@ def test_prefect_docker_worker(tiny_run, prefect_server, tmp_path):
     assert state.is_completed(), f"flow run {state.name}: {state.message}\nworker:\n{worker[-4000:]}"
     lock = (workspace / "dvc.lock").read_text()
     assert "report.bootstrap: 100" in lock, "the flow did not rerun report with the changed param"
-    branches = subprocess.run(["git", "-c", "safe.directory=*", "branch", "--list", "selfdistill/runs/*"], cwd=workspace, capture_output=True,
-                              text=True).stdout.split()
-    assert branches, "the flow run left no record branch"
+    experiments = subprocess.run(["git", "-c", "safe.directory=*", "for-each-ref", "--format=%(refname)", "refs/exps/"],
+                                 cwd=workspace, capture_output=True, text=True).stdout.split()
+    assert [r for r in experiments if not r.startswith("refs/exps/exec/")], "the flow run left no DVC experiment"
     assert any((workspace / ".dvc-remote").rglob("*")), "the flow run pushed nothing to the DVC remote"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,9 +12,9 @@ import time
 import pytest
 import torch
 
-from conftest import build_tiny_model, decoding, humaneval_only, interrupted_run, make_workspace, stage_env
+from conftest import REPO, build_tiny_model, decoding, humaneval_only, interrupted_run, make_workspace, stage_env
 from tasks.sampling.backend_transformers import TransformersBackend
-from tasks.sampling.generate import Request, generate_jsonl
+from tasks.sampling.generate import Request, discard_partials, generate_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,8 @@ def test_rows_counts_and_finish_reasons(tmp_path, backend, tiny_model):
     for row in rows:
         assert (row["num_tokens"] == 24) == (row["finish_reason"] == "length") or row["num_tokens"] == 24
         assert 1 <= row["num_tokens"] <= 24
+    assert (tmp_path / "s.jsonl.partial").exists()  # complete: a rerun of the stage reuses it
+    discard_partials(tmp_path / "s.jsonl")  # as the stage does once it has finished
     assert not (tmp_path / "s.jsonl.partial").exists()
     on_disk = [json.loads(l) for l in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert on_disk == rows
@@ -116,30 +119,89 @@ def test_degenerate_output_is_refused_and_not_written(tmp_path):
     check_not_degenerate([{"text": "```python\nx = 1\n```", "finish_reason": "length"}], "s.jsonl")
 
 
+def kill_dvc_repro_when(root, target: str, partials: str, lines: int) -> int:
+    """Start `dvc repro TARGET` and SIGKILL it (DVC and the stage it runs) once the partial files
+    matching `partials` hold `lines` lines; the lines they held."""
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", target], cwd=root, env=stage_env(root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def written() -> int:
+        return sum(p.read_text().count("\n") for p in root.glob(partials))
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and written() < lines:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return written()
+
+
 @pytest.mark.slow
-def test_sample_stage_resumes_after_sigkill(tmp_path, tiny_model):
-    overrides = {"data": humaneval_only(train=12), "sample": {"n": 2, "batch_size": 2, "max_new_tokens": 64}}
+def test_sample_and_evaluate_resume_under_dvc_repro_after_sigkill(tmp_path, tiny_model):
+    """DVC deletes a stage's outs before it runs it: partial work lives under checkpoints/, so a
+    `dvc repro` killed mid-stage resumes there, and the outputs equal an uninterrupted run's."""
+    overrides = {"data": humaneval_only(train=12), "sample": {"n": 2, "batch_size": 2, "max_new_tokens": 64},
+                 "evaluate": {"batch_size": 2}}
     reference = make_workspace(tmp_path / "ref", tiny_model, overrides)
     killed = make_workspace(tmp_path / "killed", tiny_model, overrides)
     for root in (reference, killed):
-        subprocess.run([sys.executable, "-m", "tasks.prepare"], cwd=root, env=stage_env(root), check=True,
+        subprocess.run([sys.executable, "-m", "dvc", "repro", "model", "prepare"], cwd=root, env=stage_env(root), check=True,
                        capture_output=True)
-    subprocess.run([sys.executable, "-m", "tasks.sample", "--config", "ssd"], cwd=reference, env=stage_env(reference), check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "sample@ssd", "evaluate-base"], cwd=reference,
+                   env=stage_env(reference), check=True, capture_output=True)
 
-    partial = killed / "samples/ssd/samples.jsonl.partial"
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.sample", "--config", "ssd"], cwd=killed, env=stage_env(killed),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not partial.exists() or partial.read_text().count("\n") < 6):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    written = partial.read_text().count("\n")
-    assert 6 <= written < 24, "the kill should land mid-run"
+    written = kill_dvc_repro_when(killed, "sample@ssd", "checkpoints/partial/samples/ssd/*.partial", 6)
+    assert 6 <= written < 24, "the kill should land mid-stage"
     assert not (killed / "samples/ssd/samples.jsonl").exists()
+    written = kill_dvc_repro_when(killed, "evaluate-base", "checkpoints/partial/eval/base/samples/**/*.partial", 4)
+    assert written >= 4 and not (killed / "eval/base/metrics.json").exists(), "the kill should land mid-stage"
 
-    resumed = subprocess.run([sys.executable, "-m", "tasks.sample", "--config", "ssd"], cwd=killed, env=stage_env(killed),
-                             capture_output=True, text=True, check=True)
-    assert "resuming" in resumed.stdout
-    assert (killed / "samples/ssd/samples.jsonl").read_text() == (reference / "samples/ssd/samples.jsonl").read_text()
+    for target in ("sample@ssd", "evaluate-base"):
+        resumed = subprocess.run([sys.executable, "-m", "dvc", "repro", target], cwd=killed, env=stage_env(killed),
+                                 capture_output=True, text=True)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming" in resumed.stdout, resumed.stdout[-3000:]
+    same = ["samples/ssd/samples.jsonl", *(str(p.relative_to(reference)) for p in (reference / "eval/base").rglob("*.jsonl"))]
+    assert len(same) > 3
+    for rel in same:
+        assert (killed / rel).read_text() == (reference / rel).read_text(), rel
+    reference_metrics = json.loads((reference / "eval/base/metrics.json").read_text())
+    assert json.loads((killed / "eval/base/metrics.json").read_text())["sets"] == reference_metrics["sets"]
+    assert not list((killed / "checkpoints/partial").rglob("*.partial")), "a finished stage leaves no partial work"
+
+
+KEY_OF_A_LOADED_BACKEND = """
+import json, sys
+from tasks.sampling.backends import load_backend
+from tasks.sampling.generate import code_version
+load_backend("transformers", sys.argv[1])
+print(json.dumps(code_version()))
+"""
+
+
+def test_the_sampling_key_counts_the_backend_it_loaded_not_the_others(tmp_path, tiny_model):
+    """Editing a backend the run does not load keeps its partial work (same key); editing the
+    one it loads does not."""
+    root = tmp_path / "code"
+    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+
+    def key() -> dict:
+        proc = subprocess.run([sys.executable, "-c", KEY_OF_A_LOADED_BACKEND, str(tiny_model)], cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, check=True)
+        return json.loads(proc.stdout.splitlines()[-1])
+
+    def edit(rel: str) -> None:
+        path = root / rel
+        path.write_text(path.read_text() + "# edited\n")
+
+    before = key()
+    assert {"tasks/sampling/generate.py", "tasks/sampling/backends.py",
+            "tasks/sampling/backend_transformers.py"} <= set(before["files"])
+    assert "tasks/sampling/backend_ctranslate2.py" not in before["files"]
+    assert {"torch", "transformers"} <= set(before["engines"])
+    edit("tasks/sampling/backend_ctranslate2.py")
+    assert key() == before
+    edit("tasks/sampling/backend_transformers.py")
+    after = key()
+    assert after["files"]["tasks/sampling/backend_transformers.py"] != before["files"]["tasks/sampling/backend_transformers.py"]

@@ -1,5 +1,5 @@
 """`selfdistill grid`: the T_train x T_eval grid as real DVC experiments (queued, run, listed by
-`dvc exp show`) on the tiny profile, and its heatmap."""
+`dvc exp show`) on the tiny profile, and its heatmap; each experiment's sweep read from its commit."""
 from __future__ import annotations
 
 import json
@@ -8,11 +8,37 @@ import sys
 
 import pytest
 
-from conftest import default_params, make_workspace, stage_env
-
-pytestmark = pytest.mark.slow
+from conftest import default_params, init_repo, make_workspace, stage_env
 
 
+def test_the_grid_reads_each_experiments_sweep_from_its_commit(tmp_path, monkeypatch):
+    """eval/<model>/metrics.json is an out, not DVC metrics: `dvc exp show` does not carry it,
+    the experiment's commit does."""
+    from tasks.commands import grid
+
+    root = init_repo(tmp_path / "ws")
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                       check=True).stdout.strip()
+    revs = {}
+    for t_train, arm, base in ((0.6, 0.25, 0.5), (1.2, 0.75, 0.5)):
+        for model, value in (("ssd-none", arm), ("base", base)):
+            path = root / "eval" / model / "metrics.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"validation": {"pass@1_by_temperature": {"0.5": value, "0.9": value / 2}}}))
+        git("add", "-A")
+        git("commit", "-qm", f"T_train {t_train}")
+        revs[t_train] = git("rev-parse", "HEAD")
+    exp_show = [{"rev": revs[0.6], "experiments": [{"revs": [
+        {"name": grid.experiment_name("ssd", t), "rev": rev, "data": {
+            "params": {"params.yaml": {"data": {"sample": {"configs": {"ssd": {"temperature": t}}}}}},
+            "metrics": {}}} for t, rev in revs.items()]}]}]
+    monkeypatch.chdir(root)
+    cells = grid.cells(grid.experiments(exp_show), "ssd", "ssd-none")
+    assert cells == {"ssd-none": {(0.6, 0.5): 0.25, (0.6, 0.9): 0.125, (1.2, 0.5): 0.75, (1.2, 0.9): 0.375},
+                     "base": {(0.6, 0.5): 0.5, (0.6, 0.9): 0.25, (1.2, 0.5): 0.5, (1.2, 0.9): 0.25}}
+
+
+@pytest.mark.slow
 def test_grid_runs_dvc_experiments_and_plots_them(tmp_path, tiny_model):
     ssd = default_params().sample.configs["ssd"].model_dump()
     root = make_workspace(tmp_path / "ws", tiny_model, {

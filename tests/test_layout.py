@@ -15,7 +15,7 @@ from conftest import REPO
 from tasks.core import paths
 from tasks.sandbox import launch
 
-STAGES = ("prepare", "sample", "filter", "train", "evaluate", "report")
+STAGES = ("codeio", "model", "prepare", "sample", "filter", "train", "evaluate", "publish", "diagnose", "report")
 
 
 def project_imports(module_file: Path) -> set[Path]:
@@ -111,15 +111,19 @@ def test_dvc_yaml_paths_are_the_ones_the_stages_write():
 
     arm, config = "${key}", "${key}"
     assert declared(bodies["codeio"]) == {paths.CODEIO_PROBLEMS, paths.CODEIO_SOURCE}
-    assert declared(bodies["prepare"]) == {paths.BASE_MODEL, paths.TRAIN_PROBLEMS, paths.VALIDATION_PROBLEMS,
-                                           paths.EVAL_PROBLEMS, paths.DATA_SOURCE}
+    assert declared(bodies["model"]) == {paths.BASE_MODEL}
+    assert declared(bodies["prepare"]) == {paths.TRAIN_PROBLEMS, paths.VALIDATION_PROBLEMS, paths.EVAL_PROBLEMS,
+                                           paths.DATA_SOURCE}
     assert declared(bodies["sample"]) == {paths.samples(config), paths.sample_stats(config)}
     assert paths.samples("${item.sample}") in bodies["filter"]["deps"]
     assert declared(bodies["filter"]) == {paths.filtered_samples(arm), paths.filter_stats(arm)}
-    assert declared(bodies["train"]) == {paths.trained_model(arm), paths.train_curve(arm)}
+    assert declared(bodies["train"]) == {paths.trained_model(arm), paths.train_stats(arm), paths.train_curves(arm),
+                                         paths.train_live_summary(arm)}
     assert declared(bodies["evaluate-base"]) == {paths.eval_samples_dir("base"), paths.eval_metrics("base")}
     assert declared(bodies["evaluate"]) == {paths.eval_samples_dir(arm), paths.eval_metrics(arm)}
-    assert declared(bodies["report"]) == {paths.REPORT_JSON, paths.REPORT_MD, paths.REPORT_FIGURES}
+    assert declared(bodies["publish"]) == {paths.release_dir(arm)}
+    assert declared(bodies["report"]) == {paths.REPORT_JSON, paths.REPORT_HEADLINE, paths.REPORT_MD,
+                                          paths.REPORT_FIGURES, paths.REPORT_T_EVAL}
     assert declared(bodies["diagnose-base"]) == {paths.diagnose_metrics("base"), paths.diagnose_classes()}
     assert declared(bodies["diagnose"]) == {paths.diagnose_metrics(arm)}
     assert paths.diagnose_classes() in bodies["diagnose"]["deps"]
@@ -130,6 +134,18 @@ def test_dvc_yaml_paths_are_the_ones_the_stages_write():
     assert paths.EVAL_PROBLEMS in bodies["evaluate"]["deps"] and paths.TRAIN_PROBLEMS in bodies["sample"]["deps"]
     assert paths.filtered_samples(arm) in bodies["train"]["deps"]
     assert paths.VALIDATION_PROBLEMS in bodies["evaluate"]["deps"]
+    assert {paths.trained_model(arm), paths.eval_metrics(arm)} <= set(bodies["publish"]["deps"])
+    assert f"{paths.BASE_MODEL}/source.json" in bodies["publish"]["deps"]
+    # Training reads no decoding setting: a new evaluate.* value must not rerun it.
+    assert not [p for p in bodies["train"]["params"] if p.startswith("evaluate.")]
+
+
+def test_the_headline_is_the_only_dvc_metrics_file():
+    """`dvc metrics show` and `dvc exp show` read one small flat file; the detailed files are outs."""
+    pipeline = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    metrics = [next(iter(m)) if isinstance(m, dict) else m for stage in pipeline["stages"].values()
+               for m in stage.get("do", stage).get("metrics", [])] + list(pipeline.get("metrics", []))
+    assert metrics == [paths.REPORT_HEADLINE]
 
 
 def test_dvc_plots_name_the_figures_the_report_writes():
@@ -152,3 +168,43 @@ def test_the_gpu_smoke_run_calls_every_stage_of_dvc_yaml():
     called = [" ".join(cmd) for cmd in gpu_smoke.stage_commands(default_params())]
     expected = [stage["cmd"].removeprefix("python -m ") for stage in rendered_stages(REPO).values()]
     assert sorted(called) == sorted(expected)
+
+
+def module_import_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports, at any depth of its code."""
+    files = [p for d in ("tasks", "flows") for p in (REPO / d).rglob("*.py")]
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p for p in files}
+    graph = {m: set() for m in modules}
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                while name and name not in modules:
+                    name = name.rpartition(".")[0]
+                if name and name != module and not module.startswith(name + ".") and not name.startswith(module + "."):
+                    graph[module].add(name)
+    return graph
+
+
+def test_no_import_cycles():
+    """Function-level imports count: a cycle they hide is still one module needing the other."""
+    graph = module_import_graph()
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            current = todo.pop()
+            if current == goal:
+                return True
+            if current not in seen:
+                seen.add(current)
+                todo += graph[current]
+        return False
+
+    cycles = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if reaches(b, a)})
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(pair) for pair in cycles)

@@ -19,7 +19,7 @@ from flows.lineage import lineage, main, render_text
 from tasks.core.config import update_params_file
 
 # Writes every output the stage declares; a directory (a model) gets weights.bin, and
-# models/base the origin note tasks/prepare.py leaves.
+# models/base the origin note tasks/model.py leaves.
 FAKE_STAGE = textwrap.dedent("""
     import json, pathlib, sys
     for out in sys.argv[1:]:
@@ -83,7 +83,6 @@ def test_lineage_of_a_trained_model_names_samples_params_and_origins(project):
     train = report["lineage"]["stage"]
     assert train["name"] == f"train@{arm}" and train["cmd"] == locked[f"train@{arm}"]["cmd"]
     assert train["params"]["params.yaml"]["train.epochs"] == params["train"]["epochs"]
-    assert train["params"]["params.yaml"]["evaluate.temperature"] == params["evaluate"]["temperature"]
     filtered = inputs(train)[f"filtered/{arm}/train.jsonl"]
     recorded = {d["path"]: d["md5"] for d in locked[f"train@{arm}"]["deps"]}
     assert filtered["hash"] == "md5:" + recorded[f"filtered/{arm}/train.jsonl"] and filtered["state"] == "ok"
@@ -96,16 +95,19 @@ def test_lineage_of_a_trained_model_names_samples_params_and_origins(project):
     for key, value in params["sample"]["configs"][config].items():  # the config's keys, one by one
         assert sample["params"]["params.yaml"][f"sample.configs.{config}.{key}"] == value
 
-    prepare = inputs(sample)["models/base"]["stage"]
-    assert inputs(sample)["data/train.jsonl"]["stage"] is prepare and prepare["name"] == "prepare"
+    model = inputs(sample)["models/base"]["stage"]
+    assert model["name"] == "model" and model["params"]["params.yaml"]["model.base"] == params["model"]["base"]
+    assert model["origin"]["models/base/source.json"]["sha256"] == "ab" * 32
+    prepare = inputs(sample)["data/train.jsonl"]["stage"]
+    assert prepare["name"] == "prepare"
     assert prepare["params"]["params.yaml"]["data.train.max_problems"] == params["data"]["train"]["max_problems"]
-    assert prepare["origin"]["models/base/source.json"]["sha256"] == "ab" * 32
     assert prepare["origin"]["data/source.json"] == {"made_for": "data/source.json"}
     leaves = inputs(prepare)
     assert "stage" not in leaves["problems"] and leaves["tasks/prepare.py"]["state"] == "ok"
 
     text = render_text(report)
-    assert f"<- stage filter@{arm}" in text and "<- stage prepare" in text and "(see above)" in text
+    assert f"<- stage filter@{arm}" in text and "<- stage prepare" in text and "<- stage model" in text
+    assert "(see above)" in text and "requirements/lock.txt" in text  # the locked stack, by hash
     assert f"sample.configs.{config}.temperature = {params['sample']['configs'][config]['temperature']!r}" in text
 
 
@@ -136,7 +138,7 @@ def test_lineage_flags_hand_edits_and_changed_params(project, tmp_path, monkeypa
     assert set(report["problems"]) == {
         f"{samples}: modified since sample@{params['arms'][arm]['sample']} made it",
         f"{samples}: modified since filter@{arm} used it",
-        "models/base: modified since prepare made it [weights.bin modified]",
+        "models/base: modified since model made it [weights.bin modified]",
         f"models/base: modified since sample@{params['arms'][arm]['sample']} used it [weights.bin modified]",
         f"models/base: modified since train@{arm} used it [weights.bin modified]",
         f"train@{arm}: param train.lr is 0.001 in params.yaml now, 5e-05 when it ran",
@@ -225,7 +227,7 @@ def test_lineage_at_a_recorded_run_after_the_workspace_moved_on(tmp_path, monkey
     root = make_repo(tmp_path / "ws")
     dvc(root, "repro")
     first = record_run(root, "id-1", "first-run").record
-    first_lock = yaml.safe_load(git(root, "show", f"{first.branch}:dvc.lock"))["stages"]["train"]
+    first_lock = yaml.safe_load(git(root, "show", f"{first.commit}:dvc.lock"))["stages"]["train"]
     md5 = {entry["path"]: entry["md5"] for entry in first_lock["outs"] + first_lock["deps"]}
     set_epochs(root, 2)
     dvc(root, "repro")
@@ -235,7 +237,7 @@ def test_lineage_at_a_recorded_run_after_the_workspace_moved_on(tmp_path, monkey
     assert "trained 2 epochs" in (root / "model.txt").read_text()
 
     monkeypatch.chdir(root)
-    assert main(["model.txt", "--rev", first.branch, "--json"]) == 0
+    assert main(["model.txt", "--rev", first.name, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["problems"] == [] and report["lineage"]["state"] == "ok"
     assert report["lineage"]["hash"] == "md5:" + md5["model.txt"]
@@ -251,15 +253,45 @@ def test_lineage_at_a_recorded_run_after_the_workspace_moved_on(tmp_path, monkey
     assert "trained 2 epochs" in (root / "model.txt").read_text()
     assert len(git(root, "worktree", "list").splitlines()) == 1
 
-    assert main(["model.txt", "--rev", first.branch]) == 0
+    assert main(["model.txt", "--rev", first.name]) == 0
     text = capsys.readouterr().out
-    assert text.startswith(f"as recorded at {first.branch} (commit {first.commit[:12]}; flow run first-run (id-1), ")
+    assert text.startswith(f"as recorded at {first.name} (commit {first.commit[:12]}; flow run first-run (id-1), ")
     assert "train.epochs = 1" in text and "OK: every file matches" in text
 
     # Gone from the remote too: the audit says what is missing (exit 1); a bad rev is an error (2).
     shutil.rmtree(root / ".dvc/cache")
     shutil.rmtree(tmp_path / "ws-dvc-remote")
-    assert main(["model.txt", "--rev", first.branch]) == 1
+    assert main(["model.txt", "--rev", first.name]) == 1
     assert "model.txt: missing, though train made it" in capsys.readouterr().out
     assert main(["model.txt", "--rev", "no-such-branch"]) == 2
-    assert "--rev no-such-branch: not a commit or branch" in capsys.readouterr().err
+    assert "--rev no-such-branch: not a commit, branch or DVC experiment" in capsys.readouterr().err
+
+
+def test_the_dvc_internals_lineage_reads_are_the_tested_ones():
+    """flows/lineage.py reads DVC internals that no DVC interface documents (dvc.lock's parsed
+    contents per stage, an output's recorded object, dvc-data's tree build and diff). They were
+    verified on the minor versions pyproject pins; an upgrade past them fails here, loudly, before
+    an audit can read something else silently."""
+    import re
+    import tomllib
+    from importlib.metadata import version
+
+    from dvc.dependency.param import ParamsDependency
+    from dvc.dvcfile import ProjectFile
+    from dvc.output import Output
+    from dvc.utils.fs import path_isin
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.diff import diff
+
+    from conftest import REPO
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for package in ("dvc", "dvc-data"):
+        (pin,) = [re.fullmatch(rf"{package}==(\d+\.\d+)\.\*", d.split(";")[0].strip()) for d in deps
+                  if re.match(rf"{package}==", d)]
+        assert pin, f"pyproject.toml must pin {package} to a tested minor (==X.Y.*)"
+        assert version(package).startswith(pin.group(1) + "."), \
+            f"{package} {version(package)} is not the tested {pin.group(1)}: re-verify flows/lineage.py's reads"
+    # The instance attributes (hash_info, fs_path, cache, ...) are exercised by the audits above.
+    assert hasattr(ProjectFile, "lockfile_contents") and callable(Output.get_obj) and callable(Output.get_hash)
+    assert callable(ParamsDependency.read_params) and callable(build) and callable(diff) and callable(path_isin)

@@ -8,7 +8,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from conftest import make_workspace, rendered_stages, stage_env
 
@@ -32,9 +34,9 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
     trace = tmp_path / "params-read.jsonl"
     out = repro(root, env={"SELFDISTILL_TRACE_PARAMS": str(trace)})
     arms = ["ssd-none", "null-shortest"]  # profiles/tiny.yaml: (sampling config, filter) pairs
-    assert ran(out) == {"codeio", "prepare", "sample@ssd", "sample@null", "evaluate-base", "diagnose-base",
-                        "report"} | {f"{stage}@{arm}" for stage in ("filter", "train", "evaluate", "diagnose")
-                                     for arm in arms}
+    assert ran(out) == {"codeio", "model", "prepare", "sample@ssd", "sample@null", "evaluate-base", "diagnose-base",
+                        "report"} | {f"{stage}@{arm}" for stage in ("filter", "train", "evaluate", "publish",
+                                                                              "diagnose") for arm in arms}
 
     # Train prompts from the CodeIO pool; eval sets HumanEval and CodeIO problems held out from it.
     def ids(path):
@@ -62,10 +64,20 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
 
     for arm in arms:
         model_dir = root / "models" / arm
-        gen = json.loads((model_dir / "generation_config.json").read_text())
-        assert gen["temperature"] == 0.7 and gen["top_k"] == 20 and gen["top_p"] == 0.8
         assert (model_dir / "model.safetensors").exists() and "filtered/" + arm in (model_dir / "README.md").read_text()
-        assert (root / "plots/train" / f"{arm}.csv").read_text().startswith("step,loss")
+        loss = (root / "train" / arm / "live/plots/metrics/loss.tsv").read_text().splitlines()  # dvclive's
+        assert loss[0] == "step\tloss"
+        # Trained for real: the weights moved away from the base's (the stage also refuses otherwise).
+        trained, base = load_file(model_dir / "model.safetensors"), load_file(root / "models/base/model.safetensors")
+        assert trained.keys() == base.keys() and any(not torch.equal(trained[k], base[k]) for k in base)
+        stats = json.loads((root / "train" / arm / "stats.json").read_text())
+        filtered = json.loads((root / "filtered" / arm / "stats.json").read_text())
+        assert stats["samples"] == filtered["kept"] and [int(l.split("\t")[0]) for l in loss[1:]] == list(
+            range(1, stats["steps"] + 1))
+        # Samples cut off at sample.max_new_tokens carry it into training (filter.truncated: keep-open).
+        kept_rows = [json.loads(l) for l in (root / "filtered" / arm / "train.jsonl").read_text().splitlines()]
+        cut = sum(r["finish_reason"] == "length" for r in kept_rows)
+        assert filtered["truncated"]["kept"] == cut == stats["trained_open"] and filtered["truncated"]["dropped"] == 0
         metrics = json.loads((root / "eval" / arm / "metrics.json").read_text())
         assert "isolation" in metrics and set(metrics["sets"]) == {"humaneval", "codeio"}
         assert metrics["sets"]["humaneval"]["samples"] == 4 * 2
@@ -84,6 +96,10 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
             assert lo <= result["models"][arm]["delta_pass@1"] <= hi
     report = (root / "report/summary.md").read_text()
     assert "| null-shortest | null | 1 | off | 1 |" in report and "## humaneval (4 problems" in report
+    for arm in arms:
+        cut = json.loads((root / "filtered" / arm / "stats.json").read_text())["truncated"]
+        assert summary["arms"][arm]["truncated"] == cut
+        assert f"| {cut['samples']}: {cut['kept']} / 0 | {summary['arms'][arm]['trained']}" in report
     assert "## codeio (" in report and "Seed-to-seed spread (2 decodings" in report
     for result in summary["sets"].values():
         assert all(len(m["pass@1_by_seed"]) == 2 for m in result["models"].values())
@@ -105,6 +121,15 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
         tested = json.loads((root / "eval" / model / "metrics.json").read_text())["sets"]
         assert {s["temperature"] for s in tested.values()} == {choice["chosen"]}
     assert "chosen T_eval" in report
+    # Each release decodes at the T_eval its model's sweep chose (evaluate.temperature is only the
+    # tie-breaker; tests/test_publish.py has a choice away from it), with the trained weights and its lineage.
+    for arm in arms:
+        release = root / "release" / arm
+        gen = json.loads((release / "generation_config.json").read_text())
+        assert gen["temperature"] == summary["t_eval"][arm]["chosen"] and gen["top_k"] == 20 and gen["top_p"] == 0.8
+        assert (release / "model.safetensors").read_bytes() == (root / "models" / arm / "model.safetensors").read_bytes()
+        card = (release / "README.md").read_text()
+        assert f"`train@{arm}`" in card and f"filtered/{arm}/train.jsonl" in card and "| humaneval | 4 | 2 |" in card
     for figure in ("train_loss.png", "diagnostics.png", "difficulty.png", "t_eval_sweep.png"):
         assert (root / "report/figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(figures/{figure})" in report
@@ -131,9 +156,26 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
         unread = {key for key in declared if not any(covers(named_as_any(key), r) for r in template)}
         assert not unread, f"{cmd}: declares {sorted(unread)} but never reads them"
 
-    shown = subprocess.run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], cwd=root,
-                           env=stage_env(root), capture_output=True, text=True, check=True).stdout
-    assert "report/summary.json" in shown
+    # DVC's metrics: the headline alone, flat; `dvc plots show` draws dvclive's training curves and
+    # each model's pass@1 per T_eval, and the report's PNGs, which render offline.
+    def dvc(*args: str) -> str:
+        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=stage_env(root),
+                              capture_output=True, text=True, check=True).stdout
+
+    (shown,) = json.loads(dvc("metrics", "show", "--json")).values()
+    headline = shown["data"]["report/headline.json"]["data"]
+    assert list(shown["data"]) == ["report/headline.json"]
+    assert not any(isinstance(v, (dict, list)) for v in headline.values())
+    assert headline["humaneval.ssd-none.pass@1"] == summary["sets"]["humaneval"]["models"]["ssd-none"]["pass@1"]
+    assert {headline[f"t_eval.{m}"] for m in ("base", *arms)} <= {0.5, 0.9}
+    assert headline["train.ssd-none.loss"] == json.loads((root / "train/ssd-none/stats.json").read_text())["final_loss"]
+    dvc("plots", "show", "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots/index.html").read_text()
+    for arm in arms:
+        assert all(f"train/{arm}/live/plots/metrics/{name}.tsv" in page for name in ("loss", "lr", "answer_tokens"))
+    assert all(f"report/t_eval/{model}.json" in page for model in ("base", *arms))
+    assert "train_loss.png" in page and "t_eval_sweep.png" in page
+    assert not (root / "plots").exists()
 
     # Nothing changed: nothing runs, also in a fresh checkout, which has no bytecode caches yet
     # (the stages' code deps are folders that Python writes __pycache__ into).
@@ -162,8 +204,10 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
     params["sample"]["configs"]["ssd"]["temperature"] = 1.1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rerun = ran(repro(root))
-    assert not rerun & {"prepare", "codeio", "evaluate-base", "sample@null", "train@null-shortest"}
-    assert {"sample@ssd", "filter@ssd-none", "train@ssd-none", "evaluate@ssd-none", "report"} <= rerun
+    assert not rerun & {"prepare", "codeio", "evaluate-base", "sample@null", "train@null-shortest",
+                        "publish@null-shortest"}
+    assert {"sample@ssd", "filter@ssd-none", "train@ssd-none", "evaluate@ssd-none", "publish@ssd-none",
+            "report"} <= rerun
 
 
 def declared_params(root) -> dict[str, set[str]]:

@@ -215,29 +215,29 @@ def test_rstar_coder_rejects_a_date_window(tmp_path, capsys):
     assert "contest dates" in capsys.readouterr().err
 
 
-def test_hub_ids_need_datasets_only_then(tmp_path, monkeypatch, capsys):
+def test_hub_ids_need_huggingface_hub_only_then_and_never_datasets(tmp_path, monkeypatch, capsys):
     import builtins
 
     real_import = builtins.__import__
 
-    def no_datasets(name, *args, **kwargs):
-        if name == "datasets":
-            raise ImportError("no datasets here")
+    def no_hub(name, *args, **kwargs):
+        if name.startswith(("huggingface_hub", "datasets")):
+            raise ImportError(f"no {name} here")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    monkeypatch.setattr(builtins, "__import__", no_hub)
     assert command.main(["import", "--format", "rstar-coder", str(FIXTURES / "rstar_seed_testcase.jsonl"),
                          "-o", str(tmp_path / "local.jsonl")]) == 0  # a local file never imports it
     assert command.main(["import", "--format", "rstar-coder", "microsoft/rStar-Coder",
                          "-o", str(tmp_path / "hub.jsonl"), "--limit", "3"]) == 2
-    assert "pip install datasets" in capsys.readouterr().err
+    assert "pip install huggingface_hub" in capsys.readouterr().err
 
 
 def test_json_array_and_malformed_lines_are_read_with_their_place(tmp_path):
     array = list(read_local(FIXTURES / "codeio-hq.json"))
     assert [w.rsplit(":", 1)[1] for w, _ in array] == ["item 1", "item 2"]
     lines = list(read_local(FIXTURES / "rstar_seed_testcase.jsonl"))
-    assert lines[-1][0].endswith(":6") and "not valid JSON" in lines[-1][1]
+    assert lines[-1][0].endswith(":6") and "not JSON at line 6" in lines[-1][1]
 
 
 def test_report_counts_are_json(tmp_path):

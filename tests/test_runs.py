@@ -54,53 +54,103 @@ def make_repo(root: Path) -> Path:
     return init_repo(root)
 
 
-def test_record_leaves_the_checkout_alone_records_changes_only_and_runs_lists_them(tmp_path, capsys, monkeypatch):
+def checkout(root: Path) -> dict[str, str]:
+    """What recording must leave alone: the checked-out branch and commit, the index, the working tree."""
+    return {cmd: git(root, *cmd.split()) for cmd in ("symbolic-ref HEAD", "rev-parse HEAD", "ls-files --stage",
+                                                      "diff --cached --name-only", "status --porcelain")}
+
+
+def test_a_run_is_saved_as_an_experiment_leaving_the_checkout_alone_and_runs_lists_it(tmp_path, capsys,
+                                                                                       monkeypatch):
     root = make_repo(tmp_path / "ws")
-    # The user's own work in progress: a staged file and an unstaged edit; and no git identity
-    # (a fresh worker account), so the record names this tool as its author.
+    # The user's own work in progress: a staged file and an unstaged edit; an imported problem
+    # set git does not track; and no git identity (a fresh worker account).
     (root / "notes.txt").write_text("staged by the user\n")
     git(root, "add", "notes.txt")
     (root / "train.py").write_text(TRAIN + "# an uncommitted edit the run uses\n")
+    (root / "problems").mkdir()
+    (root / "problems" / "imported.jsonl").write_text("{}\n")
     git(root, "config", "--unset", "user.name")
     git(root, "config", "--unset", "user.email")
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
-    before = {cmd: git(root, *cmd.split()) for cmd in ("symbolic-ref HEAD", "rev-parse HEAD", "ls-files --stage",
-                                                         "diff --cached --name-only")}
     dvc(root, "repro")
-    first = record_run(root, "id-1", "first-run", stages={"prepare": "ran", "train": "ran"}).record
-    assert {cmd: git(root, *cmd.split()) for cmd in before} == before
-    assert git(root, "log", "-1", "--format=%an", first.branch) == "selfdistill flow"
-    # The code as the run used it (the uncommitted edit), not the user's staged file.
-    shown = set(git(root, "diff-tree", "-r", "--name-only", before["rev-parse HEAD"], first.branch).splitlines())
-    assert shown == {"dvc.lock", ".gitignore", "metrics.json", "train.py"}
-    assert git(root, "show", f"{first.branch}:train.py").endswith("# an uncommitted edit the run uses")
+    before = checkout(root)
+    result = record_run(root, "id-1", "first-run", stages={"prepare": "ran", "train": "ran"})
+    first = result.record
+    assert checkout(root) == before
+    assert first.name == "first-run" and result.pushed and git(root, "rev-parse", f"{first.commit}^") == \
+        before["rev-parse HEAD"]
+    assert git(root, "log", "-1", "--format=%an", first.commit) == "selfdistill flow"
+    saved = set(git(root, "diff-tree", "-r", "--name-only", before["rev-parse HEAD"], first.commit).splitlines())
+    assert {"dvc.lock", ".gitignore", "metrics.json", "train.py"} <= saved and not any(
+        p.startswith("problems/") for p in saved)
+    assert git(root, "show", f"{first.commit}:train.py").endswith("# an uncommitted edit the run uses")
+    assert recorded_runs(root)[0].flow_run_id == "id-1"
 
-    # Nothing changed (dvc.lock as recorded): nothing recorded.
-    dvc(root, "repro")
-    again = record_run(root, "id-2", "second-run")
-    assert again.record is None and again.same_as.branch == first.branch and again.rev == first.branch
-    assert len(recorded_runs(root)) == 1
-
+    # Every run is a record, changed or not; a repeated flow run name gets the id's first characters.
     set_epochs(root, 4)
     dvc(root, "repro")
-    second = record_run(root, "id-3", "third-run").record
-    assert "  train.epochs: 1 -> 4" in git(root, "log", "-1", "--format=%B", second.branch)
-    assert [r.branch for r in recorded_runs(root)] == [first.branch, second.branch]
+    second = record_run(root, "id-3abcdefgh", "first-run").record
+    assert second.name == "first-run-id-3abcd"
+    assert "  train.epochs: 1 -> 4" in git(root, "log", "-1", "--format=%B", second.commit)
+    assert [r.name for r in recorded_runs(root)] == [first.name, second.name]
 
     assert runs_command.main(["--repo", str(root)]) == 0
-    text = capsys.readouterr().out
-    newest, oldest = text.split("\n\n")
-    assert newest.startswith(second.branch) and oldest.startswith(first.branch)
-    assert "flow run third-run (id-3)   completed" in newest
-    assert "params:   vs the previous run: train.epochs: 1 -> 4" in newest
-    # No report/summary.json: the numbers of the metrics files instead.
-    assert "metrics:  metrics.json: loss=0.25, epochs=4" in newest
-    assert "params:   (the first recorded run)" in oldest and "metrics.json: loss=1, epochs=1" in oldest
-
+    newest, oldest = capsys.readouterr().out.split("\n\n")
+    assert newest.startswith(second.name) and oldest.startswith(first.name + "  ")
+    assert "flow run first-run (id-3abcdefgh)   completed" in newest
+    assert f"audit:   selfdistill lineage PATH --rev {second.name}" in newest
     assert runs_command.main(["--repo", str(root), "--json", "-n", "1"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert row["flow_run_id"] == "id-3" and row["params_changed"] == ["train.epochs: 1 -> 4"]
-    assert row["metrics"] == {"metrics.json": {"loss": 0.25, "epochs": 4}}
+    assert row["flow_run_id"] == "id-3abcdefgh" and row["commit"] == second.commit
+
+
+def test_a_record_holds_dvc_lock_as_the_run_left_it_not_as_a_later_edit_would_have_it(tmp_path):
+    # `dvc exp save` alone would re-record train as if it had run with the edited train.py.
+    root = make_repo(tmp_path / "ws")
+    dvc(root, "repro")
+    (root / "train.py").write_text(TRAIN + "# edited after the run\n")
+    lock = (root / "dvc.lock").read_text()
+    record = record_run(root, "id-1", "first-run", push_outputs=False).record
+    assert (root / "dvc.lock").read_text() == lock
+    assert git(root, "show", f"{record.commit}:dvc.lock") == lock.strip()
+
+
+def test_runs_shows_pass_at_1_per_model_from_the_report():
+    summary = {"report/summary.json": {"data": {"models": {"base": {"pass@1": 0.25}, "none": {"pass@1": 0.1}}}}}
+    assert runs_command.pass_at_1(summary) == {"base": 0.25, "none": 0.1}
+    headline = {"report/headline.json": {"data": {"humaneval.base.pass@1": 0.3, "humaneval.none.pass@1": 0.2,
+                                                   "t_eval.base": 0.7}}}
+    assert runs_command.pass_at_1({**summary, **headline}) == {"humaneval.base": 0.3, "humaneval.none": 0.2}
+
+
+def test_a_failed_push_leaves_no_ref_on_the_git_remote_and_the_next_run_pushes_it(tmp_path):
+    root = make_repo(tmp_path / "ws")
+    origin = tmp_path / "origin.git"
+    git(tmp_path, "init", "-q", "--bare", str(origin))
+    git(root, "remote", "add", "origin", str(origin))
+    git(root, "push", "-q", "origin", "HEAD")
+    # An unreachable DVC remote: a path under a file, which no one can make.
+    (tmp_path / "blocker").write_text("")
+    dvc(root, "remote", "add", "--local", "-d", "store", str(tmp_path / "blocker" / "store"))
+    dvc(root, "repro")
+    with pytest.raises(RecordError, match="the next run retries"):
+        record_run(root, "id-1", "first-run")
+    remote_refs = lambda: git(origin, "for-each-ref", "--format=%(refname)", "refs/exps/")  # noqa: E731
+    assert remote_refs() == "" and "first-run" in (root / ".dvc/tmp/selfdistill-unpushed.json").read_text()
+
+    # The remote is reachable again: the next run pushes its own record and the one left behind.
+    dvc(root, "remote", "modify", "--local", "store", "url", str(tmp_path / "store"))
+    set_epochs(root, 2)
+    dvc(root, "repro")
+    result = record_run(root, "id-2", "second-run")
+    assert result.pushed and result.git_remote == "origin"
+    assert sorted(r.rsplit("/", 1)[1] for r in remote_refs().splitlines()) == ["first-run", "second-run"]
+    assert json.loads((root / ".dvc/tmp/selfdistill-unpushed.json").read_text()) == {}
+    # Both runs' data is on the DVC remote: the first model's object too.
+    first_model = [o for o in yaml.safe_load(git(root, "show", f"{recorded_runs(root)[0].commit}:dvc.lock"))
+                   ["stages"]["train"]["outs"] if o["path"] == "model.txt"][0]["md5"]
+    assert (tmp_path / "store/files/md5" / first_model[:2] / first_model[2:]).is_file()
 
 
 def test_runs_without_records_says_where_they_come_from(tmp_path, capsys):

@@ -231,7 +231,8 @@ def test_resume_only_from_a_complete_checkpoint_of_the_same_run(tiny, tmp_path, 
 @pytest.mark.slow
 def test_stage_runs_two_processes_under_accelerate(tmp_path, tiny_model):
     """`train.accelerate` relaunches the stage under `accelerate launch` (here 2 CPU processes,
-    gloo; on GPUs the same config file with FSDP / DeepSpeed)."""
+    gloo; on GPUs the same config file with FSDP / DeepSpeed), and 2 processes x micro-batch 2
+    train the weights 1 process x micro-batch 2 x accumulation 2 trains."""
     import json
     import shutil
     import subprocess
@@ -244,20 +245,75 @@ def test_stage_runs_two_processes_under_accelerate(tmp_path, tiny_model):
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
                       "num_processes: 2\nmachine_rank: 0\nmain_training_function: main\nmixed_precision: 'no'\n"
                       "use_cpu: true\n")
-    root = tmp_path / "ws"
-    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(root, None, {"train": {"accelerate": str(config), "epochs": 1, "micro_batch_size": 2, "grad_accum": 1,
-                                        "bf16": False, "max_length": 256}})
-    shutil.copytree(tiny_model, root / "models/base")
-    (root / "models/base/source.json").write_text(json.dumps({"base": "tiny"}))
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}\n" * 3}]}
+    rows = [{"finish_reason": "eos",
+             "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}\n" * 3}]}
             for i in range(8)]
-    (root / "filtered/ssd-none").mkdir(parents=True)
-    (root / "filtered/ssd-none/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    done = subprocess.run([sys.executable, "-m", "tasks.train", "--arm", "ssd-none"], cwd=root, env=stage_env(root),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+    def train(root, **overrides):
+        shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+        # lr 1e-3: a step that moves the weights well past float noise, so a wrong gradient shows.
+        write_params(root, None, {"train": {"epochs": 1, "micro_batch_size": 2, "bf16": False, "max_length": 256,
+                                            "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 0, **overrides}})
+        shutil.copytree(tiny_model, root / "models/base")
+        (root / "models/base/source.json").write_text(json.dumps({"base": "tiny"}))
+        (root / "filtered/ssd-none").mkdir(parents=True)
+        (root / "filtered/ssd-none/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        done = subprocess.run([sys.executable, "-m", "tasks.train", "--arm", "ssd-none"], cwd=root,
+                              env=stage_env(root), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done
+
+    root = tmp_path / "ws"
+    done = train(root, accelerate=str(config), grad_accum=1)
     assert "accelerate.commands.launch" in done.stdout
-    curve = (root / "plots/train/ssd-none.csv").read_text().splitlines()
-    assert len(curve) - 1 == 2  # 8 examples / (2 per micro-batch x 2 processes)
+    curve = (root / "train/ssd-none/live/plots/metrics/loss.tsv").read_text().splitlines()
+    assert [int(line.split("\t")[0]) for line in curve[1:]] == [1, 2]  # 8 examples / (2 per micro-batch x 2 processes)
+    train(tmp_path / "one", grad_accum=2)
+    from safetensors.torch import load_file
+
+    two, one = (load_file(r / "models/ssd-none/model.safetensors") for r in (root, tmp_path / "one"))
+    base = load_file(tiny_model / "model.safetensors")
+    assert two.keys() == one.keys()
+    assert any(not torch.equal(one[name], base[name]) for name in one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
     assert (root / "models/ssd-none/generation_config.json").exists() and (root / "models/ssd-none/README.md").exists()
+
+
+def one_optimizer_step(tiny_model, examples, tokenizer, out, **overrides):
+    """(logged loss, gradients as the optimizer sees them, unclipped) of a run of one step."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    cfg = train_config(epochs=1, bf16=False, warmup_steps=0, checkpoint_every=100, **overrides)
+    if cfg.packing:
+        use_packed_attention(model)
+    trainer = build_trainer(model, tokenizer, examples, cfg, out)
+    trainer.args.max_grad_norm = 0.0  # the gradients as computed: clipping would hide a scale error
+    grads = {}
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    trainer.add_callback(Grab())
+    trainer.train()
+    assert trainer.state.global_step == 1
+    return trainer.state.log_history[0]["loss"], grads
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_gradient_accumulation_gives_the_large_micro_batchs_step(tiny_model, tiny, tmp_path, packing):
+    """One optimizer step over 4 examples: micro-batch 2 x accumulation 2 has the loss and the
+    gradients of micro-batch 4 x accumulation 1 (the loss is normalized over the step's answer
+    tokens, not per micro-batch)."""
+    _, tok = tiny
+    examples = tiny_examples(tok, 4)
+    loss_4x1, grads_4x1 = one_optimizer_step(tiny_model, examples, tok, tmp_path / "4x1", micro_batch_size=4,
+                                             grad_accum=1, packing=packing)
+    loss_2x2, grads_2x2 = one_optimizer_step(tiny_model, examples, tok, tmp_path / "2x2", micro_batch_size=2,
+                                             grad_accum=2, packing=packing)
+    assert loss_2x2 == pytest.approx(loss_4x1, rel=1e-5)
+    assert grads_2x2.keys() == grads_4x1.keys() and len(grads_4x1) > 5
+    for name, grad in grads_4x1.items():
+        torch.testing.assert_close(grads_2x2[name], grad, rtol=1e-4, atol=1e-7, msg=name)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from tasks.core.files import DataError
+
 RANKS = 20
 SECOND_VIABLE = 0.1  # a fork's second token has at least this much probability
 
@@ -102,15 +104,17 @@ def summarize(stats: list[dict[str, torch.Tensor]], classes: list[list[str]], te
 
 @torch.inference_mode()
 def diagnose(model, tokenizer, problems: list[dict], cfg, temperatures: list[float],
-             base_classes: list[list[str]] | None, lock_threshold: float, fork_threshold: float,
+             base_classes: dict[str, list[str]] | None, lock_threshold: float, fork_threshold: float,
              progress=None) -> tuple[dict, list[list[str]]]:
     """The model's statistics on each problem's reference answer; positions classed by
-    `base_classes` (the base model's classes), or by this model when it is the base."""
+    `base_classes` (the base model's classes by task id), or by this model when it is the base.
+    A problem the base did not class, or whose answer has another number of positions here, is
+    refused: the classes would land on other tokens."""
     from tasks.core.modeling import chat_token_ids
     from tasks.core.problems import chat_messages
 
     stats, classes = [], []
-    for i, problem in enumerate(problems):
+    for problem in problems:
         messages = chat_messages(problem)
         prompt = chat_token_ids(tokenizer, messages, add_generation_prompt=True)
         full = chat_token_ids(tokenizer, messages + [{"role": "assistant", "content": reference_answer(problem)}],
@@ -120,8 +124,17 @@ def diagnose(model, tokenizer, problems: list[dict], cfg, temperatures: list[flo
         logits = model(input_ids=torch.tensor([full], device=model.device)).logits[0]
         per_position = position_stats(logits[len(prompt) - 1:-1], cfg, temperatures)
         stats.append(per_position)
-        classes.append(base_classes[i] if base_classes is not None
-                       else classify(per_position, lock_threshold, fork_threshold))
+        if base_classes is None:
+            classes.append(classify(per_position, lock_threshold, fork_threshold))
+        else:
+            known = base_classes.get(problem["task_id"])
+            positions = len(per_position["top1"])
+            if known is None or len(known) != positions:
+                raise DataError(f"the base model's classes do not fit {problem['task_id']}: "
+                                + ("it was not classed" if known is None else
+                                   f"{len(known)} classed positions, {positions} here")
+                                + "; rerun diagnose-base with the same problems and tokenizer")
+            classes.append(known)
         if progress:
             progress(1)
     return summarize(stats, classes, temperatures), classes

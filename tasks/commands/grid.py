@@ -10,7 +10,8 @@ One experiment per T_train (`dvc exp run --queue -S sample.configs.<config>.temp
 validation set at every T_eval of the grid by the evaluate stage's sweep, so a T_train costs one
 training run, not one per cell. The other arms and the base model are unchanged by the override:
 DVC's run cache restores them instead of rerunning. The cells are validation pass@1 (the only
-split decoded at every T_eval); `dvc exp show` lists the experiments, with their test metrics.
+split decoded at every T_eval), read from each experiment's commit (eval/<model>/metrics.json, an
+out DVC leaves to git); `dvc exp show` lists the experiments, with their headline metrics.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.core.config import ParamsError, load_params, named
+from tasks.core import paths
+from tasks.core.config import PARAMS_FILE, ParamsError, load_params, named, update_params_file
 from tasks.core.files import DataError, write_json, write_text
 
 PREFIX = "grid-"
@@ -54,11 +56,13 @@ def experiment_name(config: str, t_train: float) -> str:
 
 
 def queue(config: str, t_train: list[float], t_eval: list[float], overrides: list[str]) -> list[str]:
+    grid = {experiment_name(config, t): [f"sample.configs.{config}.temperature={t:g}",
+                                         f"evaluate.sweep=[{','.join(f'{v:g}' for v in t_eval)}]", *overrides]
+            for t in t_train}
+    for sets in grid.values():  # DVC does not validate -S values: a bad one would fail in the queue
+        update_params_file(PARAMS_FILE, sets, write=False)
     names = []
-    for t in t_train:
-        name = experiment_name(config, t)
-        sets = [f"sample.configs.{config}.temperature={t:g}", f"evaluate.sweep=[{','.join(f'{v:g}' for v in t_eval)}]",
-                *overrides]
+    for name, sets in grid.items():
         dvc("exp", "run", "--queue", "--name", name, *[arg for s in sets for arg in ("-S", s)])
         names.append(name)
         print(f"grid: queued {name}")
@@ -66,15 +70,22 @@ def queue(config: str, t_train: list[float], t_eval: list[float], overrides: lis
 
 
 def experiments(exp_show: list[dict]) -> list[dict]:
-    """The finished grid experiments of `dvc exp show --json`: name, params and metrics data."""
+    """The finished grid experiments of `dvc exp show --json`: name, commit, params and metrics data."""
     found = []
     for commit in exp_show:
         for group in commit.get("experiments") or []:
             for rev in group.get("revs") or []:
                 if (rev.get("name") or "").startswith(PREFIX) and rev.get("data") and not rev.get("error"):
-                    found.append({"name": rev["name"], "params": rev["data"]["params"]["params.yaml"]["data"],
+                    found.append({"name": rev["name"], "rev": rev["rev"],
+                                  "params": rev["data"]["params"]["params.yaml"]["data"],
                                   "metrics": {path: m.get("data") for path, m in rev["data"]["metrics"].items()}})
     return found
+
+
+def eval_metrics_at(rev: str, model: str) -> dict:
+    """eval/<model>/metrics.json as the experiment commit `rev` holds it ({} where it has none)."""
+    shown = subprocess.run(["git", "show", f"{rev}:./{paths.eval_metrics(model)}"], capture_output=True, text=True)
+    return json.loads(shown.stdout) if shown.returncode == 0 else {}
 
 
 def cells(found: list[dict], config: str, arm: str) -> dict[str, dict[tuple[float, float], float]]:
@@ -84,7 +95,7 @@ def cells(found: list[dict], config: str, arm: str) -> dict[str, dict[tuple[floa
     for exp in found:
         t_train = exp["params"]["sample"]["configs"][config]["temperature"]
         for model in (arm, "base"):
-            metrics = exp["metrics"].get(f"eval/{model}/metrics.json") or {}
+            metrics = eval_metrics_at(exp["rev"], model)
             by_t = (metrics.get("validation") or {}).get("pass@1_by_temperature") or {}
             for t_eval, value in by_t.items():
                 grid[model][(float(t_train), float(t_eval))] = value
@@ -123,7 +134,8 @@ def plot(config: str, arm: str, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfdistill grid", description=__doc__.split("\n\n")[0])
     parser.add_argument("--t-train", type=temperatures, help="T_train values, comma-separated")
-    parser.add_argument("--t-eval", type=temperatures, help="T_eval values (each model's validation sweep)")
+    parser.add_argument("--t-eval", type=temperatures, help="T_eval values (each model's validation sweep; "
+                        "evaluate.temperature, its tie-breaker, must be one, or be --set to one)")
     parser.add_argument("--config", default="ssd", help="the sampling config whose temperature varies (default: ssd)")
     parser.add_argument("--arm", help="the arm plotted (default: the first arm on --config)")
     parser.add_argument("--set", action="append", dest="overrides", default=[], metavar="KEY=VALUE",

@@ -3,14 +3,17 @@
 A profile (profiles/NAME.yaml) holds only the keys it changes; params.yaml holds every default.
 The result is validated first and written atomically with params.yaml's comments kept, so a bad
 profile changes nothing. `git diff params.yaml` shows what it did; `git checkout params.yaml`
-undoes it.
+undoes it. Problem files the profile names may not exist yet (they are made by
+`selfdistill problems ...` after the profile is chosen): it is applied anyway, and each missing
+file is listed with the command that makes it; the stages refuse to run until it exists.
 """
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
-from tasks.core.config import PARAMS_FILE, ParamsError, update_params_file
+from tasks.core.config import PARAMS_FILE, ParamsError, missing_problem_files, update_params_file
 
 PROFILES_DIR = Path("profiles")
 
@@ -34,6 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=str(PARAMS_FILE), help="the params file to update (default: params.yaml)")
     args = parser.parse_args(argv)
     path = profile_path(args.profile)
-    update_params_file(args.params, args.overrides, profile=path)
+    params = update_params_file(args.params, args.overrides, profile=path, require_files=False)
     print(f"{args.params}: applied {path}" + (f" and {' '.join(args.overrides)}" if args.overrides else ""))
+    missing = missing_problem_files(params, Path(args.params).parent)
+    if missing:
+        print("Not there yet (the stages refuse to run until they are):")
+        for key, file in missing:
+            print(f"  {key}: {file}; make it with:\n    {command_making(file, path)}")
     return 0
+
+
+def command_making(file: str, profile: Path) -> str:
+    """The `selfdistill problems ... -o FILE` command the profile's comments give for `file`, else
+    the generic one."""
+    for line in profile.read_text().splitlines():
+        comment = line.partition("#")[2].strip()
+        if comment.startswith("selfdistill problems") and re.search(rf"-o {re.escape(file)}(\s|$)", comment):
+            return comment
+    return f"selfdistill problems import --format rstar-coder|livecodebench SRC -o {file}   (README: Problem sets)"

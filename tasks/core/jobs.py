@@ -20,6 +20,21 @@ LIVECODEBENCH_PREAMBLE = (
     "import json\nsys.setrecursionlimit(6 * 10**5)\n")
 
 
+# Call-based answers are compared exactly unless the problem carries `atol` (evalplus's problems
+# do) or its source has a default here. CodeIO's expected values are whatever its reference
+# computed in floating point, so an answer that sums in another order must still pass: 1e-6
+# absolute (+1e-7 relative) on every float in the value, integers and strings exact.
+# LiveCodeBench's grader compares exactly, so its problems get no tolerance.
+DEFAULT_ATOL = {"codeio": 1e-6}
+
+
+def call_tolerance(problem: dict) -> float | None:
+    """The float tolerance a call-based problem's answers are compared with (None: exact)."""
+    if problem.get("atol") is not None:
+        return float(problem["atol"])
+    return DEFAULT_ATOL.get(problem.get("source"))
+
+
 def sandbox_job(problem: dict, program: str | None):
     """The sandbox job that runs `program` (None: no code) against the problem's tests."""
     kind = problem.get("kind") or problem_kind(problem, problem["task_id"])
@@ -30,7 +45,8 @@ def sandbox_job(problem: dict, program: str | None):
     if kind == "stdin":
         return sandbox.IOJob(program, [sandbox.IOCase(t["input"], t["output"]) for t in problem["tests"]])
     return sandbox.CallJob(program, problem["entry_point"],
-                           [sandbox.CallCase(t["args"], t["expected"]) for t in problem["tests"]])
+                           [sandbox.CallCase(t["args"], t["expected"]) for t in problem["tests"]],
+                           atol=call_tolerance(problem))
 
 
 def answer_job(problem: dict, answer: str):

@@ -32,10 +32,22 @@ def use_all_cores() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
-def load_base(base: str):
-    """(model, tokenizer) in fp32 from the embedded GGUF, an HF dir or a hub id."""
+def hub_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
+    """(local dir, commit) of a hub model at `revision` (a commit, tag or branch; None: the
+    default branch), through huggingface_hub's cache: offline (HF_HUB_OFFLINE=1, or no network)
+    it resolves from the cache alone."""
+    from huggingface_hub import snapshot_download
+
+    local = Path(snapshot_download(repo_id, revision=revision))
+    return local, local.name  # the cache keeps each snapshot in a directory named by its commit
+
+
+def load_base(base: str, revision: str | None = None):
+    """(model, tokenizer, origin) in fp32 from the embedded GGUF, an HF dir or a hub id; origin
+    says which revision and commit a hub id resolved to."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    origin = {}
     if base == EMBEDDED_MODEL:
         gguf = embedded_gguf_path()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -47,13 +59,17 @@ def load_base(base: str):
         if getattr(model.config, "architectures", None) is None:
             model.config.architectures = [type(model).__name__]
     else:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        where = Path(base)
+        if not where.is_dir():
+            where, commit = hub_snapshot(base, revision)
+            origin = {"revision": revision, "commit": commit}
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
     if tokenizer.chat_template is None:
         raise RuntimeError(f"model.base={base}: the tokenizer has no chat template")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, tokenizer, origin
 
 
 def load_pretrained(model_dir: str | Path, dtype: torch.dtype = torch.float32):

@@ -2,6 +2,8 @@
 DAG's definition); tests/test_layout.py checks that the two agree."""
 from __future__ import annotations
 
+from pathlib import Path
+
 CODEIO_PROBLEMS = "data/codeio/problems.jsonl"
 CODEIO_SOURCE = "data/codeio/source.json"
 BASE_MODEL = "models/base"
@@ -9,10 +11,25 @@ TRAIN_PROBLEMS = "data/train.jsonl"
 VALIDATION_PROBLEMS = "data/validation.jsonl"  # where each model's T_eval is chosen
 EVAL_PROBLEMS = "data/eval"  # one <set>.jsonl per eval set
 DATA_SOURCE = "data/source.json"
-REPORT_JSON = "report/summary.json"
+REPORT_JSON = "report/summary.json"  # every number the report computed (an out, not DVC metrics)
+REPORT_HEADLINE = "report/headline.json"  # the pipeline's only DVC metrics: flat, one line per number
 REPORT_MD = "report/summary.md"
 REPORT_FIGURES = "report/figures"  # PNGs, linked from summary.md
+REPORT_T_EVAL = "report/t_eval"  # per model, validation pass@1 per T_eval: rows for `dvc plots`
 CHECKPOINTS = "checkpoints"  # not a DVC out: survives DVC clearing outs, so training resumes
+PARTIALS = f"{CHECKPOINTS}/partial"  # decoding's partial work, likewise (tasks/sampling/generate.py)
+
+
+def partial_of(out: str | Path) -> Path:
+    """Where the partial work of a resumable output lives while it is made: under PARTIALS, outside
+    every DVC out, since DVC deletes a stage's outs before it runs it (`dvc repro`, the flow). An
+    output outside the working directory keeps its partial beside itself."""
+    out = Path(out)
+    try:
+        rel = out.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return out.with_name(out.name + ".partial")
+    return Path(PARTIALS) / f"{rel.as_posix()}.partial"
 
 
 def samples(config: str) -> str:
@@ -36,8 +53,33 @@ def trained_model(arm: str) -> str:
     return f"models/{arm}"
 
 
-def train_curve(arm: str) -> str:
-    return f"plots/train/{arm}.csv"
+def train_live_dir(arm: str) -> str:
+    """dvclive's directory for the arm's training run (tasks/training/sft.py `live_callback`)."""
+    return f"train/{arm}/live"
+
+
+def train_curves(arm: str) -> str:
+    """dvclive's per-step curves: one <name>.tsv (step, <name>) per value in sft.LIVE_CURVES."""
+    return f"{train_live_dir(arm)}/plots/metrics"
+
+
+def train_curve(arm: str, name: str = "loss") -> str:
+    return f"{train_curves(arm)}/{name}.tsv"
+
+
+def train_live_summary(arm: str) -> str:
+    """dvclive's summary: each curve's last value and the last step."""
+    return f"{train_live_dir(arm)}/metrics.json"
+
+
+def train_stats(arm: str) -> str:
+    """What the train stage trained on: samples used and dropped (by reason), steps, loss."""
+    return f"train/{arm}/stats.json"
+
+
+def release_dir(arm: str) -> str:
+    """The model a user takes away: weights, tokenizer, decoding at its chosen T_eval, model card."""
+    return f"release/{arm}"
 
 
 def eval_problems(eval_set: str) -> str:
@@ -79,3 +121,8 @@ def diagnose_metrics(name: str) -> str:
 def diagnose_classes() -> str:
     """The base model's lock / fork / other class of each diagnosed position."""
     return "diagnose/base/classes.json"
+
+
+def t_eval_curve(name: str) -> str:
+    """One model's validation pass@1 at each T_eval of the sweep, as rows {T_eval, pass@1}."""
+    return f"{REPORT_T_EVAL}/{name}.json"

@@ -5,12 +5,15 @@ One schema, three kinds of problem (one kind per row):
   humaneval     task_id, prompt, test, entry_point (HumanEval's schema: the prompt is code)
   stdin         task_id, question, tests: [{input, output}, ...]
   call          task_id, question, entry_point ("f" or "Solution.method"), tests: [{args, expected}, ...]
-Optional fields: difficulty, canonical_solution, starter_code, source. `question` is the task in
-words (the pipeline's prompt for the stdin and call kinds; `selfdistill score` does not need it).
+Optional fields: difficulty, canonical_solution, starter_code, source, and for the call kind
+`atol` (answers' floats compared within it as evalplus compares them; tasks/core/jobs.py).
+`question` is the task in words (the pipeline's prompt for the stdin and call kinds;
+`selfdistill score` does not need it).
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 from tasks.core.files import DataError, iter_jsonl
@@ -60,6 +63,10 @@ def problem_kind(row: dict, where: str) -> str:
             raise DataError(f"{where}: call-based problem needs a string 'entry_point'")
         if not all(isinstance(t["args"], list) for t in tests):
             raise DataError(f"{where}: call-based tests need a list of args")
+        atol = row.get("atol")
+        if atol is not None and (not isinstance(atol, (int, float)) or isinstance(atol, bool)
+                                 or not math.isfinite(atol) or atol < 0):
+            raise DataError(f"{where}: 'atol' (the float tolerance) must be a number >= 0, not {atol!r}")
         return "call"
     raise DataError(f"{where}: tests must all be {{input, output}} or all {{args, expected}}")
 

@@ -5,11 +5,14 @@
                   each reference on generated inputs in the sandbox (codeio.py)
   rstar_coder     rStar-Coder's seed problems (microsoft/rStar-Coder, seed_testcase) (rstar_coder.py)
   livecodebench   LiveCodeBench code_generation_lite, filtered by contest date (livecodebench.py)
+  evalplus        evalplus's released HumanEval+ / MBPP+ files, expected values from the
+                  canonical solutions run in the sandbox (evalplus.py)
+  hub             a hub dataset's data files through huggingface_hub's cache (hub.py)
 
-What they share lives here: reading source rows from a local file (JSONL, JSON array, parquet, or
-a folder of them) or from a hub id through `datasets` (imported only then); counting what is
-dropped and why, naming the problem and its file line; writing a problem file atomically and only
-once every row loads as a problem.
+What they share lives here: reading source rows from local files (JSONL, JSON array, parquet, or
+a folder of them); counting what is dropped and why, naming the problem and its file line;
+saying why when nothing is kept; writing a problem file atomically and only once every row
+loads as a problem.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class Report:
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     drops: list = dataclasses.field(default_factory=list)
     notes: dict = dataclasses.field(default_factory=dict)
+    first_fields: list | None = None  # the first object row's field names, for a wrong-format error
 
     def drop(self, task_id: str | None, where: str, reason: str, detail: str = "") -> None:
         self.dropped[reason] += 1
@@ -51,10 +55,32 @@ class Report:
     def as_json(self) -> dict:
         return dict(self.counts(), drops=self.drops)
 
+    def nothing_kept(self, fmt: str) -> str:
+        """Why a conversion kept no problem, in words: the drops by reason, the first of each
+        with its place, and what the first row held (a file in another format shows here)."""
+        if not self.read:
+            return f"no problems to write: the {fmt} source holds no rows"
+        text = f"no problems to write: none of the {self.read} rows read became a {fmt} problem"
+        if self.dropped:
+            text += " (" + ", ".join(f"{r}: {n}" for r, n in self.dropped.most_common()) + ")"
+        firsts = {}
+        for drop in self.drops:
+            firsts.setdefault(drop["reason"], drop)
+        for drop in list(firsts.values())[:5]:
+            name = f" ({drop['task_id']})" if drop["task_id"] else ""
+            text += f"\n  {drop['where']}{name}: {drop['reason']}: {drop['detail']}"
+        others = {k: v for k, v in self.notes.items() if isinstance(v, int) and v and k in
+                  ("duplicates", "skipped", "outside_date_window")}
+        if others:
+            text += "\n  also not kept: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in others.items())
+        if self.first_fields is not None and self.dropped.get("missing field") == self.read:
+            text += f"\n  the first row's fields: {', '.join(self.first_fields[:12])}: is it a {fmt} file?"
+        return text
+
 
 def is_local(src: str) -> bool:
     """A path that exists (file or folder), or one that names a local file format: those are
-    read here; anything else is a hub id for `datasets`."""
+    read here; anything else is a hub id (tasks/problemsets/hub.py)."""
     return os.path.exists(src) or str(src).endswith(LOCAL_SUFFIXES)
 
 
@@ -75,10 +101,15 @@ def source_files_provenance(paths: list[Path]) -> dict:
 
 
 def read_local(src: str | os.PathLike) -> Iterator[tuple[str, Any]]:
-    """(where, row) for every row of a local file or folder of files, in order. `where` is
-    "file:line" for JSONL, "file:item N" for a JSON array, "file:row N" for parquet. A row that
-    is not a JSON object is yielded as-is, for the caller to count as malformed."""
-    for path in local_files(src):
+    """(where, row) for every row of a local file or folder of files, in order (read_paths)."""
+    yield from read_paths(local_files(src))
+
+
+def read_paths(paths: Iterable[Path]) -> Iterator[tuple[str, Any]]:
+    """(where, row) for every row of the files, in order. `where` is "file:line" for JSONL,
+    "file:item N" for a JSON array, "file:row N" for parquet. A row that is not a JSON object is
+    yielded as-is, for the caller to count as malformed."""
+    for path in paths:
         name = path.name
         if name.endswith(".parquet"):
             yield from _read_parquet(path)
@@ -98,34 +129,53 @@ def read_local(src: str | os.PathLike) -> Iterator[tuple[str, Any]]:
             for index, row in enumerate(rows, 1):
                 yield f"{path}:item {index}", row
             continue
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        yield from _read_lines(path, opener)
+
+
+def _read_lines(path: Path, opener) -> Iterator[tuple[str, Any]]:
+    """Each line decoded on its own, so a line that is not UTF-8 or not JSON is one counted row
+    naming its line number, not the end of the file."""
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    yield f"{path}:{lineno}", MalformedRow(f"not UTF-8 text at line {lineno}")
+                    continue
                 if not line.strip():
                     continue
                 try:
                     yield f"{path}:{lineno}", json.loads(line)
                 except json.JSONDecodeError as err:
-                    yield f"{path}:{lineno}", MalformedRow(f"not valid JSON: {err.msg}")
+                    yield f"{path}:{lineno}", MalformedRow(f"not JSON at line {lineno}: {err.msg}")
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: cannot read it after line {lineno}: {err}") from None
 
 
 class BadRow(ValueError):
     """A row that cannot become a problem: (reason, detail)."""
 
 
-def collect(records: Iterable[tuple[str, Any]], report: Report, prefix: str, to_problem: Callable[[dict], dict],
-            skip: Callable[[dict], bool] = lambda row: False, limit: int | None = None) -> list[dict]:
-    """Rows -> problems with task ids `<prefix>/<question_id>`. A malformed row, or one that
-    `to_problem` refuses (BadRow), is counted in `report` with its id and file line; a repeated
-    question_id is counted as a duplicate; a row `skip` says no to (it may raise BadRow too) is
-    counted as skipped."""
+def collect(records: Iterable[tuple[str, Any]], report: Report, prefix: str | None, to_problem: Callable[[dict], dict],
+            skip: Callable[[dict], bool] = lambda row: False, limit: int | None = None,
+            id_field: str = "question_id", places: dict | None = None) -> list[dict]:
+    """Rows -> problems with task ids `<prefix>/<id_field>` (the id itself if no prefix). A
+    malformed row, or one that `to_problem` refuses (BadRow), is counted in `report` with its id
+    and file line; a repeated id is counted as a duplicate; a row `skip` says no to (it may raise
+    BadRow too) is counted as skipped. `places` (if given) gets each kept task_id's file line."""
     problems, seen = [], set()
     duplicates = skipped = 0
     for where, row in records:
         report.read += 1
         if isinstance(row, MalformedRow) or not isinstance(row, dict):
-            report.drop(None, where, "malformed row", row if isinstance(row, MalformedRow) else "not an object")
+            report.drop(None, where, "malformed row", row if isinstance(row, MalformedRow) else "not a JSON object")
             continue
-        task_id = f"{prefix}/{row['question_id']}" if row.get("question_id") not in (None, "") else None
+        if report.first_fields is None:
+            report.first_fields = sorted(map(str, row))
+        raw_id = row.get(id_field)
+        task_id = None if raw_id in (None, "") else f"{prefix}/{raw_id}" if prefix else str(raw_id)
         try:
             if skip(row):
                 skipped += 1
@@ -140,6 +190,8 @@ def collect(records: Iterable[tuple[str, Any]], report: Report, prefix: str, to_
             continue
         seen.add(task_id)
         problems.append(converted)
+        if places is not None:
+            places[converted["task_id"]] = where
         if limit and len(problems) >= limit:
             break
     report.kept = len(problems)
@@ -166,23 +218,6 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{path}:row {number}", row
     except OSError as err:
         raise DataError(f"{path}: cannot read parquet: {err}") from None
-
-
-def read_hub(dataset_id: str, config: str | None, split: str, **kwargs) -> Iterator[tuple[str, Any]]:
-    """(where, row) from a hub dataset, streamed through the `datasets` library (imported only
-    here: local files never need it)."""
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{dataset_id!r} is not a local file, and reading it from the hub needs "
-                        f"the `datasets` library (pip install datasets)") from None
-    stream = datasets.load_dataset(dataset_id, config, split=split, streaming=True, **kwargs)
-    for index, row in enumerate(stream, 1):
-        yield f"{dataset_id}[{config or 'default'}/{split}]:row {index}", row
-
-
-def hub_provenance(dataset_id: str, config: str | None, split: str) -> dict:
-    return {"hub": {"id": dataset_id, "config": config, "split": split}}
 
 
 def write_problems(path: str | os.PathLike, rows: Iterable[dict]) -> int:

@@ -20,8 +20,9 @@ and some write files):
           signature); a case is kept when args and value survive JSON unchanged; the first
           `tests` distinct cases are the tests.
   pass 2  a fresh sandbox (new processes, so other random state and hash seed) checks the
-          reference against those tests exactly as `selfdistill score` would (sandbox.CallJob,
-          the same timeout): a reference that now disagrees is nondeterministic and dropped.
+          reference against those tests as `selfdistill score` would (sandbox.CallJob, the same
+          timeout, CodeIO's float tolerance tasks.core.jobs.DEFAULT_ATOL): a reference that now
+          disagrees is nondeterministic and dropped.
 A problem that keeps no case is dropped, counted by reason.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pathlib import Path
 from tasks import sandbox
 from tasks.core import files
 from tasks.core.files import DataError
+from tasks.core.jobs import DEFAULT_ATOL
 from tasks.problemsets import MalformedRow, Report, json_roundtrip, read_local
 from tasks.sandbox.jail import compare
 
@@ -410,7 +412,8 @@ def convert(tests: int = 5, limit: int | None = None, seed: int = 0, timeout_s: 
                 generated.append(candidate)
         log(f"pass 2: check {len(generated)} references against their tests in a fresh sandbox")
         checks = [sandbox.CallJob(c.row["code_sample"], ENTRY_POINT,
-                                  [sandbox.CallCase(t["args"], t["expected"]) for t in c.tests])
+                                  [sandbox.CallCase(t["args"], t["expected"]) for t in c.tests],
+                                  atol=DEFAULT_ATOL["codeio"])
                   for c in generated]
         with sandbox.Sandbox(workers=workers) as box:
             verdicts = box.check(checks, timeout_s=timeout_s, memory_mb=memory_mb, progress=progress)

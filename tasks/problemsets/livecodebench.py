@@ -16,6 +16,12 @@ tests [{input, output}]; functional ones kind "call", entry_point "Solution.<fun
 tests [{args, expected}]. The contest-date window (`since`, `until`, both inclusive, on the
 date) is the one apple/ml-ssd evaluates on: 2025-02-01 .. 2025-05-31.
 
+The hub repo is a script dataset (which `datasets` 4 refuses) whose data are one JSONL file per
+release at the repo's top: test.jsonl, test2.jsonl, ..., test6.jsonl (the script's
+ALLOWED_FILES: release_vN is test.jsonl .. testN.jsonl, vN is release N's file alone, vN_vM the
+files of N..M, release_latest all of them). `repo_files` picks them, from a hub snapshot or
+from a local directory laid out like the repo.
+
 The private tests are unpickled with an unpickler that loads no classes and calls nothing: a
 pickle that is not plain data (a str) is refused, so a crafted file cannot run code here.
 """
@@ -27,13 +33,15 @@ import datetime
 import io
 import json
 import pickle
+import re
 import zlib
+from pathlib import Path
 from typing import Any, Iterable
 
+from tasks.core.files import DataError
 from tasks.problemsets import BadRow, Report, collect
 
 HUB_ID = "livecodebench/code_generation_lite"
-HUB_SPLIT = "test"
 REQUIRED = ("question_id", "question_content", "contest_date", "public_test_cases",
             "private_test_cases")
 MAX_PRIVATE_BYTES = 1 << 30
@@ -167,3 +175,46 @@ def convert(records: Iterable[tuple[str, Any]], report: Report,
     report.notes.update(outside_date_window=report.notes.pop("skipped"),
                         since=since.isoformat() if since else None, until=until.isoformat() if until else None)
     return problems
+
+
+def _file_name(number: int) -> str:
+    return "test.jsonl" if number == 1 else f"test{number}.jsonl"
+
+
+def release_files(version_tag: str | None) -> list[str] | None:
+    """The repo's files a release tag names; None for release_latest (every test*.jsonl)."""
+    if version_tag in (None, "release_latest"):
+        return None
+    for pattern, numbers in ((r"release_v(\d+)", lambda a: range(1, a + 1)), (r"v(\d+)", lambda a: [a])):
+        match = re.fullmatch(pattern, version_tag)
+        if match and int(match[1]) >= 1:
+            return [_file_name(n) for n in numbers(int(match[1]))]
+    match = re.fullmatch(r"v(\d+)_v(\d+)", version_tag)
+    if match and 1 <= int(match[1]) <= int(match[2]):
+        return [_file_name(n) for n in range(int(match[1]), int(match[2]) + 1)]
+    raise DataError(f"--version-tag {version_tag!r}: not a LiveCodeBench release "
+                    "(release_vN, release_latest, vN or vN_vM)")
+
+
+def hub_patterns(version_tag: str | None) -> list[str]:
+    return release_files(version_tag) or ["test*.jsonl"]
+
+
+def _number(path: Path) -> int:
+    match = re.fullmatch(r"test(\d*)\.jsonl", path.name)
+    return int(match[1] or 1) if match else 0
+
+
+def repo_files(root: Path, version_tag: str | None) -> list[Path] | None:
+    """The release files of a directory laid out like the hub repo, in release order; None
+    when it holds none and no release was asked for (a plain folder of rows)."""
+    names = release_files(version_tag)
+    if names is None:
+        found = sorted((p for p in root.glob("test*.jsonl") if _number(p)), key=_number)
+        if found or version_tag is None:
+            return found or None
+        raise DataError(f"{root}: holds no test*.jsonl (LiveCodeBench's release files)")
+    missing = [name for name in names if not (root / name).is_file()]
+    if missing:
+        raise DataError(f"{root}: release {version_tag} needs {', '.join(missing)}, which it lacks")
+    return [root / name for name in names]

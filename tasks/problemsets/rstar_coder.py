@@ -14,19 +14,24 @@ that is a list is taken as the positional arguments, a string as one JSON value 
 LiveCodeBench convention), and an output string as one JSON value. That reading of the
 call-based rows follows the column names; it was not checked against released rows.
 
+On the hub each config is a folder of parquet shards (seed_testcase/data-00000-of-00030.parquet,
+...; seed_sft/data-00000-of-00020.parquet, ...): `repo_files` reads the config's folder, of a hub
+snapshot or of a local directory laid out like the repo.
+
 Official tests come first; at most `max_tests` (default 20) are kept, since the synthesized ones
 can be many and large.
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Iterable
 
+from tasks.core.files import DataError
 from tasks.problemsets import BadRow, Report, collect
 
 HUB_ID = "microsoft/rStar-Coder"
 HUB_CONFIG = "seed_testcase"
-HUB_SPLIT = "train"
 DEFAULT_MAX_TESTS = 20
 REQUIRED = ("question_id", "question", "inputs", "outputs")
 
@@ -120,3 +125,21 @@ def convert(records: Iterable[tuple[str, Any]], report: Report,
     del report.notes["skipped"]
     report.notes["max_tests"] = max_tests
     return problems
+
+
+def hub_patterns(config: str) -> list[str]:
+    return [f"{config}/*.parquet"]
+
+
+def repo_files(root: Path, config: str | None) -> list[Path] | None:
+    """The parquet shards of `config` in a directory laid out like the hub repo; None when it
+    has no such folder and no config was asked for (a plain folder of rows)."""
+    folder = root / (config or HUB_CONFIG)
+    if not folder.is_dir():
+        if config is None:
+            return None
+        raise DataError(f"{root}: has no {config}/ folder (the repo keeps each config's parquet shards in one)")
+    found = sorted(folder.glob("*.parquet"))
+    if not found:
+        raise DataError(f"{folder}: holds no parquet shards")
+    return found

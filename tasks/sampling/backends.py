@@ -8,19 +8,26 @@ A backend is a class built from an HF model dir with
     teacher_forced_ranks(ids, start) -> [int]     the rank of each ids[i], i >= start, among the
                                                   model's next-token logits after ids[:i], from one
                                                   forward over the whole sequence (no KV cache)
+and optionally (vllm has them)
+    params_section                                a params.yaml section whose keys build it
+    size_for(tokens)                              the longest prompt + max_new_tokens it will be sent,
+                                                  before its engine starts (load_backend calls it)
+    resume_facts() -> dict                        engine settings that decide the rows, and whether a
+                                                  resume is exact: part of the resume key
 and keeps these semantics: temperature -> top-k -> top-p -> min-p (vLLM's order),
 max_new_tokens, stop at any EOS id (an EOS counts in num_tokens, not in the text), and a
 batch's samples depend only on (prompts, cfg, seed).
 
-This module imports no engine (no torch): the params schema asks it which backends exist and
-what each cannot sample, before any model loads.
+Which backends exist and what each cannot sample is tasks/core/backend_registry.py's (the params
+schema reads it before any model loads); this module adds loading, seeding and the self-check.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+
+from tasks.core.backend_registry import BACKEND_NAMES, BACKENDS, BackendSpec, unsupported  # noqa: F401
 
 SEED_STRIDE = 1_000_003  # batch b of a run seeded s gets seed s * SEED_STRIDE + b
 
@@ -31,48 +38,6 @@ class Completion:
     num_tokens: int
     finish_reason: str  # "eos" or "length"
     token_ids: tuple[int, ...] = ()  # the generated ids, EOS excluded (the load-time self-check reads them)
-
-
-def _no_min_p(name: str) -> Callable:
-    def unsupported(cfg) -> str | None:
-        if cfg.min_p > 0 and cfg.temperature > 0:
-            return (f"min_p={cfg.min_p}: backend {name} has no min-p truncation; set min_p: 0 "
-                    "or backend: transformers")
-        return None
-    return unsupported
-
-
-def _vllm_min_p(cfg) -> str | None:
-    # vLLM applies min-p before top-p; the two commute only when one of them is off.
-    if cfg.temperature > 0 and cfg.min_p > 0 and cfg.top_p < 1:
-        return (f"min_p={cfg.min_p} with top_p={cfg.top_p}: vLLM applies min-p before top-p, "
-                "not after; set min_p: 0 or top_p: 1 for backend vllm")
-    return None
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    module: str
-    cls: str
-    unsupported: Callable | None = None  # cfg -> why this backend cannot sample it exactly, or None
-
-
-BACKENDS = {
-    "continuous-int8": BackendSpec("tasks.sampling.backend_continuous", "ContinuousInt8Backend"),
-    "continuous": BackendSpec("tasks.sampling.backend_continuous", "ContinuousBackend"),
-    "transformers": BackendSpec("tasks.sampling.backend_transformers", "TransformersBackend"),
-    "ctranslate2": BackendSpec("tasks.sampling.backend_ctranslate2", "CT2Backend", _no_min_p("ctranslate2")),
-    "ctranslate2-float32": BackendSpec("tasks.sampling.backend_ctranslate2", "CT2Float32Backend",
-                                       _no_min_p("ctranslate2-float32")),
-    "vllm": BackendSpec("tasks.sampling.backend_vllm", "VLLMBackend", _vllm_min_p),
-}
-BACKEND_NAMES = tuple(BACKENDS)
-
-
-def unsupported(cfg, backend: str | None = None) -> str | None:
-    """Why `backend` (default: cfg.backend) cannot sample cfg's decoding settings exactly, or None."""
-    rule = BACKENDS[backend or cfg.backend].unsupported
-    return rule(cfg) if rule else None
 
 
 def check_supported(cfg, backend: str) -> None:
@@ -109,7 +74,7 @@ def self_check(backend) -> None:
     from tasks.core.config import DecodingConfig
 
     cfg = DecodingConfig(backend=backend.name, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, n=1,
-                         max_new_tokens=SELF_CHECK_TOKENS, seed=0, batch_size=1, slots=1)
+                         max_new_tokens=SELF_CHECK_TOKENS, seed=0, batch_size=1, slots=1, max_batch_tokens=0)
     prompt = backend.encode_chat(SELF_CHECK_PROMPT)
     out = backend.generate_batch([prompt], cfg, seed=0)[0]
     ids = list(out.token_ids)
@@ -126,11 +91,40 @@ def self_check(backend) -> None:
             f"transformers/engine version?), so its samples would be garbage")
 
 
-def load_backend(name: str, model_dir: str | Path):
-    """The backend, after its self-check (see self_check)."""
-    backend = backend_class(name)(model_dir)
+def load_backend(name: str, model_dir: str | Path, engine: dict | None = None, conversations=(),
+                 max_new_tokens: int = 0):
+    """The backend, after its self-check (see self_check).
+
+    engine: params sections by name ({"vllm": {...}}); a backend class whose `params_section`
+    names one is built with its keys. A backend with `size_for(tokens)` (vllm: an engine sized
+    at start) is told the longest sequence it will hold: the longest of `conversations` (chat
+    messages, as the stage will send them) plus max_new_tokens."""
+    cls = backend_class(name)
+    backend = cls(model_dir, **(engine or {}).get(getattr(cls, "params_section", None), {}))
+    if hasattr(backend, "size_for"):
+        longest = max((len(backend.encode_chat(messages)) for messages in conversations), default=0)
+        backend.size_for(longest + max_new_tokens)
     self_check(backend)
     return backend
+
+
+def token_budget_groups(lengths: list[int], max_new_tokens: int, budget: int) -> list[list[int]]:
+    """Consecutive runs of row indices (in the given order) whose left-padded batch fits the
+    budget: rows x (longest prompt among them + max_new_tokens) <= budget. A row over the budget
+    on its own runs alone; budget 0: one group of every row."""
+    if budget <= 0 or not lengths:
+        return [list(range(len(lengths)))] if lengths else []
+    groups: list[list[int]] = []
+    widest = 0
+    for i, length in enumerate(lengths):
+        wider = max(widest, length)
+        if groups and (len(groups[-1]) + 1) * (wider + max_new_tokens) <= budget:
+            groups[-1].append(i)
+            widest = wider
+        else:
+            groups.append([i])
+            widest = length
+    return groups
 
 
 def batch_seed(seed: int, batch: int) -> int:

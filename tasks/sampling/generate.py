@@ -3,21 +3,25 @@
 the raw text, the token count and the finish reason ("eos" / "length").
 
 Work is cut into a fixed plan of batches, each seeded from (seed, batch number), and each
-finished batch is appended to `<out>.partial`. A killed run resumes from the complete
+finished batch is appended to the output's partial file under checkpoints/partial/ (outside
+DVC's outs, so it survives `dvc repro` and the flow). A killed run resumes from the complete
 batches it wrote and produces the same rows an uninterrupted run would. The partial file's
 first line is its resume key (the model dir's hash, the prompts, the decoding settings, the
-backend and the sampling code's hash): a partial file of any other run is discarded, with a
-line saying what differs, never mixed in.
+backend, the hashes of the sampling modules loaded and the engines' versions, and for vllm its
+tensor parallelism and `exact_resume`): a partial file of any other run is discarded, with a line
+saying what differs, never mixed in. vllm outside its batch-invariant mode resumes too, but its
+remaining batches are a new draw (`exact_resume: false` in the key, and a line says so).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from functools import cache
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,9 +29,12 @@ from tqdm import tqdm
 from tasks.core.config import DecodingConfig
 from tasks.core.extract import last_fenced_block
 from tasks.core.files import DataError, dir_sha256, key_differences, resume_key, write_jsonl
+from tasks.core.paths import PARTIALS, partial_of
+from tasks.core.stack import code_fingerprint, versions
 from tasks.sampling.backends import batch_seed, load_backend
 
 SAMPLING_CODE = Path(__file__).resolve().parent
+ENGINES = ("torch", "transformers", "ctranslate2", "vllm")  # counted in the key where imported
 
 
 @dataclass(frozen=True)
@@ -45,17 +52,12 @@ def plan_batches(prompt_lengths: list[int], n: int, batch_size: int) -> list[lis
 
 
 @cache
-def code_version() -> str:
-    """The sampling code (tasks/sampling: backends and kernels) and the engines' versions."""
-    digest = hashlib.sha256()
-    for path in sorted([*SAMPLING_CODE.glob("*.py"), *SAMPLING_CODE.glob("*.cpp")]):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    for package in ("torch", "transformers", "ctranslate2", "vllm"):
-        try:
-            digest.update(f"{package}=={version(package)}".encode())
-        except PackageNotFoundError:
-            pass
-    return digest.hexdigest()
+def code_version() -> dict:
+    """What of the code decides the rows: the sampling modules this process loaded (the batch
+    loop, the registry, the chosen backend and its kernels; not the other backends) and the
+    versions of the engines it imported."""
+    return {"files": code_fingerprint(SAMPLING_CODE),
+            "engines": {p: v for p, v in versions(*ENGINES).items() if p in sys.modules}}
 
 
 @cache
@@ -77,9 +79,13 @@ def run_key(model_dir: str | Path, requests: list[Request], prompts: list[list[i
     prompts_hash = hashlib.sha256(json.dumps([[r.key, p] for r, p in zip(requests, prompts)]).encode())
     # `slots` only says how many sequences decode at once: the rows do not depend on it (tested).
     decoding = {name: getattr(cfg, name) for name in DecodingConfig.model_fields if name != "slots"}
+    # An engine's own settings that decide the rows, and whether a resumed run writes exactly the
+    # rows an uninterrupted one would (vllm: `exact_resume`, true only in batch-invariant mode).
+    facts = getattr(backend, "resume_facts", None)
     return resume_key(model=model_hash(model) if model.is_dir() else str(model_dir),
                       prompts=prompts_hash.hexdigest(), decoding=decoding,
-                      backend=getattr(backend, "name", type(backend).__name__), code=code_version())
+                      backend=getattr(backend, "name", type(backend).__name__), code=code_version(),
+                      **({"engine": facts()} if facts else {}))
 
 
 def _read_partial(path: Path, key: dict, batch_sizes: dict[int, int], desc: str) -> list[dict]:
@@ -108,11 +114,13 @@ def _read_partial(path: Path, key: dict, batch_sizes: dict[int, int], desc: str)
 
 
 def generate_jsonl(model_dir: str | Path, requests: list[Request], cfg: DecodingConfig,
-                   out_path: str | Path, desc: str = "sampling", backend=None) -> list[dict]:
-    """n completions per request into `out_path` (JSONL, ordered by request then sample index)."""
+                   out_path: str | Path, desc: str = "sampling", backend=None, engine: dict | None = None) -> list[dict]:
+    """n completions per request into `out_path` (JSONL, ordered by request then sample index).
+    engine: the params sections of the engines (load_backend), when no backend is given."""
     out_path = Path(out_path)
-    partial = out_path.with_name(out_path.name + ".partial")
-    backend = backend or load_backend(cfg.backend, model_dir)
+    partial = partial_of(out_path)
+    backend = backend or load_backend(cfg.backend, model_dir, engine=engine,
+                                      conversations=[r.messages for r in requests], max_new_tokens=cfg.max_new_tokens)
     prompts = [backend.encode_chat(r.messages) for r in requests]
     plan = plan_batches([len(p) for p in prompts], cfg.n, cfg.batch_size)
     units = [unit for batch in plan for unit in batch]
@@ -123,6 +131,9 @@ def generate_jsonl(model_dir: str | Path, requests: list[Request], cfg: Decoding
     write_jsonl(partial, [{"resume_key": key}, *done])  # the key first; a torn tail dropped
     if done:
         print(f"{desc}: resuming, {len(done)} of {len(units)} completions already written")
+        if key.get("engine", {}).get("exact_resume") is False:
+            print(f"{desc}: the batches still to run are a new draw, not the rows an uninterrupted run would "
+                  f"write ({key['backend']} is not in its batch-invariant mode)")
     start, new_tokens = time.time(), 0
     with open(partial, "a") as f, tqdm(total=len(units), initial=len(done), desc=desc, unit="sample") as bar:
         decoded, shown = [0], [time.time()]
@@ -156,8 +167,16 @@ def generate_jsonl(model_dir: str | Path, requests: list[Request], cfg: Decoding
     done.sort(key=lambda row: (order[tuple(row[k] for k in requests[0].key)], row["sample_index"]))
     check_not_degenerate(done, out_path)
     write_jsonl(out_path, done)
-    partial.unlink()
-    return done
+    return done  # the complete partial stays until the stage ends (discard_partials): a rerun reuses it
+
+
+def discard_partials(out: str | Path) -> None:
+    """Drop the partial work of an output (a file, or every output under a directory) once the
+    stage that made it has finished."""
+    partial = partial_of(out)
+    partial.unlink(missing_ok=True)
+    if partial.is_relative_to(PARTIALS):  # a directory's outputs have theirs in its mirror there
+        shutil.rmtree(partial.with_name(Path(out).name), ignore_errors=True)
 
 
 

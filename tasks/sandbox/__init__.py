@@ -6,7 +6,8 @@
 Kinds of job:
   Job      HumanEval: `program` defines `entry_point`; `test` defines `check(candidate)`.
   CallJob  call-based (LiveCodeBench functional): `entry_point` is a function or
-           "Solution.method"; each CallCase gives JSON arguments and the expected JSON value.
+           "Solution.method"; each CallCase gives JSON arguments and the expected JSON value,
+           compared exactly or within the job's float tolerance `atol`.
   IOJob    stdin/stdout: the program runs once per IOCase with `input` on stdin; its stdout
            must match `output` line by line (trimmed; numeric tokens compared as numbers).
 A program of None means the model's answer had no code.
@@ -60,9 +61,12 @@ class CallCase:
 
 @dataclasses.dataclass(frozen=True)
 class CallJob:
+    """`atol`: None compares answers exactly; a number allows that tolerance on floats, read as
+    evalplus reads a problem's `atol` (tasks/sandbox/jail/compare.py)."""
     program: str | None
     entry_point: str
     cases: Sequence[CallCase]
+    atol: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +127,8 @@ def _split(job, limits: dict) -> tuple[dict, dict, int]:
                 {"test": job.test, "entry_point": job.entry_point}, 1)
     if isinstance(job, CallJob):
         cases = [{"args": list(c.args), "expected": c.expected} for c in job.cases]
-        return dict(header, kind="call"), {"entry_point": job.entry_point, "cases": cases}, 1
+        return (dict(header, kind="call"),
+                {"entry_point": job.entry_point, "cases": cases, "atol": job.atol}, 1)
     if isinstance(job, IOJob):
         return (dict(header, kind="io", inputs=[c.input for c in job.cases]),
                 {"cases": [{"output": c.output} for c in job.cases]}, max(1, len(job.cases)))

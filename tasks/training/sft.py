@@ -25,6 +25,8 @@ What this adds to TRL's defaults, and why:
   RSS for the rest of the run; trimming keeps the default run's peak RSS near its live memory.
 - Resume only from a checkpoint of the same run: the checkpoint dir holds the run's resume key
   (tasks/core/files.py `resume_key`), and only checkpoints marked complete after their save count.
+- The curve through dvclive (`live_callback`): loss, learning rate and answer tokens per optimizer
+  step, numbered by the trainer's step, refilled from the checkpoint's log history on resume.
 """
 from __future__ import annotations
 
@@ -47,15 +49,41 @@ COMPLETE = "complete"
 LOSS_CHUNK = 256  # answer tokens per LM-head chunk: 256 x 49k vocabulary x 4 bytes = 50 MB at most
 
 
-def encode(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of the whole chat and labels that mask everything but the assistant's answer."""
+def encode(tokenizer, messages: list[dict], max_length: int, open_end: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of the whole chat and labels that mask everything but the assistant's answer.
+
+    `open_end`: the answer was cut off (at sample.max_new_tokens), so what the chat template
+    appends after it (the end-of-turn token) is masked too: the model is not taught to stop
+    where the sampler did."""
     prompt = chat_token_ids(tokenizer, messages[:-1], add_generation_prompt=True)
     full = chat_token_ids(tokenizer, messages, add_generation_prompt=False)
     if full[: len(prompt)] != prompt:
         raise DataError("chat template renders the prompt differently inside the full chat")
-    full = full[:max_length]
-    labels = [IGNORE] * min(len(prompt), len(full)) + full[len(prompt):]
-    return full, labels
+    answer = full[len(prompt):]
+    if open_end:
+        answer = answer[:answer_length(tokenizer, answer, messages[-1]["content"])]
+    labels = [IGNORE] * len(prompt) + answer + [IGNORE] * (len(full) - len(prompt) - len(answer))
+    return full[:max_length], labels[:max_length]
+
+
+def answer_length(tokenizer, completion: list[int], answer: str) -> int:
+    """How many tokens of `completion` (the chat's tokens after the prompt) it takes to spell
+    `answer`: the fewest whose text holds all of it (without the whitespace at its ends where
+    the template strips that). Past them comes what the chat template appends."""
+    def spelled(n: int) -> bool:
+        return text in tokenizer.decode(completion[:n], clean_up_tokenization_spaces=False)
+
+    text = answer
+    if not spelled(len(completion)):
+        text = answer.strip()
+    if not spelled(len(completion)):
+        raise DataError("the chat template renders a cut-off answer differently, so where it ends is unknown; "
+                        "set filter.truncated: drop")
+    low, high = 0, len(completion)
+    while low < high:  # `spelled` only turns true as n grows: bisect for the first n
+        mid = (low + high) // 2
+        low, high = (low, mid) if spelled(mid) else (mid + 1, high)
+    return low
 
 
 class Collator:
@@ -342,6 +370,58 @@ def _mark_complete_callback():
     return MarkComplete()
 
 
+# dvclive's name of each per-step curve -> the key the trainer logs it under (AnswerSFTTrainer.log).
+LIVE_CURVES = {"loss": "loss", "lr": "lr", "answer_tokens": "tokens"}
+
+
+def curve_rows(log_history: list[dict]) -> list[dict]:
+    """The optimizer steps' rows of a trainer's log history: {step, loss, lr, tokens}."""
+    return [{"step": h["step"], **{key: h[key] for key in LIVE_CURVES.values()}}
+            for h in log_history if all(key in h for key in LIVE_CURVES.values())]
+
+
+def live_callback(live_dir: str | Path):
+    """transformers' DVCLive integration, writing dvclive's files in `live_dir`, one row per
+    optimizer step, numbered by the trainer's global step.
+
+    The stock callback numbers rows by its own counter and appends; a run resumed from a
+    checkpoint older than the kill would repeat the steps after it, and under `dvc repro` the
+    directory (a DVC out) is gone before the rerun. So the directory is started afresh at
+    train begin and first refilled from the trainer's log history, which the checkpoint
+    restores: a resumed run's curve is the uninterrupted one's. No DVC experiment is saved, no
+    dvc.yaml is written (dvc.yaml declares these files), nothing is posted to DVC Studio."""
+    from unittest import mock
+
+    from transformers.integrations import DVCLiveCallback
+
+    class StepCurves(DVCLiveCallback):
+        def setup(self, args, state, model):
+            from dvclive import Live
+
+            self._initialized = True
+            if state.is_world_process_zero:
+                # dvclive decides once, here, whether it posts to Studio: offline, whatever DVC's config says.
+                with mock.patch.dict(os.environ, {"DVC_STUDIO_OFFLINE": "true"}):
+                    self.live = Live(str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None, report=None)
+                for row in curve_rows(state.log_history):
+                    self.log_row(row)
+
+        def log_row(self, row: dict) -> None:
+            self.live.step = row["step"]
+            for name, key in LIVE_CURVES.items():
+                self.live.log_metric(name, row[key])
+            self.live.make_summary()
+
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            if not self._initialized:
+                self.setup(args, state, model)
+            if state.is_world_process_zero:
+                for row in curve_rows([{**logs, "step": state.global_step}]):
+                    self.log_row(row)
+
+    return StepCurves(log_model=False)
+
+
 def training_args(cfg, output_dir: Path):
     from trl import SFTConfig
 
@@ -351,14 +431,15 @@ def training_args(cfg, output_dir: Path):
         learning_rate=cfg.lr, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": cfg.min_lr},
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, adam_beta1=cfg.beta1, adam_beta2=cfg.beta2,
         optim="adamw_torch", max_grad_norm=1.0, bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed,
-        activation_checkpointing=cfg.gradient_checkpointing, logging_steps=1, save_strategy="steps",
+        gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=1, save_strategy="steps",
         save_steps=cfg.checkpoint_every, save_total_limit=2, report_to="none", remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, packing=False, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
 
 
-def build_trainer(model, tokenizer, examples: list[tuple[list[int], list[int]]], cfg, output_dir: Path):
+def build_trainer(model, tokenizer, examples: list[tuple[list[int], list[int]]], cfg, output_dir: Path,
+                  live_dir: str | Path | None = None):
     import hashlib
 
     from datasets import Dataset
@@ -371,7 +452,8 @@ def build_trainer(model, tokenizer, examples: list[tuple[list[int], list[int]]],
     dataset = Dataset(InMemoryTable.from_pydict(columns), fingerprint=fingerprint)
     return _trainer_class()(model=model, args=training_args(cfg, output_dir), train_dataset=dataset,
                             processing_class=tokenizer, data_collator=Collator(tokenizer.pad_token_id, cfg.packing, cfg.pack_tokens),
-                            callbacks=[_mark_complete_callback()], lean_loss=cfg.lean_loss)
+                            callbacks=[_mark_complete_callback()] + ([live_callback(live_dir)] if live_dir else []),
+                            lean_loss=cfg.lean_loss)
 
 
 def find_resume(trainer, output_dir: Path, key: dict, name: str) -> str | None:
@@ -401,8 +483,31 @@ def find_resume(trainer, output_dir: Path, key: dict, name: str) -> str | None:
     return resume
 
 
-def fit(model, tokenizer, examples, cfg, output_dir: Path, key: dict, name: str):
-    """Train; returns (trainer, curve): curve rows {step, loss, lr, tokens}, resumed runs included."""
+def learning_rates(trainer) -> list[float]:
+    """The learning rate of each optimizer step the trainer will take: its own count of steps
+    and its own schedule, stepped on a stand-in optimizer."""
+    from transformers import get_scheduler
+
+    import math
+
+    args = trainer.args
+    # As Trainer counts them (its helper for this is private, its signature not stable across 5.x).
+    per_epoch = max(math.ceil(len(trainer.get_train_dataloader()) / args.gradient_accumulation_steps), 1)
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
+    schedule = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(steps),
+                             num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    rates = []
+    for _ in range(steps):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    return rates
+
+
+def fit(model, tokenizer, examples, cfg, output_dir: Path, key: dict, name: str, live_dir: str | Path | None = None):
+    """Train; returns (trainer, curve): curve rows {step, loss, lr, tokens}, resumed runs included.
+    With `live_dir`, dvclive writes the curve there as it trains (`live_callback`)."""
     output_dir = Path(output_dir)
     sharded = [v for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED") if os.environ.get(v, "").lower() == "true"]
     if cfg.lean_loss and sharded:
@@ -412,7 +517,13 @@ def fit(model, tokenizer, examples, cfg, output_dir: Path, key: dict, name: str)
     check_against_reference(model, tokenizer.pad_token_id, cfg, attention)
     if not torch.cuda.is_available():
         trim_heap_per_layer(model)
-    trainer = build_trainer(model, tokenizer, examples, cfg, output_dir)
+    trainer = build_trainer(model, tokenizer, examples, cfg, output_dir, live_dir)
+    rates = learning_rates(trainer)
+    if not any(rates):  # linear warm-up starts at 0: a run no longer than it never moves the weights
+        raise ParamsError(f"train.warmup_steps={cfg.warmup_steps}: none of the run's {len(rates)} optimizer steps "
+                          f"({len(examples)} samples, train.micro_batch_size={cfg.micro_batch_size} x "
+                          f"train.grad_accum={cfg.grad_accum}, train.epochs={cfg.epochs:g}) has a learning rate "
+                          "above 0; lower train.warmup_steps or train more steps")
     resume = find_resume(trainer, output_dir, key, name)
     if resume and trainer.is_world_process_zero():
         state = json.loads((Path(resume) / "trainer_state.json").read_text())
@@ -420,6 +531,4 @@ def fit(model, tokenizer, examples, cfg, output_dir: Path, key: dict, name: str)
     trainer.train(resume_from_checkpoint=resume)
     if attention:  # the saved model names the implementation it was loaded with
         transformers_model(model).set_attn_implementation(attention)
-    curve = [{"step": h["step"], "loss": h["loss"], "lr": h["lr"], "tokens": h["tokens"]}
-             for h in trainer.state.log_history if "tokens" in h and "loss" in h]
-    return trainer, curve
+    return trainer, curve_rows(trainer.state.log_history)

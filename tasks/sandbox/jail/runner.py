@@ -344,7 +344,7 @@ def run_call_cases(session: Session, secrets: dict) -> tuple[bool, str]:
     function = RemoteFunction(session, secrets["entry_point"])
     for number, case in enumerate(secrets["cases"], 1):
         result = function(*case["args"])
-        if not compare.values_match(result, case["expected"]):
+        if not compare.values_match(result, case["expected"], secrets.get("atol")):
             return False, f"failed: wrong answer on test {number}"
     return True, "passed"
 
