@@ -48,14 +48,13 @@ from pathlib import Path
 
 from flows.dvcfiles import load_params
 from flows.gitrepo import GitError, git, git_toplevel, head_commit, parse_trailers, read_at
+from tasks.core.config import PROBLEMS_DIR  # imported problem sets: data, never committed by a record
 from tasks.core.stack import LOCK as STACK_LOCK, describe as describe_stack
 
 DEFAULT_REMOTE = "selfdistill-local"
 LOCK_NAME = "selfdistill-flow.lock"
 # Records saved but not yet pushed (a push failed): the next run pushes them first.
 UNPUSHED_NAME = "selfdistill-unpushed.json"
-# Imported problem sets: data, never committed into git by a record (see the module doc).
-PROBLEMS_DIR = "problems"
 # The trailers of a record's message, read back by `selfdistill runs` and `selfdistill lineage --rev`.
 T_ID, T_NAME, T_STATUS, T_AT = ("Selfdistill-Flow-Run-Id", "Selfdistill-Flow-Run-Name", "Selfdistill-Status",
                                 "Selfdistill-Recorded-At")

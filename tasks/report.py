@@ -18,12 +18,39 @@ from tasks.analysis.selection import choose_temperature
 from tasks.core import paths
 from tasks.core.config import load_params, run_stage
 from tasks.core.files import DataError, atomic_path, read_json, read_jsonl, write_json, write_text
-from tasks.core.metrics import paired_bootstrap, pass_at_k, per_problem_counts
+from tasks.core.metrics import (bootstrap_mean, minimum_detectable_effect, paired_bootstrap, paired_pooled_bootstrap,
+                                pass_at_k, per_problem_counts)
+from tasks.core.problems import difficulty_band
 
 
-def per_problem_pass(name: str, eval_set: str, k: int) -> dict[str, float]:
-    counts = per_problem_counts(read_jsonl(paths.eval_samples(name, eval_set)))
+MIN_BAND_PROBLEMS = 5  # a difficulty band with fewer problems is marked: a handful of coin flips
+POWER = 0.8  # for the smallest difference each comparison could have detected
+# The smallest gain the paper reports (pass@1 points, Qwen3-4B-Thinking 54.5 -> 57.8): a null
+# result is informative about effects of the paper's size only if the run could detect this.
+PAPER_SMALLEST_GAIN = 0.033
+
+
+def pooled_counts(name: str, eval_set: str, ev) -> dict[str, tuple[int, int]]:
+    """Per problem (samples, passed) over every decoding of the test set: the first and, with
+    evaluate.repeats > 1, each repeat's, pooled (n x repeats samples per problem)."""
+    rows = read_jsonl(paths.eval_samples(name, eval_set))
+    for seed in range(ev.seed + 1, ev.seed + ev.repeats):
+        rows += read_jsonl(paths.repeat_samples(name, eval_set, seed))
+    return per_problem_counts(rows)
+
+
+def per_problem_pass(counts: dict[str, tuple[int, int]], k: int) -> dict[str, float]:
     return {task: pass_at_k(n, c, k) for task, (n, c) in counts.items()}
+
+
+def bands_with_cis(pass_1: dict[str, float], band_of: dict[str, str], rep) -> dict[str, list[float]]:
+    """pass@1 per difficulty band with its bootstrap CI over the band's problems."""
+    members: dict[str, dict[str, float]] = {}
+    for task, value in pass_1.items():
+        if band_of.get(task) is not None:
+            members.setdefault(band_of[task], {})[task] = value
+    return {band: list(bootstrap_mean(values, rep.bootstrap, rep.seed, rep.confidence))
+            for band, values in sorted(members.items())}
 
 
 def t_eval_choices(params, metrics: dict) -> dict:
@@ -61,42 +88,97 @@ def build_report(params) -> dict:
                               "final_loss": trained[arm]["final_loss"]}
                         for arm, spec in params.arms.items()},
                "isolation": metrics["base"]["isolation"], "t_eval": t_eval_choices(params, metrics), "sets": {}}
+    ev, rep = params.evaluate, params.report
     for eval_set in params.data.eval:
         name = eval_set.name
         base = metrics["base"]["sets"][name]
-        models = {"base": {"t_eval": base["temperature"], **{f"pass@{k}": base[f"pass@{k}"] for k in ks}}}
+        # pass@k over every decoding of the test set (evaluate.repeats pooled), per problem.
+        passes = {model: {k: per_problem_pass(pooled_counts(model, name, ev), k) for k in ks} for model in ["base", *arms]}
+        band_of = {p["task_id"]: difficulty_band(p.get("difficulty")) for p in read_jsonl(paths.eval_problems(name))}
+        models = {"base": {"t_eval": base["temperature"],
+                           **{f"pass@{k}": sum(passes["base"][k].values()) / len(passes["base"][k]) for k in ks}}}
         if "pass@1_by_seed" in base:
             models["base"]["pass@1_by_seed"] = list(base["pass@1_by_seed"].values())
         if "by_difficulty" in base:
-            models["base"]["by_difficulty"] = {b: m["pass@1"] for b, m in base["by_difficulty"].items()}
-        base_pass = {k: per_problem_pass("base", name, k) for k in ks}
+            models["base"]["by_difficulty"] = bands_with_cis(passes["base"][1], band_of, rep)
+        base_pass = passes["base"]
         for arm in arms:
             arm_metrics = metrics[arm]["sets"][name]
             entry = {"t_eval": arm_metrics["temperature"], "kept": kept[arm]["kept"],
                      "kept_fraction": kept[arm]["kept_fraction"]}
             for k in ks:
-                entry[f"pass@{k}"] = arm_metrics[f"pass@{k}"]
-                diff, lo, hi = paired_bootstrap(per_problem_pass(arm, name, k), base_pass[k], params.report.bootstrap,
-                                                params.report.seed, params.report.confidence)
+                entry[f"pass@{k}"] = sum(passes[arm][k].values()) / len(passes[arm][k])
+                diff, lo, hi = paired_bootstrap(passes[arm][k], base_pass[k], rep.bootstrap, rep.seed, rep.confidence)
                 entry[f"delta_pass@{k}"] = diff
                 entry[f"delta_pass@{k}_ci"] = [lo, hi]
+            entry["mde_pass@1"] = minimum_detectable_effect(passes[arm][1], base_pass[1], rep.confidence, POWER)
             if "pass@1_by_seed" in arm_metrics and "pass@1_by_seed" in base:
                 # Each seed's arm-minus-base difference: how far a rerun alone moves the headline.
                 entry["delta_pass@1_by_seed"] = [arm_metrics["pass@1_by_seed"][s] - base["pass@1_by_seed"][s]
                                                  for s in base["pass@1_by_seed"]]
             if "by_difficulty" in arm_metrics:
-                entry["by_difficulty"] = {b: m["pass@1"] for b, m in arm_metrics["by_difficulty"].items()}
+                entry["by_difficulty"] = bands_with_cis(passes[arm][1], band_of, rep)
             if "pass@1_by_seed" in arm_metrics:
                 entry["pass@1_by_seed"] = list(arm_metrics["pass@1_by_seed"].values())
             models[arm] = entry
-        summary["sets"][name] = {"source": eval_set.source, "problems": base["problems"], "models": models}
+        summary["sets"][name] = {"source": eval_set.source, "problems": base["problems"], "models": models,
+                                 "decodings": ev.repeats, "samples_per_problem": ev.n * ev.repeats}
         if "by_difficulty" in base:
             summary["sets"][name]["difficulty_problems"] = {b: m["problems"] for b, m in base["by_difficulty"].items()}
     summary["diagnostics"] = {name: read_json(paths.diagnose_metrics(name)) for name in ["base", *arms]}
+    summary["mechanism"] = mechanism(summary["diagnostics"], params, rep)
     data_source = read_json(paths.DATA_SOURCE) if Path(paths.DATA_SOURCE).exists() else {}
     summary["train_prompts"] = {key: data_source[key] for key in ("decontamination", "near_duplicates")
                                 if key in data_source}
     return summary
+
+
+MECHANISM = (("lock", "kept_mass"), ("fork", "entropy"))  # SSD's account: tails at locks shrink, forks keep their spread
+
+
+def is_null_control(config) -> bool:
+    """T=1 without truncation: plain self-training, which in expectation should change nothing."""
+    return config.temperature == 1 and config.top_k == 0 and config.top_p == 1 and config.min_p == 0
+
+
+def mechanism(diagnostics: dict, params, rep) -> dict:
+    """Each arm's change in kept mass at locks and entropy at forks, against the base and against
+    every null-control arm: {arm: {other: {"lock.kept_mass": [delta, low, high], ...}}}, paired
+    bootstrap CIs over the reference problems (the same positions, classed by the base)."""
+    controls = [arm for arm, spec in params.arms.items() if is_null_control(params.sample.configs[spec.sample])]
+    out = {}
+    for arm in params.arms:
+        out[arm] = {}
+        for other in ["base", *(c for c in controls if c != arm)]:
+            compared = {}
+            for cls, stat in MECHANISM:
+                ours, theirs = diagnostics[arm].get(cls), diagnostics[other].get(cls)
+                if not ours or not theirs or "per_problem" not in ours or "per_problem" not in theirs:
+                    continue
+                if ours["per_problem"]["positions"] != theirs["per_problem"]["positions"]:
+                    raise DataError(f"{paths.diagnose_metrics(arm)} and {paths.diagnose_metrics(other)}: "
+                                    f"{cls} positions differ per problem: rerun diagnose")
+                result = paired_pooled_bootstrap(ours["per_problem"][stat], theirs["per_problem"][stat],
+                                                 theirs["per_problem"]["positions"], rep.bootstrap, rep.seed,
+                                                 rep.confidence)
+                if result is not None:
+                    compared[f"{cls}.{stat}"] = list(result)
+            out[arm][other] = compared
+    return out
+
+
+def mechanism_markdown(summary: dict, conf: int) -> list[str]:
+    problems = summary["diagnostics"]["base"]["problems"]
+    lines = ["", f"Mechanism, each arm against the base and the null control (paired over the {problems} "
+                 f"reference problems, {conf}% CI): SSD predicts kept mass at locks up, entropy at forks down.", ""]
+    for arm, versus in summary["mechanism"].items():
+        parts = []
+        for other, compared in versus.items():
+            shown = ", ".join(f"{key.replace('.', ' ').replace('_', ' ')} {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                              for key, (d, lo, hi) in compared.items())
+            parts.append(f"vs {other}: {shown or 'no positions of these classes'}")
+        lines.append(f"- {arm}: " + "; ".join(parts))
+    return lines
 
 
 def train_prompts_markdown(record: dict) -> list[str]:
@@ -228,16 +310,46 @@ def markdown(summary: dict, params) -> str:
                     lo, hi = m[f"delta_pass@{k}_ci"]
                     cells.append(f"{m[f'delta_pass@{k}']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
             lines.append(f"| {model} | {m['t_eval']:g} | " + " | ".join(cells) + " |")
+        if result["decodings"] > 1:
+            lines += ["", f"pass@k pools the {result['decodings']} decodings of the test set (evaluate.repeats): "
+                          f"{result['samples_per_problem']} samples per problem."]
+        lines += power_markdown(result["models"], conf)
         lines += seeds_markdown(result["models"])
         if "difficulty_problems" in result:
             bands = list(result["difficulty_problems"])
-            lines += ["", "pass@1 by difficulty band (problems):", "",
-                      "| model | " + " | ".join(f"{b} ({result['difficulty_problems'][b]})" for b in bands) + " |",
+            counted = {b: result["difficulty_problems"][b] for b in bands}
+            lines += ["", f"pass@1 by difficulty band ({conf}% CI over the band's problems; problems, and *few* "
+                          f"where fewer than {MIN_BAND_PROBLEMS}):", "",
+                      "| model | " + " | ".join(f"{b} ({n}{', few' if n < MIN_BAND_PROBLEMS else ''})"
+                                                for b, n in counted.items()) + " |",
                       "|---|" + "---|" * len(bands)]
             for model, m in result["models"].items():
-                lines.append(f"| {model} | " + " | ".join(f"{m['by_difficulty'].get(b, 0.0):.3f}" for b in bands) + " |")
+                cells = ["{:.3f} [{:.3f}, {:.3f}]".format(*m["by_difficulty"][b]) if b in m["by_difficulty"] else "-"
+                         for b in bands]
+                lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += diagnostics_markdown(summary["diagnostics"])
+    lines += mechanism_markdown(summary, conf)
     return "\n".join(lines) + "\n"
+
+
+def power_markdown(models: dict, conf: int) -> list[str]:
+    """For each arm: the smallest Δ pass@1 this set could have detected, and what a null means."""
+    lines = ["", f"Smallest Δ pass@1 each comparison could have detected ({POWER:.0%} power, {conf}% two-sided, "
+                 "from the spread of the per-problem differences):", ""]
+    for arm, m in models.items():
+        if arm == "base":
+            continue
+        mde, (lo, hi) = m["mde_pass@1"], m["delta_pass@1_ci"]
+        if mde is None:
+            lines.append(f"- {arm}: not estimable: no problem's pass rate differs from the base's, so this set "
+                         "says nothing about a difference either way")
+            continue
+        verdict = ("the CI excludes 0" if lo > 0 or hi < 0 else
+                   "the CI includes 0, and the paper's smallest gain (+0.033) is " +
+                   ("above" if mde <= PAPER_SMALLEST_GAIN else "below") + " what it could detect: this null is " +
+                   ("informative" if mde <= PAPER_SMALLEST_GAIN else "not informative about an effect of that size"))
+        lines.append(f"- {arm}: ±{mde:.3f}; {verdict}")
+    return lines
 
 
 def seeds_markdown(models: dict) -> list[str]:

@@ -81,7 +81,9 @@ def classify(stats: dict[str, torch.Tensor], lock_threshold: float, fork_thresho
 
 
 def summarize(stats: list[dict[str, torch.Tensor]], classes: list[list[str]], temperatures: list[float]) -> dict:
-    """Means over positions, overall and per class."""
+    """Means over positions, overall and per class; and per problem, in the problems' order, the
+    class's position count and the sums of kept mass and entropy over them (the report's paired
+    bootstrap resamples problems: positions of one problem move together)."""
     flat = {key: torch.cat([s[key] for s in stats]) for key in stats[0]}
     labels = [c for per_problem in classes for c in per_problem]
     out = {}
@@ -98,8 +100,21 @@ def summarize(stats: list[dict[str, torch.Tensor]], classes: list[list[str]], te
             "cum_mass_by_rank": [round(float(v), 5) for v in pick["cum_mass"].mean(0)],
             "surviving_by_temperature": {str(t): round(float(v), 3)
                                          for t, v in zip(temperatures, pick["surviving"].mean(0))},
+            "per_problem": per_problem_sums(stats, classes, name),
         }
     return out
+
+
+def per_problem_sums(stats: list[dict[str, torch.Tensor]], classes: list[list[str]], name: str) -> dict:
+    """{positions: [...], kept_mass: [...], entropy: [...]}: per problem, the count of its
+    positions of class `name` ("all": every position) and the sums of each statistic over them."""
+    sums = {"positions": [], "kept_mass": [], "entropy": []}
+    for problem_stats, problem_classes in zip(stats, classes):
+        mask = torch.tensor([name == "all" or c == name for c in problem_classes], dtype=torch.bool)
+        sums["positions"].append(int(mask.sum()))
+        for key in ("kept_mass", "entropy"):
+            sums[key].append(float(problem_stats[key][mask].sum()))
+    return sums
 
 
 @torch.inference_mode()

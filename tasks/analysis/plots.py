@@ -32,15 +32,17 @@ def training_loss(curves: dict[str, str | Path], out: str | Path) -> None:
 
 
 def difficulty_bands(sets: dict[str, dict], out: str | Path) -> None:
-    """pass@1 per difficulty band, one panel per eval set that has bands (report summary's sets)."""
+    """pass@1 per difficulty band with its CI, one panel per eval set that has bands (report
+    summary's sets: by_difficulty holds [pass@1, low, high] per band)."""
     banded = {name: s for name, s in sets.items() if "difficulty_problems" in s}
     fig, axes = plt.subplots(1, len(banded), figsize=(5 * len(banded), 3.5), squeeze=False)
     for ax, (name, result) in zip(axes[0], banded.items()):
         bands = list(result["difficulty_problems"])
         width = 0.8 / len(result["models"])
         for i, (model, m) in enumerate(result["models"].items()):
-            ax.bar([b + i * width for b in range(len(bands))], [m["by_difficulty"].get(b, 0.0) for b in bands],
-                   width, label=model)
+            value, low, high = zip(*(m["by_difficulty"].get(b, (0.0, 0.0, 0.0)) for b in bands))
+            errors = [[v - lo for v, lo in zip(value, low)], [hi - v for v, hi in zip(value, high)]]
+            ax.bar([b + i * width for b in range(len(bands))], value, width, yerr=errors, capsize=2, label=model)
         ax.set_xticks([b + 0.4 - width / 2 for b in range(len(bands))],
                       [f"{b}\n({result['difficulty_problems'][b]})" for b in bands])
         ax.set(title=f"{name}: pass@1 by difficulty", ylabel="pass@1")
