@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install lock test-latest demo science test test-fast bench dag flow clean gpu-smoke gpu-wheels gpu-smoke-offline
+.PHONY: install lock test-latest demo science test test-fast bench dag flow clean gpu-smoke gpu-wheels gpu-wheel-parts gpu-smoke-offline
 
 # What `make install` puts in the venv, exactly (versions and hashes): requirements/lock.txt,
 # made by `make lock` from pyproject.toml's ranges. The stamp reinstalls when the lock changes.
@@ -43,7 +43,7 @@ demo: install
 	PATH=$(BIN):$$PATH $(BIN)/dvc repro
 	@cat report/summary.md
 
-# The science profile (README: The science profile): ~2 h on 2 cores; leaves params.yaml changed.
+# The science profile (docs/results/science.md): ~2 h on 2 cores; leaves params.yaml changed.
 science: install
 	@git rev-parse --git-dir >/dev/null 2>&1 || (git init -q && git add -A && git commit -qm "selfdistill")
 	$(BIN)/selfdistill profile science
@@ -60,11 +60,15 @@ bench: install
 	PATH=$(BIN):$$PATH $(BIN)/python bench/bench_sandbox.py --rounds 3
 	PATH=$(BIN):$$PATH $(BIN)/python -m bench.bench_sampling --model models/base --prompts 32 --rounds 2
 
-# On a GPU machine: every stage of the embedded default on CUDA, timed (bench/gpu_smoke.py).
+# On a GPU machine: `dvc repro` of the gpu-smoke profile in a scratch workspace, vLLM where it
+# imports, each stage timed and its peak memory beside the plan's (bench/gpu_smoke.py);
+# `make gpu-smoke GPU_SMOKE_ARGS="--allow-cpu --profile profiles/tiny.yaml"` runs it on a CPU.
 # Where the machine has only torch and transformers and no package index, bring the rest as
-# wheels: `make gpu-wheels` here (into .whl/), copy the checkout over, then `make gpu-smoke-offline`.
+# wheels: `make gpu-wheels gpu-wheel-parts` here (.whl/, then .whl-parts/: parts of at most 64 MiB),
+# carry the checkout and each part over, then `make gpu-smoke-offline` there.
+GPU_SMOKE_ARGS ?=
 gpu-smoke: install
-	$(BIN)/python bench/gpu_smoke.py
+	$(BIN)/python bench/gpu_smoke.py $(GPU_SMOKE_ARGS)
 
 # The GPU machine's Python, torch and transformers (what is installed there).
 GPU_PYTHON_VERSION ?= 3.12
@@ -74,9 +78,15 @@ gpu-wheels:
 	$(PYTHON) bench/gpu_wheels.py --python-version $(GPU_PYTHON_VERSION) --torch $(GPU_TORCH) \
 	  --transformers $(GPU_TRANSFORMERS) -o .whl
 
+# The wheels in parts of at most 60 MiB with their sha256 (bench/wheel_parts.py), each small
+# enough to carry on its own; gpu-smoke-offline joins and checks them where .whl/ is missing.
+gpu-wheel-parts:
+	$(PYTHON) bench/wheel_parts.py split .whl -o .whl-parts
+
 gpu-smoke-offline:
+	test -d .whl || python3 bench/wheel_parts.py join .whl-parts -o .whl
 	python3 -m pip install -q --no-index --no-deps --target /tmp/selfdistill-site .whl/*.whl
-	PATH=/tmp/selfdistill-site/bin:$$PATH PYTHONPATH=/tmp/selfdistill-site python3 bench/gpu_smoke.py
+	PATH=/tmp/selfdistill-site/bin:$$PATH PYTHONPATH=/tmp/selfdistill-site python3 bench/gpu_smoke.py $(GPU_SMOKE_ARGS)
 
 flow: install
 	PATH=$(BIN):$$PATH $(BIN)/selfdistill flow run

@@ -4,8 +4,8 @@
                                    [--prompts 0] [--rounds 2] [--batch-size 0] [--slots 0] [--pass-at-1 0]
 
 Prompts are a fixed workload: HumanEval split 98 prompts / 66 held-out (seed 0), in the project's chat
-format; decoding is params.yaml's `sample` config (temperature, top-k, top-p, max_new_tokens,
-batch_size, slots) unless flags say otherwise. Work is planned as generate_jsonl plans it
+format; decoding is params.yaml's `sample` config (its first named config, ssd: temperature, top-k,
+top-p; and max_new_tokens, batch_size, slots) unless flags say otherwise. Work is planned as generate_jsonl plans it
 (sorted by prompt length, cut into batches, one seed per batch) and every backend gets the
 same plan, except the baseline `transformers.generate`, which decodes static batches of
 --generate-batch-size (32, the setting the issue's ~65 tok/s figure was taken at).
@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tasks.core.config import load_params  # noqa: E402
+from tasks.core.config import load_params, sampling_decoding  # noqa: E402
 from tasks.sampling.backends import BACKENDS, batch_seed, load_backend  # noqa: E402
 from tasks.sampling.generate import plan_batches  # noqa: E402
 from tasks.core.problems import chat_messages, load_problems, split_problems  # noqa: E402
@@ -40,6 +40,20 @@ from tasks.core.problems import chat_messages, load_problems, split_problems  # 
 
 BENCH_EVAL_FRACTION = 0.4
 DEFAULT_BACKENDS = ["transformers.generate", "transformers", "continuous", "continuous-int8", "ctranslate2"]
+
+
+def load_baseline(name: str, model_dir: str):
+    """`continuous-int8@baseline` / `continuous@baseline`: the frozen copy of the continuous backends
+    in bench/baseline_continuous.py (today's shipped backend measured against in the same run),
+    after the same load-time self-check as a product backend."""
+    from bench import baseline_continuous
+    from tasks.sampling.backends import self_check
+
+    cls = {"continuous-int8@baseline": baseline_continuous.ContinuousInt8Backend,
+           "continuous@baseline": baseline_continuous.ContinuousBackend}[name]
+    backend = cls(model_dir)
+    self_check(backend)
+    return backend
 
 
 class GenerateBaseline:
@@ -138,10 +152,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/base", help="HF model dir")
     parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
-                        help=f"first is the baseline; known: {', '.join([GenerateBaseline.name, *BACKENDS])}")
+                        help=f"first is the baseline; known: {', '.join([GenerateBaseline.name, *BACKENDS])}, "
+                        "continuous-int8@baseline and continuous@baseline (bench/baseline_continuous.py)")
     parser.add_argument("--prompts", type=int, default=0, help="HumanEval train-split prompts (0: all, "
                         "as the sample stage)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--config", default="", help="params' sample.configs entry (default: the first, ssd)")
     parser.add_argument("--batch-size", type=int, default=0, help="0: params' sample.batch_size")
     parser.add_argument("--slots", type=int, default=0, help="0: params' sample.slots")
     parser.add_argument("--generate-batch-size", type=int, default=32,
@@ -154,7 +170,7 @@ def main() -> int:
 
     # The workspace's params, else the project's defaults.
     params = load_params() if Path("params.yaml").exists() else load_params(REPO / "params.yaml")
-    cfg = params.sample
+    cfg = sampling_decoding(params.sample, args.config or next(iter(params.sample.configs)))
     update = {}
     if args.batch_size:
         update["batch_size"] = args.batch_size
@@ -179,7 +195,8 @@ def main() -> int:
         converted = ensure_converted(args.model, name)
         started = time.perf_counter()
         # vllm: an engine sized for the longest prompt here plus the longer max_new_tokens of the two runs.
-        backends[name] = GenerateBaseline(args.model) if name == GenerateBaseline.name else load_backend(
+        backends[name] = GenerateBaseline(args.model) if name == GenerateBaseline.name else load_baseline(
+            name, args.model) if name.endswith("@baseline") else load_backend(
             name, args.model, engine={"vllm": params.vllm.model_dump()},
             conversations=[chat_messages(p) for p in train + held_out[:args.eval_problems]],
             max_new_tokens=max(cfg.max_new_tokens, params.evaluate.max_new_tokens))

@@ -157,7 +157,7 @@ def run_child(cmd, cwd, env) -> tuple[float, float, str]:
 
 
 def stage_workspace(name: str, model: Path, data: Path, overrides: dict) -> Path:
-    from tasks.core.config import update_params_file
+    from tasks.core.profiles import update_params_file
 
     ws = CACHE / "ws" / name
     shutil.rmtree(ws, ignore_errors=True)

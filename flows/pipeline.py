@@ -18,6 +18,11 @@ each takes the slot of a Prefect global concurrency limit named for the machine
 (`selfdistill-gpu:<hostname>`, limit 1), which the flow creates if it is missing.
 SELFDISTILL_ASSUME_CUDA=1 (or 0) says whether CUDA is present instead of asking torch.
 
+At most `max_parallel` stage commands run at once (default 2): each holds a slot of a Prefect
+global concurrency limit that the flow run creates for itself (`selfdistill-stages:<flow run>`,
+max_parallel slots) and deletes when its stages have finished. Prefect's UI shows it, with its
+slots in use, while the run lasts.
+
 A stage whose command exits with EXIT_NO_RETRY (bad params or data, a fixed config out of GPU
 memory: tasks.core.config.run_stage) is not retried; any other failure is, `retries` times.
 
@@ -35,8 +40,8 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +51,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.core.config import EXIT_NO_RETRY, PARAMS_FILE, ParamsError, update_params_file
+from tasks.core.config import EXIT_NO_RETRY, PARAMS_FILE, ParamsError
 from tasks.core.files import atomic_path
+from tasks.core.profiles import update_params_file
 
 FLOW_NAME = "selfdistill"
 # dvc.yaml writes every model under models/ (models/base, models/<arm>); each one gets a lineage
@@ -75,14 +81,18 @@ STAGE_ERROR_PREFIX = "error:"
 # end of its "ERROR: failed to reproduce ..." message, which may span lines (a multi-line cmd).
 DVC_COMMAND_STATUS = re.compile(r", exited with (-?\d+)$")
 # Stage groups that put a model on the GPU: their tasks are tagged `gpu` and, where CUDA is
-# present, run one at a time (gpu_slot). `model` and `publish` load and save on the CPU.
-GPU_STAGES = ("sample", "train", "evaluate", "evaluate-base", "diagnose", "diagnose-base")
+# present, run one at a time (gpu_slot). `model`, `publish` and `sample-merge` (it joins files)
+# run on the CPU.
+GPU_STAGES = ("sample", "sample-shard", "train", "evaluate", "evaluate-base", "diagnose", "diagnose-base")
 # "1" / "0": CUDA is present / absent, whatever torch says (tests; a worker that must not import torch).
 ASSUME_CUDA_ENV = "SELFDISTILL_ASSUME_CUDA"
 # The global concurrency limit that keeps GPU stages apart on this machine, and its slots when
 # the flow creates it (the user may change it: `prefect gcl update NAME --limit N`).
 GPU_LIMIT_PREFIX = "selfdistill-gpu:"
 GPU_LIMIT_SLOTS = 1
+# The global concurrency limit of one flow run's stage commands, `max_parallel` slots:
+# STAGE_LIMIT_PREFIX + the flow run's name and id.
+STAGE_LIMIT_PREFIX = "selfdistill-stages:"
 
 
 class PipelineError(RuntimeError):
@@ -225,17 +235,6 @@ def _output_lines(pipe):
         yield pending.decode(errors="replace").rstrip(), False
 
 
-_STAGE_SLOTS: dict[int, threading.BoundedSemaphore] = {}
-_STAGE_SLOTS_LOCK = threading.Lock()
-
-
-def stage_slots(max_parallel: int) -> threading.BoundedSemaphore:
-    """This process's slots for stage commands, max_parallel of them, shared by every task
-    thread (Dask or Ray workers each count their own)."""
-    with _STAGE_SLOTS_LOCK:
-        return _STAGE_SLOTS.setdefault(max_parallel, threading.BoundedSemaphore(max_parallel))
-
-
 def stage_failure(stage: str, returncode: int, tail: list[str]) -> PipelineError:
     """The error of a failed stage, led by the stage command's own last `error:` line when it
     printed one (DVC's "ERROR: failed to reproduce" and any traceback come after it). Its
@@ -304,47 +303,78 @@ def ensure_gpu_limit(name: str, logger) -> None:
                 name, GPU_LIMIT_SLOTS)
 
 
+def stage_limit_name(run_name: str, run_id: str) -> str:
+    # Unique per flow run (the id); the name is there for the reader of Prefect's UI. Prefect
+    # refuses some characters in a limit's name.
+    readable = re.sub(r"[/%&<>]", "-", run_name)
+    return f"{STAGE_LIMIT_PREFIX}{readable}-{run_id or uuid.uuid4()}"
+
+
 @contextlib.contextmanager
-def gpu_slot(logger, stage: str):
-    """Hold a slot of this machine's GPU limit while the block runs, where CUDA is present."""
-    if not cuda_present():
+def stage_limit(name: str, slots: int, logger):
+    """The global concurrency limit `name` with `slots` slots while the block runs; every stage
+    command of the flow run holds one of them (run_dvc_stage). Deleted afterwards: it belongs to
+    this run only."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        # Upsert: a retried flow run keeps its id, and so its limit's name.
+        client.upsert_global_concurrency_limit_by_name(name, slots)
+    logger.info("at most %d stage command(s) at once: Prefect global concurrency limit %s", slots, name)
+    try:
         yield
-        return
+    finally:
+        with get_client(sync_client=True) as client:
+            try:
+                client.delete_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                pass
+
+
+@contextlib.contextmanager
+def held_slot(logger, stage: str, name: str, what: str, always_log: bool):
+    """Hold one slot of the global concurrency limit `name` while the block runs, waiting for
+    it as long as it takes."""
     from prefect.client.schemas.objects import ConcurrencyLeaseHolder
     from prefect.concurrency.sync import concurrency
     from prefect.runtime import task_run
 
-    name = gpu_limit_name()
-    ensure_gpu_limit(name, logger)
     holder = ConcurrencyLeaseHolder(type="task_run", id=task_run.id) if task_run.id else None
     asked = time.monotonic()
     # strict: a missing limit is an error, not a stage let through. A lease renewal that fails
     # (the API briefly away) is logged, not fatal: it must not kill a stage hours in.
     with concurrency(name, occupy=1, strict=True, holder=holder, raise_on_lease_renewal_failure=False):
         waited = time.monotonic() - asked
-        logger.info("%s: holds the GPU (concurrency limit %s%s)", stage, name,
-                    f", after waiting {waited:.0f} s" if waited >= 1 else "")
+        if always_log or waited >= 1:
+            logger.info("%s: holds %s (concurrency limit %s%s)", stage, what, name,
+                        f", after waiting {waited:.0f} s" if waited >= 1 else "")
+        yield
+
+
+@contextlib.contextmanager
+def gpu_slot(logger, stage: str):
+    """Hold a slot of this machine's GPU limit while the block runs, where CUDA is present."""
+    if not cuda_present():
+        yield
+        return
+    name = gpu_limit_name()
+    ensure_gpu_limit(name, logger)
+    with held_slot(logger, stage, name, "the GPU", always_log=True):
         yield
 
 
 @task(cache_policy=NO_CACHE, retry_condition_fn=worth_retrying)  # DVC is the cache: Prefect never skips a stage
-def run_dvc_stage(repo_dir: str, stage: str, force: bool = False, max_parallel: int = DEFAULT_MAX_PARALLEL,
-                  gpu: bool = False) -> str:
+def run_dvc_stage(repo_dir: str, stage: str, limit_name: str, force: bool = False, gpu: bool = False) -> str:
     """`dvc repro --single-item STAGE` in repo_dir, its output streamed to the run's logs, once
-    one of the max_parallel stage slots is free (and, for a `gpu` stage, the GPU: gpu_slot).
-    Returns what DVC did: changed the stage's dvc.lock entry (ran it, or restored its outputs
-    from the run-cache) or left it as it was (skipped it)."""
+    a slot of the run's global concurrency limit `limit_name` is free (and, for a `gpu` stage,
+    the GPU: gpu_slot). Returns what DVC did: changed the stage's dvc.lock entry (ran it, or
+    restored its outputs from the run-cache) or left it as it was (skipped it)."""
     logger = get_run_logger()
     # The GPU first: a stage waiting for it holds no stage slot, so CPU stages run meanwhile.
     with gpu_slot(logger, stage) if gpu else contextlib.nullcontext():
-        slots = stage_slots(max_parallel)
-        if not slots.acquire(blocking=False):
-            logger.info("%s: waiting: %d stage(s) already running (max_parallel)", stage, max_parallel)
-            slots.acquire()
-        try:
+        with held_slot(logger, stage, limit_name, "a stage slot", always_log=False):
             return _run_dvc_stage(logger, repo_dir, stage, force)
-        finally:
-            slots.release()
 
 
 def _run_dvc_stage(logger, repo_dir: str, stage: str, force: bool) -> str:
@@ -390,13 +420,13 @@ def default_task_runner() -> ThreadPoolTaskRunner:
     # each tag's concurrency limit (`gpu`, `stage:<group>`). With a pool of 2, a `gpu` stage
     # queued behind another held one of the two threads, and Prefect warned at every such submit
     # that a task with as many tags as workers "may lead to dead-locks". How many stage commands
-    # run at once is the flow's `max_parallel`, counted only while a command runs (stage_slots).
+    # run at once is the flow's `max_parallel`: the slots of the run's stage limit (stage_limit).
     return ThreadPoolTaskRunner(max_workers=sys.maxsize)
 
 
 def resolve_max_parallel(max_parallel: int | None) -> int:
-    # PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS sized the pool before max_parallel existed
-    # (and the README documents it): it still sets how many stages run at once.
+    # Without max_parallel, Prefect's PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS sets how many
+    # stages run at once (docs/orchestration.md documents both).
     value = max_parallel
     if value is None:
         value = get_current_settings().tasks.runner.thread_pool_max_workers or DEFAULT_MAX_PARALLEL
@@ -475,23 +505,25 @@ class StagesRun:
 
 
 def run_stages(repo_dir: Path, targets, force: bool, retries: int, retry_delay_s: float,
-               gpu_stages: tuple[str, ...], max_parallel: int) -> StagesRun:
+               gpu_stages: tuple[str, ...], max_parallel: int, limit_name: str) -> StagesRun:
     logger = get_run_logger()
     stages = read_stage_graph(repo_dir, targets)
     logger.info("dvc.yaml in %s: %d stage(s): %s", repo_dir, len(stages), ", ".join(s.name for s in stages))
 
     futures = {}
-    for node in stages:
-        gpu = node.group in gpu_stages
-        tags = [f"stage:{node.group}"] + (["gpu"] if gpu else [])
-        stage_task = run_dvc_stage.with_options(name=node.name, task_run_name=node.name, tags=tags,
-                                                retries=retries, retry_delay_seconds=retry_delay_s)
-        futures[node.name] = stage_task.submit(str(repo_dir), node.name, force, max_parallel, gpu,
-                                               wait_for=[futures[name] for name in node.upstream])
+    with stage_limit(limit_name, max_parallel, logger):
+        for node in stages:
+            gpu = node.group in gpu_stages
+            tags = [f"stage:{node.group}"] + (["gpu"] if gpu else [])
+            stage_task = run_dvc_stage.with_options(name=node.name, task_run_name=node.name, tags=tags,
+                                                    retries=retries, retry_delay_seconds=retry_delay_s)
+            futures[node.name] = stage_task.submit(str(repo_dir), node.name, limit_name, force, gpu,
+                                                   wait_for=[futures[name] for name in node.upstream])
+        for future in futures.values():
+            future.wait()
 
     outcomes, failed, blocked = {}, [], []
     for node in stages:
-        futures[node.name].wait()
         state = futures[node.name].state
         if state.is_completed():
             outcomes[node.name] = futures[node.name].result()
@@ -547,7 +579,8 @@ def selfdistill_pipeline(
         at a time through the Prefect global concurrency limit `selfdistill-gpu:<hostname>`,
         created with one slot if it is missing.
     max_parallel: stage commands running at once (default: PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS,
-        else 2).
+        else 2): the slots of the Prefect global concurrency limit `selfdistill-stages:<flow run>`
+        that the run creates, and deletes when its stages have finished.
     record: end by saving the workspace (dvc.lock, params, metrics) as a DVC experiment named
         after the flow run and pushing it with its data (flows/records.py).
     """
@@ -581,7 +614,8 @@ def _run_and_record(repo_dir: Path, targets, set_params, force, retries, retry_d
         return PipelineError(f"{err} {restore_params(path, before, written)}")
 
     try:
-        done = run_stages(repo_dir, targets, force, retries, retry_delay_s, gpu_stages, max_parallel)
+        done = run_stages(repo_dir, targets, force, retries, retry_delay_s, gpu_stages, max_parallel,
+                          stage_limit_name(run_name, run_id))
     except PipelineError as err:
         if before is None:
             raise

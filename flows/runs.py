@@ -17,7 +17,7 @@ from flows.gitrepo import git, git_toplevel, parse_trailers
 from flows.records import T_AT, T_ID, T_NAME, T_STATUS
 
 # The report's metrics (tasks/report.py): report/headline.json, flat keys `<set>.<model>.pass@1`;
-# runs recorded before it existed had report/summary.json, pass@1 under `models`.
+# a record without it has pass@1 in report/summary.json, under `models`.
 HEADLINE, SUMMARY = "report/headline.json", "report/summary.json"
 
 

@@ -10,12 +10,20 @@ eval/<name>/metrics.json (per eval set: unbiased pass@k for every k <= n, the sa
 difficulty band where the set has difficulties, and the count of each verdict). With
 `evaluate.repeats` > 1 each test set is decoded again with the next seeds (under
 eval/<name>/samples/repeats/) and pass@1 per seed is recorded: the seed-to-seed noise.
+
+Nothing is decoded twice and batches are full: the whole T_eval sweep is one decoding pass,
+each validation prompt's requests at every T next to each other (each with its own T; the
+continuous backends compute the prompt's prefill once for all of them), written out as one
+file per T; every test set at one seed is one pass too, one file per set. A pass resumes as
+one unit (its partial file is named by paths.eval_pass).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 from tasks import sandbox
 from tasks.analysis.selection import choose_temperature
@@ -27,7 +35,7 @@ from tasks.core.jobs import answer_job
 from tasks.core.metrics import mean_pass_at_k, per_problem_counts
 from tasks.core.problems import chat_messages, difficulty_band
 from tasks.sampling.backends import load_backend
-from tasks.sampling.generate import Request, discard_partials, generate_jsonl
+from tasks.sampling.generate import Request, check_not_degenerate, discard_partials, generate_rows
 
 
 def set_metrics(problems: list[dict], rows: list[dict], n: int) -> dict:
@@ -58,23 +66,55 @@ def decoding_at(cfg, temperature: float, seed: int | None = None) -> DecodingCon
                                           "temperature": temperature, **({} if seed is None else {"seed": seed})})
 
 
-def answer_and_check(backend, model_dir: str, problems: list[dict], cfg: DecodingConfig, out: str, desc: str,
-                     timeout_s: float, sandbox_cfg) -> list[dict]:
-    """n answers per problem into `out`, each with its sandbox verdict."""
-    if not problems:
-        raise DataError(f"{desc}: no problems")
-    requests = [Request({"task_id": p["task_id"]}, chat_messages(p)) for p in problems]
-    rows = generate_jsonl(model_dir, requests, cfg, out, desc=desc, backend=backend)
-    by_id = {p["task_id"]: p for p in problems}
-    verdicts = sandbox.check_programs([answer_job(by_id[row["task_id"]], row["text"]) for row in rows],
+@dataclass(frozen=True)
+class Output:
+    """One sample file of a decoding pass: answers to `problems` at `temperature`."""
+    path: str
+    problems: list[dict]
+    temperature: float
+
+
+def answer_and_check(backend, model_dir: str, outputs: list[Output], cfg: DecodingConfig, run: str, desc: str,
+                     timeout_s: float, sandbox_cfg) -> list[list[dict]]:
+    """n answers per problem of every output, decoded in one pass whose partial work is kept
+    under `run` (paths.eval_pass), each with its sandbox verdict; each output's rows, ordered
+    by problem then sample index, go to its file and are returned in the order of `outputs`.
+    An output at a T other than cfg.temperature has its requests decoded at their own T."""
+    if not outputs:
+        return []
+    for out in outputs:
+        if not out.problems:
+            raise DataError(f"{desc}: {out.path}: no problems")
+    # A prompt's requests in every output next to each other: the plan keeps them in one
+    # batch, where they share the prompt's prefill.
+    by_prompt: dict[str, list[Request]] = {}
+    for i, out in enumerate(outputs):
+        own_t = None if out.temperature == cfg.temperature else out.temperature
+        for problem in out.problems:
+            messages = chat_messages(problem)
+            by_prompt.setdefault(json.dumps(messages), []).append(
+                Request({"output": i, "task_id": problem["task_id"]}, messages, own_t))
+    requests = [request for group in by_prompt.values() for request in group]
+    rows = generate_rows(model_dir, requests, cfg, paths.partial_of(run), desc=desc, backend=backend)
+    per_output: list[list[dict]] = [[] for _ in outputs]
+    for row in rows:
+        per_output[row.pop("output")].append(row)
+    problems_by_id = [{p["task_id"]: p for p in out.problems} for out in outputs]
+    for out, out_rows, by_id in zip(outputs, per_output, problems_by_id):
+        position = {task_id: k for k, task_id in enumerate(by_id)}
+        out_rows.sort(key=lambda row: (position[row["task_id"]], row["sample_index"]))
+        check_not_degenerate(out_rows, out.path)
+    checked = [(row, by_id[row["task_id"]]) for out_rows, by_id in zip(per_output, problems_by_id) for row in out_rows]
+    verdicts = sandbox.check_programs([answer_job(problem, row["text"]) for row, problem in checked],
                                       timeout_s=timeout_s, memory_mb=sandbox_cfg.memory_mb,
                                       workers=sandbox_cfg.workers, progress=True)
-    for row, verdict in zip(rows, verdicts):
+    for (row, _), verdict in zip(checked, verdicts):
         row.pop("batch")
         row["extractable"] = last_fenced_block(row["text"]) is not None
         row["passed"], row["result"] = verdict.passed, verdict.result
-    write_jsonl(out, rows)
-    return rows
+    for out, out_rows in zip(outputs, per_output):
+        write_jsonl(out.path, out_rows)
+    return per_output
 
 
 def conversations_answered(params) -> list[list[dict]]:
@@ -97,8 +137,12 @@ def evaluate(model_dir: str, name: str) -> dict:
         # T_eval is chosen on the validation set before any test problem is decoded.
         validation = read_jsonl(paths.VALIDATION_PROBLEMS)
         for t in cfg.sweep:
-            answer_and_check(backend, model_dir, validation, decoding_at(cfg, t), paths.validation_samples(name, t),
-                             f"evaluate[{name}/validation T={t:g}]", cfg.timeout_s, params.sandbox)
+            decoding_at(cfg, t)  # each swept T is one the backend can sample (it raises naming the key)
+        answer_and_check(backend, model_dir, [Output(paths.validation_samples(name, t), validation, t)
+                                              for t in cfg.sweep],
+                         decoding_at(cfg, cfg.temperature), paths.eval_pass(name, "validation"),
+                         f"evaluate[{name}/validation T=" + ",".join(f"{t:g}" for t in cfg.sweep) + "]",
+                         cfg.timeout_s, params.sandbox)
         choice = choose_temperature(name, cfg.sweep, cfg.temperature, cfg.sweep_confidence, cfg.seed)
         chosen, by_t = choice["chosen"], choice["pass@1"]
         metrics["validation"] = {"problems": len(validation), "pass@1_by_temperature": {f"{t:g}": v for t, v in by_t.items()},
@@ -106,24 +150,27 @@ def evaluate(model_dir: str, name: str) -> dict:
                                  "vs_tie_breaker": {f"{t:g}": v for t, v in choice["vs_tie_breaker"].items()}}
         print(f"evaluate[{name}]: validation pass@1 " + ", ".join(f"T={t:g} {v:.3f}" for t, v in by_t.items())
               + f"; T_eval {chosen:g}")
-    test_cfg = decoding_at(cfg, chosen)
-    for eval_set in params.data.eval:
-        problems = read_jsonl(paths.eval_problems(eval_set.name))
-        rows = answer_and_check(backend, model_dir, problems, test_cfg, paths.eval_samples(name, eval_set.name),
-                                f"evaluate[{name}/{eval_set.name}]", cfg.timeout_s, params.sandbox)
-        metrics["sets"][eval_set.name] = dict(set_metrics(problems, rows, cfg.n), temperature=chosen)
-        print(f"evaluate[{name}/{eval_set.name}] at T={chosen:g}: " + ", ".join(
-            f"pass@{k}={metrics['sets'][eval_set.name][f'pass@{k}']:.3f}" for k in range(1, cfg.n + 1)))
+    test_sets = [(eval_set.name, read_jsonl(paths.eval_problems(eval_set.name))) for eval_set in params.data.eval]
+    by_seed: dict[int, list[list[dict]]] = {}
+    for seed in range(cfg.seed, cfg.seed + cfg.repeats):
+        # Every test set at this seed in one pass; the first seed's files are the results, the
+        # next seeds' the repeats (evaluate.repeats).
+        first = seed == cfg.seed
+        outputs = [Output(paths.eval_samples(name, set_name) if first else paths.repeat_samples(name, set_name, seed),
+                          problems, chosen) for set_name, problems in test_sets]
+        by_seed[seed] = answer_and_check(backend, model_dir, outputs, decoding_at(cfg, chosen, seed),
+                                         paths.eval_pass(name, f"test.seed{seed}"),
+                                         f"evaluate[{name}/test" + ("" if first else f" seed {seed}") + "]",
+                                         cfg.timeout_s, params.sandbox)
+    for k, (set_name, problems) in enumerate(test_sets):
+        metrics["sets"][set_name] = dict(set_metrics(problems, by_seed[cfg.seed][k], cfg.n), temperature=chosen)
+        print(f"evaluate[{name}/{set_name}] at T={chosen:g}: " + ", ".join(
+            f"pass@{n}={metrics['sets'][set_name][f'pass@{n}']:.3f}" for n in range(1, cfg.n + 1)))
         if cfg.repeats > 1:
-            by_seed = {cfg.seed: metrics["sets"][eval_set.name]["pass@1"]}
-            for seed in range(cfg.seed + 1, cfg.seed + cfg.repeats):
-                again = answer_and_check(backend, model_dir, problems, decoding_at(cfg, chosen, seed),
-                                         paths.repeat_samples(name, eval_set.name, seed),
-                                         f"evaluate[{name}/{eval_set.name} seed {seed}]", cfg.timeout_s, params.sandbox)
-                by_seed[seed] = set_metrics(problems, again, cfg.n)["pass@1"]
-            metrics["sets"][eval_set.name]["pass@1_by_seed"] = {str(seed): v for seed, v in by_seed.items()}
-            print(f"evaluate[{name}/{eval_set.name}]: pass@1 by seed " + ", ".join(
-                f"{seed}: {v:.3f}" for seed, v in by_seed.items()))
+            pass_at_1 = {seed: set_metrics(problems, rows[k], cfg.n)["pass@1"] for seed, rows in by_seed.items()}
+            metrics["sets"][set_name]["pass@1_by_seed"] = {str(seed): v for seed, v in pass_at_1.items()}
+            print(f"evaluate[{name}/{set_name}]: pass@1 by seed " + ", ".join(
+                f"{seed}: {v:.3f}" for seed, v in pass_at_1.items()))
     metrics["isolation"] = sandbox.isolation_level()
     write_json(paths.eval_metrics(name), metrics)
     return metrics

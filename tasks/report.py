@@ -233,7 +233,7 @@ def figures(summary: dict, params) -> dict[str, str]:
     if any("difficulty_problems" in s for s in summary["sets"].values()):
         plots.difficulty_bands(summary["sets"], out / "difficulty.png")
         made["pass@1 by difficulty band"] = "figures/difficulty.png"
-    plots.diagnostics(summary["diagnostics"], out / "diagnostics.png")
+    plots.diagnostics(summary["diagnostics"], out / "diagnostics.png", summary["mechanism"])
     made["lock/fork diagnostics"] = "figures/diagnostics.png"
     if params.evaluate.sweep:
         plots.temperature_sweep(summary["t_eval"], out / "t_eval_sweep.png")

@@ -59,9 +59,21 @@ def same_weights(model_dir: str | os.PathLike, base_dir: str | os.PathLike) -> b
     common = sorted(ours.keys() & base.keys())
     for name in common:
         with safe_open(ours[name], "pt") as a, safe_open(base[name], "pt") as b:
-            if not torch.equal(a.get_tensor(name).float(), b.get_tensor(name).float()):
+            ours_t = a.get_tensor(name)
+            # The base rounded as the model was saved: a bf16 save of unchanged weights is no change.
+            if not torch.equal(ours_t.float(), b.get_tensor(name).to(ours_t.dtype).float()):
                 return False
     return bool(common)
+
+
+def cast_saved_weights(model_dir: Path, dtype: torch.dtype) -> None:
+    """The floating tensors of every safetensors file in `model_dir` rewritten in `dtype` (what a
+    sharded run's gathered state dict is saved as is the trainer's choice, not train.save_dtype)."""
+    from safetensors.torch import load_file, save_file
+
+    for file in sorted(model_dir.glob("*.safetensors")):
+        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in load_file(file).items()}
+        save_file(tensors, file, metadata={"format": "pt"})
 
 
 def model_card(arm: str, params, data_file: str, n_examples: int, final_loss: float | None) -> str:
@@ -124,7 +136,9 @@ def train(arm: str) -> int:
     ckpt_dir = Path(paths.CHECKPOINTS) / arm
     # The code that trains (every project module this process loaded) and the libraries that
     # compute: a checkpoint of other code or another engine is discarded, naming what differs.
-    key = resume_key(data=file_sha256(data_file), model=dir_sha256(paths.BASE_MODEL), train=cfg.model_dump(),
+    # save_dtype only rounds the weights at the end: a checkpoint serves every value of it.
+    key = resume_key(data=file_sha256(data_file), model=dir_sha256(paths.BASE_MODEL),
+                     train=cfg.model_dump(exclude={"save_dtype"}),
                      code=code_fingerprint(Path(__file__).resolve().parent), libraries=versions(*TRAINING_LIBRARIES))
     trainer, curve = fit(model, tokenizer, examples, cfg, ckpt_dir, key, name=f"train[{arm}]",
                          live_dir=paths.train_live_dir(arm))
@@ -146,12 +160,15 @@ def train(arm: str) -> int:
     trainer.optimizer = trainer.lr_scheduler = None
     model.zero_grad(set_to_none=True)
     gc.collect()
-    model.to("cpu").eval()
+    save_dtype = getattr(torch, cfg.saved_dtype)
+    model.to("cpu", save_dtype).eval()
     with atomic_path(out_dir, is_dir=True) as tmp:
         if cfg.method == "full" and trainer.accelerator.num_processes > 1:
             for item in tmp_dir.iterdir():
                 shutil.move(str(item), tmp / item.name)
             shutil.rmtree(tmp_dir)
+            cast_saved_weights(tmp, save_dtype)
+            model.config.save_pretrained(tmp)
             model.generation_config.save_pretrained(tmp)
         else:
             model.save_pretrained(tmp)

@@ -111,7 +111,7 @@ def train_config(**overrides):
 def write_params(root: Path, profile: Path | None = None, overrides: dict | None = None) -> Path:
     """The project's params.yaml in `root`, with a profile and then `overrides` (sections of
     keys, as in params.yaml; `arms` is replaced whole) applied."""
-    from tasks.core.config import update_params_file
+    from tasks.core.profiles import update_params_file
 
     path = root / "params.yaml"
     root.mkdir(parents=True, exist_ok=True)

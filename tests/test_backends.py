@@ -381,6 +381,60 @@ def test_decode_attention_kernel_matches_the_eager_path(backends, name):
     torch.testing.assert_close(caches[True].v[0], caches[False].v[0])
 
 
+@torch.no_grad()
+def test_fused_lm_head_top_k_matches_the_eager_sampler(backends):
+    """lm_head_topk (the int8 LM head with each row's argmax and the sampler's top-k fused in, no
+    logits tensor) against the PyTorch arithmetic it replaces: the eager int8 head's logits over
+    each row's T through next_token_candidates. Bit for bit: the same candidate values, ids and
+    order, ties at the k-th kept (20 duplicated weight rows make 21 equal logits), the argmax the
+    first of equal maxima; and the same tokens drawn from them. 37 rows take both threads' shares,
+    a 256-column chunk leaves a last chunk of 232 (not a multiple of 16)."""
+    from tasks.sampling.backend_continuous import Int8Linear, draw, next_token_candidates
+
+    kernels = backends["continuous-int8"].model.lm_head.kernels
+    assert kernels is not None
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 1000, bias=False)
+    linear.weight[500:520] = linear.weight[100]
+    fused, eager = Int8Linear(linear, kernels), Int8Linear(linear, None)
+    x = torch.randn(37, 64) * 2
+    x[3] = linear.weight[100] * 5  # its largest logits are the tied ones
+    logits = eager(x).float()
+    per_row = torch.tensor([0.0, 0.5, 1.3, 0.8] * 9 + [1.0])
+    uniforms = torch.rand(37)
+    for temperature, top_k, temperatures in [(0.8, 20, None), (1.3, 1, None), (0.6, 40, None), (0.8, 20, per_row),
+                                             (0.0, 20, None)]:
+        cfg = decoding(temperature=temperature, top_k=top_k, top_p=0.8)
+        t = per_row if temperatures is not None else torch.full((37,), temperature)
+        vals, ids, argmax = kernels.lm_head_topk(x, fused.weight_t, fused.scale, None, t,
+                                                 0 if temperature == 0 and temperatures is None else top_k, 256)
+        want_vals, want_ids, want_argmax = next_token_candidates(logits, cfg, temperatures)
+        assert torch.equal(argmax, want_argmax)
+        assert torch.equal(vals, want_vals), f"T {temperature} k {top_k}"
+        kept = want_vals > float("-inf")
+        assert torch.equal(ids[kept], want_ids[kept])
+        assert torch.equal(draw(vals, ids, argmax, cfg, uniforms, temperatures),
+                           draw(want_vals, want_ids, want_argmax, cfg, uniforms, temperatures))
+    assert (next_token_candidates(logits, decoding(temperature=1.0, top_k=20))[0][3] > float("-inf")).sum() == 21
+
+
+def test_fused_lm_head_decodes_what_the_logits_path_decodes(backends, monkeypatch):
+    """The decode loop with the fused LM head writes the completions it writes when the head's
+    logits go through next_token_candidates in PyTorch (same layers, same kernels otherwise)."""
+    from tasks.sampling.backend_continuous import next_token_candidates
+
+    backend = backends["continuous-int8"]
+    cfg = decoding(temperature=0.9, top_k=5, top_p=0.9, max_new_tokens=12, slots=7)
+    prompts = prompts_of(backend, 4) * 5
+    temperatures = [0.0, 0.7, 1.2, 0.9] * 5
+    fused = [backend.generate_batch(prompts, cfg, seed=11), backend.generate_batch(prompts, cfg, seed=11,
+                                                                                  temperatures=temperatures)]
+    monkeypatch.setattr(backend, "_next_token_candidates", lambda x, cfg, t: next_token_candidates(
+        backend.model.lm_head(x).float(), cfg, t))
+    assert [backend.generate_batch(prompts, cfg, seed=11),
+            backend.generate_batch(prompts, cfg, seed=11, temperatures=temperatures)] == fused
+
+
 def test_without_a_compiler_the_eager_path_runs(monkeypatch, caplog):
     import torch.utils.cpp_extension
 
@@ -450,6 +504,51 @@ def test_a_batch_depends_only_on_its_seed(backends, name):
     other = backend.generate_batch(prompts, cfg, seed=12)
     assert first == again
     assert first != other
+
+
+MIXED_T = [1.3, 0.0, 0.5, 0.9, 1.3, 0.5, 0.0, 0.9, 1.3, 0.5, 0.9, 0.0]  # one T per row: a T_eval sweep
+
+
+@pytest.mark.parametrize("name", ["transformers", "continuous", "continuous-int8", "continuous-float32",
+                                  "continuous-int8-eager"])
+def test_a_row_of_a_mixed_temperature_batch_is_the_row_of_a_batch_at_its_t(backends, name):
+    """Per-row temperatures (evaluate's sweep in one pass): each row draws what it draws in the
+    same batch (same prompts, same position, same seed) decoded at its T alone, with cfg's
+    temperature or with every row given that T; rows at T=0 are greedy."""
+    backend = backends[name]
+    cfg = decoding(temperature=0.8, top_k=20, top_p=0.95, max_new_tokens=16, slots=5)
+    prompts = prompts_of(backend, 4) * 3
+    mixed = backend.generate_batch(prompts, cfg, seed=7, temperatures=MIXED_T)
+    for t in sorted(set(MIXED_T)):
+        at_t = backend.generate_batch(prompts, cfg.model_copy(update={"temperature": t}), seed=7)
+        assert backend.generate_batch(prompts, cfg, seed=7, temperatures=[t] * len(prompts)) == at_t
+        rows = [i for i, row_t in enumerate(MIXED_T) if row_t == t]
+        assert [mixed[i] for i in rows] == [at_t[i] for i in rows], f"rows at T={t}"
+    at_cfg = backend.generate_batch(prompts, cfg, seed=7)
+    assert sum(a != b for a, b in zip(mixed, at_cfg)) >= 3, "the rows' own T must change what they draw"
+
+
+@pytest.mark.parametrize("name", ["ctranslate2", "ctranslate2-float32"])
+def test_ct2_decodes_each_temperature_of_a_batch_in_a_call_of_its_own(backends, name):
+    """CTranslate2 takes one temperature per call: a batch with several runs one call per T
+    (the first T's seeded as the batch, the others from (seed, their first row)), each as a
+    batch of its rows alone at that T would be; a batch of one T is the plain batch."""
+    from tasks.sampling.backends import sequence_seed
+
+    backend = backends[name]
+    cfg = decoding(temperature=1.3, top_k=0, max_new_tokens=16)
+    prompts = prompts_of(backend, 4) * 3
+    mixed = backend.generate_batch(prompts, cfg, seed=11, temperatures=MIXED_T)
+    assert backend.generate_batch(prompts, cfg, seed=11, temperatures=MIXED_T) == mixed
+    assert backend.generate_batch(prompts, cfg, seed=11, temperatures=[1.3] * len(prompts)) == \
+        backend.generate_batch(prompts, cfg, seed=11)
+    for k, t in enumerate(dict.fromkeys(MIXED_T)):
+        rows = [i for i, row_t in enumerate(MIXED_T) if row_t == t]
+        alone = backend.generate_batch([prompts[i] for i in rows], cfg.model_copy(update={"temperature": t}),
+                                       seed=11 if k == 0 else sequence_seed(11, rows[0]))
+        assert [mixed[i] for i in rows] == alone, f"rows at T={t}"
+    greedy = backend.generate_batch(prompts, cfg.model_copy(update={"temperature": 0.0}), seed=0)
+    assert [mixed[i] for i, t in enumerate(MIXED_T) if t == 0] == [greedy[i] for i, t in enumerate(MIXED_T) if t == 0]
 
 
 @pytest.mark.parametrize("name", ["ctranslate2", "continuous-int8"])
@@ -525,6 +624,39 @@ def test_vllm_outputs_to_completions():
                                     [2], 10)
     assert (length.num_tokens, length.finish_reason) == (10, "length")
     assert len({sequence_seed(s, r) for s in range(5) for r in range(5)}) == 25
+
+
+def test_vllm_gives_each_request_its_own_temperature(monkeypatch):
+    """Per-row temperatures: one SamplingParams per request, each at its row's T (0: greedy), the
+    rest the batch's; a row at T > 0 that vLLM cannot sample exactly is refused naming the key."""
+    from types import ModuleType, SimpleNamespace
+
+    from tasks.sampling.backend_vllm import VLLMBackend
+    from tasks.sampling.backends import sequence_seed
+
+    sent = []
+    fake = ModuleType("vllm")
+    fake.SamplingParams = lambda **kwargs: kwargs
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+
+    class LLM:
+        def generate(self, inputs, params, use_tqdm):
+            sent.extend(params)
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[5, 2], text="a", finish_reason="stop")])
+                    for _ in inputs]
+
+    backend = object.__new__(VLLMBackend)
+    backend.eos, backend.max_model_len, backend._llm = [2], 64, LLM()
+    cfg = decoding(backend="vllm", temperature=0.7, top_k=20, top_p=0.8, max_new_tokens=8)
+    outs = backend.generate_batch([[1, 3], [1, 4], [1, 5]], cfg, seed=9, temperatures=[1.1, 0.0, 0.7])
+    assert [o.finish_reason for o in outs] == ["eos"] * 3
+    assert [p["temperature"] for p in sent] == [1.1, 0.0, 0.7]
+    assert [p["top_k"] for p in sent] == [20, 0, 20] and [p["top_p"] for p in sent] == [0.8, 1.0, 0.8]
+    assert [p["seed"] for p in sent] == [sequence_seed(9, i) for i in range(3)]
+    greedy_min_p = decoding(backend="vllm", temperature=0.0, top_p=0.9, min_p=0.1, max_new_tokens=8)
+    backend.generate_batch([[1, 3]], greedy_min_p, seed=9, temperatures=[0.0])  # min-p means nothing at T=0
+    with pytest.raises(ParamsError, match="min_p"):
+        backend.generate_batch([[1, 3], [1, 4]], greedy_min_p, seed=9, temperatures=[0.0, 0.7])
 
 
 # --- the load-time self-check: a backend that computes wrong refuses to sample ---------------------

@@ -5,8 +5,8 @@ import sys
 import pytest
 import yaml
 
-from tasks.core.config import (EXIT_NO_RETRY, ParamsError, Params, apply_overrides, load_params, run_stage,
-                               validate_params)
+from tasks.core.config import EXIT_NO_RETRY, ParamsError, Params, load_params, run_stage, validate_params
+from tasks.core.profiles import apply_overrides, sync_sample_stages
 from conftest import REPO, write_params
 
 PROFILES = sorted((REPO / "profiles").glob("*.yaml"))
@@ -126,7 +126,7 @@ def test_profile_command_writes_the_overlay_keeping_comments(tmp_path, capsys):
     assert cli.main(["profile", str(REPO / "profiles/tiny.yaml"), "--params", str(path),
                      "--set", "train.epochs=3"]) == 0
     params = load_params(path)
-    assert params.sample.max_new_tokens == 48 and params.train.epochs == 3
+    assert params.sample.max_new_tokens == 96 and params.train.epochs == 3
     assert params.sample.configs == load_params(REPO / "params.yaml").sample.configs
     assert "# T_eval, tuned separately from T_train" in path.read_text()
     # A profile that fails the schema writes nothing.
@@ -234,6 +234,7 @@ def test_overrides_are_parsed_as_yaml():
     # A mapping given for a key is that key's whole value: the arms are exactly these.
     raw = apply_overrides(raw_params(), ['arms={"a": {"sample": "ssd", "filter": "none"}}', "sample.configs.null=null"])
     raw["sample"]["configs"].pop("null")
+    sync_sample_stages(raw)  # sample.stages follows the configs, as update_params_file keeps it
     assert list(validate_params(raw).arms) == ["a"]
     with pytest.raises(ParamsError, match="key=value"):
         apply_overrides(raw_params(), ["sample.temperature"])

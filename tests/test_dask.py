@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, filter_named_arms, init_repo, write_params
+from conftest import REPO, filter_named_arms, init_repo, make_workspace, rendered_stages, stage_env, write_params
 from test_flow import PIPELINE  # the same DAG: prepare -> train@<arm> -> report
 
 pytestmark = pytest.mark.slow
@@ -61,14 +62,16 @@ def wait_for(predicate, timeout: float, what: str):
 
 @pytest.fixture
 def cluster(tmp_path):
-    """A scheduler and two single-threaded workers, each worker's stage commands tagged w1 / w2."""
+    """A scheduler and two single-threaded workers, each worker's stage commands tagged w1 / w2
+    (SELFDISTILL_TEST_WORKER) and tracing the params they read into traces/<worker>.jsonl."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    logs = tmp_path / "dask-logs"
+    logs, traces = tmp_path / "dask-logs", tmp_path / "traces"
     logs.mkdir()
+    traces.mkdir()
     procs = {"scheduler": subprocess.Popen(
         [str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
         env=env, stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)}
@@ -76,13 +79,14 @@ def cluster(tmp_path):
         procs[name] = subprocess.Popen(
             [str(bin_dir / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1", "--name", name,
              "--no-dashboard", "--no-nanny"],
-            env={**env, "SELFDISTILL_TEST_WORKER": name}, cwd=REPO,
+            env={**env, "SELFDISTILL_TEST_WORKER": name, "SELFDISTILL_TRACE_PARAMS": str(traces / f"{name}.jsonl")},
+            cwd=REPO,
             stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     from distributed import Client
 
     with Client(address, timeout=60) as client:
         wait_for(lambda: len(client.scheduler_info()["workers"]) == 2, 120, "two dask workers")
-    yield {"address": address, "env": env, "procs": procs, "logs": logs}
+    yield {"address": address, "env": env, "procs": procs, "logs": logs, "traces": traces}
     for proc in procs.values():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -154,3 +158,46 @@ def test_a_worker_killed_mid_stage_leads_to_a_retry_with_nothing_half_written(tm
         # Or a clear failure naming the stage, and no record of it that could be taken as valid.
         assert stage in out, out[-3000:]
         assert stage not in locked
+
+
+def test_two_sample_shards_run_on_two_workers_and_merge_into_the_rows_of_one_stage(tmp_path, cluster, tiny_model,
+                                                                                    monkeypatch):
+    """The real dvc.yaml and stages (tiny profile: 6 train prompts, 4 per batch: two batches) with
+    sample.shards 2, through the flow on the cluster; then sample.shards 1 and `dvc repro` of the
+    one stage that replaces them: the same samples.jsonl and stats.json, byte for byte."""
+    from tasks.core.profiles import update_params_file
+
+    root = make_workspace(tmp_path / "ws", tiny_model, {"sample": {"shards": 2}})
+    proc = flow_run(root, cluster, cluster["env"], "--target", "sample-merge@ssd", "--no-record")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran_on = {}
+    for trace in cluster["traces"].glob("*.jsonl"):
+        for line in trace.read_text().splitlines():
+            ran_on.setdefault(json.loads(line)["cmd"], []).append(trace.stem)
+    shards = {f"python -m tasks.sample --config ssd --shard {i}" for i in (0, 1)}
+    assert shards <= set(ran_on), ran_on
+    assert sorted(w for cmd in shards for w in ran_on[cmd]) == ["w1", "w2"], ran_on  # one shard on each worker
+    assert "python -m tasks.sample --config ssd --merge" in ran_on
+    shard_rows = [[json.loads(l) for l in (root / f"samples/ssd/shards/{i}.jsonl").read_text().splitlines()]
+                  for i in (0, 1)]
+    assert [{r["batch"] for r in rows} for rows in shard_rows] == [{0}, {1}]
+    merged = {name: (root / "samples/ssd" / name).read_bytes() for name in ("samples.jsonl", "stats.json")}
+    assert not list((root / "checkpoints/partial").rglob("*.partial"))  # each shard cleared its partial work
+
+    # The params each shard and merge command read are the ones dvc.yaml declares for it.
+    monkeypatch.chdir(root)
+    declared = {stage["cmd"]: stage["params"] for stage in rendered_stages(root).values()}
+    for trace in cluster["traces"].glob("*.jsonl"):
+        for record in map(json.loads, trace.read_text().splitlines()):
+            if record["cmd"] in declared:
+                keys = declared[record["cmd"]]
+                assert all(any(k == d or k.startswith(d + ".") for d in keys) for k in record["keys"]), record
+                assert all(any(k == d or k.startswith(d + ".") for k in record["keys"]) for d in keys), record
+
+    update_params_file(root / "params.yaml", ["sample.shards=1"])
+    whole = subprocess.run([sys.executable, "-m", "dvc", "repro", "sample@ssd"], cwd=root, env=stage_env(root),
+                           capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    assert re.findall(r"Running stage '([^']+)'", whole.stdout) == ["sample@ssd"]  # upstream unchanged
+    assert {name: (root / "samples/ssd" / name).read_bytes() for name in merged} == merged
+    assert len(merged["samples.jsonl"].splitlines()) == 6

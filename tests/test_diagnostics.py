@@ -27,6 +27,27 @@ def test_truncation_is_transformers_warpers(temperature, top_k, top_p):
     assert torch.equal(truncation_mask(logits, temperature, top_k, top_p), torch.isfinite(warped))
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 20, 0.8), (1.3, 0, 0.9), (0.5, 3, 1.0), (1.0, 5, 0.5),
+                                                     (0.7, 0, 1.0)])
+def test_statistics_on_candidates_equal_the_whole_vocabularys(temperature, top_k, top_p):
+    torch.manual_seed(1)
+    logits = torch.randn(48, 500) * 3
+    logits[:, 7] = logits[:, 8]  # a tie, at whatever rank it lands
+    logits[0, :60] = logits[0].max() + 1  # 60 tokens tied at the top: wider than top_k + the margin
+    temperatures = [0.3, 1.0, 1.5]
+    stats = position_stats(logits, decoding(temperature=temperature, top_k=top_k, top_p=top_p), temperatures)
+    # The reference: truncation_mask over the whole vocabulary, the statistics as the module doc defines them.
+    probs = torch.softmax(logits, -1)
+    keep = truncation_mask(logits, temperature, top_k, top_p)
+    tempered = torch.softmax(logits / temperature, -1) * keep
+    tempered = tempered / tempered.sum(-1, keepdim=True)
+    entropy = -(tempered * tempered.clamp_min(1e-30).log()).sum(-1)
+    surviving = torch.stack([truncation_mask(logits, t, top_k, top_p).sum(-1).float() for t in temperatures], -1)
+    assert torch.equal(stats["surviving"], surviving)
+    torch.testing.assert_close(stats["kept_mass"], (probs * keep).sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["entropy"], entropy, rtol=1e-4, atol=1e-5)
+
+
 def test_statistics_of_a_known_distribution():
     logits = torch.log(torch.tensor([[0.95, 0.04, 0.01] + [1e-9] * 27, [0.45, 0.40, 0.15] + [1e-9] * 27]))
     stats = position_stats(logits, decoding(temperature=1.0, top_k=0, top_p=0.9), temperatures=[1.0])
@@ -78,14 +99,15 @@ def test_t_eval_is_chosen_on_validation_before_any_test_problem_is_decoded(tmp_p
     monkeypatch.chdir(root)
     real, order = stage.answer_and_check, []
 
-    def planted(backend, model_dir, problems, cfg, out, desc, *args):
-        rows = real(backend, model_dir, problems, cfg, out, desc, *args)
-        order.append((desc, cfg.temperature))
-        if "/validation" in desc:
-            for row in rows:
-                row["passed"] = cfg.temperature == winner
-            stage.write_jsonl(out, rows)
-        return rows
+    def planted(backend, model_dir, outputs, cfg, run, desc, *args):
+        per_output = real(backend, model_dir, outputs, cfg, run, desc, *args)
+        for out, rows in zip(outputs, per_output):
+            order.append((desc, out.temperature))
+            if "/validation" in desc:
+                for row in rows:
+                    row["passed"] = out.temperature == winner
+                stage.write_jsonl(out.path, rows)
+        return per_output
 
     monkeypatch.setattr(stage, "answer_and_check", planted)
     metrics = stage.evaluate(str(root / "models/base"), "base")

@@ -1,7 +1,7 @@
 """The project's Docker image against a real dockerd: a Debian bookworm base made here with
 debootstrap (docker/make-base-image.sh; reused while its tag exists), the image built from it the
 way docker/build.py builds it on this host (pip's route to PyPI passed in as build args), then the
-tiny profile run in a container on a copy of the workspace, with the security options README
+tiny profile run in a container on a copy of the workspace, with the security options docs/docker.md
 gives for bubblewrap: report/summary.md is written and every eval metrics file records the
 sandbox's isolation level.
 
@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
 PROJECT = Path(__file__).resolve().parents[1]
 IMAGE = "selfdistill:test"
-# What README gives for bubblewrap inside a container (user namespaces, a fresh /proc).
+# What docs/docker.md gives for bubblewrap inside a container (user namespaces, a fresh /proc).
 FULL_ISOLATION = ["--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
                   "--security-opt", "systempaths=unconfined"]
 DOCKERD_START_TIMEOUT_S = 60
@@ -168,21 +168,21 @@ def _isolation(image: str, options: list[str]) -> str:
 
 
 def test_isolation_levels(image):
-    """Docker's defaults leave the sandbox a fallback level; README's options give it what this
+    """Docker's defaults leave the sandbox a fallback level; docs/docker.md's options give it what this
     host gives it (bubblewrap where the kernel allows user namespaces)."""
     from tasks.sandbox import isolation_level
 
     default = _isolation(image, [])
     full = _isolation(image, FULL_ISOLATION)
-    print(f"isolation in a container: default options {default!r}, README's options {full!r}", file=sys.stderr)
+    print(f"isolation in a container: default options {default!r}, docs/docker.md's options {full!r}", file=sys.stderr)
     assert default in LEVELS and full in LEVELS
     if isolation_level() == "bubblewrap":
-        assert full == "bubblewrap", f"README's security options give {full!r}, not bubblewrap"
+        assert full == "bubblewrap", f"docs/docker.md's security options give {full!r}, not bubblewrap"
 
 
 @pytest.fixture(scope="module")
 def tiny_run(image, tmp_path_factory) -> tuple[Path, str]:
-    """The tiny profile run once in a container on a copy of the workspace, with README's
+    """The tiny profile run once in a container on a copy of the workspace, with docs/docker.md's
     security options: (the workspace, the run's output)."""
     workspace = _workspace(tmp_path_factory.mktemp("tiny-run") / "workspace")
     started = time.monotonic()

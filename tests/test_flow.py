@@ -270,6 +270,59 @@ def test_tagged_stages_do_not_hold_the_thread_pool(tmp_path, monkeypatch, caplog
 
 
 @pytest.mark.slow  # Prefect's API and several `dvc repro` runs
+@pytest.mark.parametrize("slots", [1, 2])
+def test_max_parallel_is_a_prefect_limit_the_run_creates(tmp_path, monkeypatch, slots):
+    """Three independent stages, all ready at once: `slots` of them run at a time, bounded by a
+    Prefect global concurrency limit that the run creates with `slots` slots (Prefect's API, and
+    so its UI, shows it with its slots in use while the run lasts) and deletes at its end."""
+    import contextvars
+
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import STAGE_LIMIT_PREFIX
+
+    stages = {name: {"cmd": f"python step.py {name} {name}.txt", "deps": ["step.py"], "outs": [f"{name}.txt"]}
+              for name in ("a", "b", "c")}
+    root = make_repo(tmp_path / "ws", stages)
+    monkeypatch.setenv("STEP_SLEEP", "3")
+    seen, errors, done = {}, [], threading.Event()
+
+    def watch():  # the run's limits as Prefect's API shows them: (slots, most slots seen in use)
+        try:
+            with get_client(sync_client=True) as client:
+                while not done.is_set():
+                    for limit in client.read_global_concurrency_limits(limit=200):
+                        if limit.name.startswith(STAGE_LIMIT_PREFIX):
+                            most = max(limit.active_slots, seen.get(limit.name, (0, 0))[1])
+                            seen[limit.name] = (limit.limit, most)
+                    time.sleep(0.2)
+        except Exception as err:  # noqa: BLE001 - reported by the test's own thread
+            errors.append(err)
+
+    with get_client(sync_client=True) as client:  # the API is up before the watcher asks it
+        client.read_global_concurrency_limits(limit=1)
+    # The thread reads the same Prefect API as this test: Prefect's settings live in contextvars.
+    watcher = threading.Thread(target=contextvars.copy_context().run, args=(watch,))
+    watcher.start()
+    try:
+        state = selfdistill_pipeline(repo=str(root), retries=0, max_parallel=slots, record=False, return_state=True)
+    finally:
+        done.set()
+        watcher.join()
+    assert not errors and state.is_completed(), (errors, state.message)
+    spans = [(start, end) for _, start, end in map(json.loads, (root / "times.log").read_text().splitlines())]
+    assert len(spans) == 3
+    at_once = max(sum(s <= start < e for s, e in spans) for start, _ in spans)
+    assert at_once == slots, spans
+    flow_run_id = str(state.state_details.flow_run_id)
+    ours = {name: value for name, value in seen.items() if name.endswith(flow_run_id)}
+    assert list(ours.values()) == [(slots, slots)], seen
+    with get_client(sync_client=True) as client:
+        assert not [limit.name for limit in client.read_global_concurrency_limits(limit=200)
+                    if limit.name in ours]
+
+
+@pytest.mark.slow  # Prefect's API and several `dvc repro` runs
 def test_gpu_stages_take_turns_where_cuda_is_present(tmp_path, monkeypatch):
     """Every stage below is ready once `prepare` is done. With CUDA (simulated), the flow creates
     this machine's GPU limit itself and the GPU stages run one at a time; the others still run

@@ -100,6 +100,56 @@ def test_resume_after_the_model_changed_equals_a_clean_run_of_the_new_model(tmp_
     assert "model changed" in capsys.readouterr().out
 
 
+def swept(temperatures=(0.5, 0.9, 1.3), count=3):
+    """A T_eval sweep as one run: each prompt at every T, a request each, next to each other."""
+    return [Request({"prompt_id": r.key["prompt_id"], "T": t}, r.messages, t) for r in requests(count)
+            for t in temperatures]
+
+
+def test_a_run_of_requests_with_their_own_temperatures_decodes_each_at_its_t(tmp_path, backend, tiny_model):
+    """Each row is the one its batch (same prompts, same seed) decodes with every row at the row's T."""
+    from tasks.core.paths import partial_of
+
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def generate_batch(self, prompts, cfg, seed, progress=None, temperatures=None):
+            calls.append((prompts, seed, temperatures))
+            return backend.generate_batch(prompts, cfg, seed, progress, temperatures)
+
+    cfg = decoding(n=2, max_new_tokens=16, batch_size=5)
+    rows = generate_jsonl(tiny_model, swept(), cfg, tmp_path / "s.jsonl", backend=Recording())
+    assert [(r["prompt_id"], r["T"], r["sample_index"]) for r in rows] == \
+        [(f"p{i}", t, s) for i in range(3) for t in (0.5, 0.9, 1.3) for s in range(2)]
+    assert len(calls) == 4  # 18 units, 5 a batch
+    written = [json.loads(line) for line in partial_of(tmp_path / "s.jsonl").read_text().splitlines()[1:]]
+    for b, (prompts, seed, temperatures) in enumerate(calls):
+        in_batch = [r for r in written if r["batch"] == b]  # in the batch's order
+        assert [r["T"] for r in in_batch] == temperatures
+        for t in set(temperatures):
+            at_t = backend.generate_batch(prompts, cfg.model_copy(update={"temperature": t}), seed)
+            assert [r["text"] for r in in_batch if r["T"] == t] == \
+                [out.text for out, row_t in zip(at_t, temperatures) if row_t == t]
+
+
+def test_a_run_with_own_temperatures_resumes_exactly_and_its_key_holds_them(tmp_path, backend, tiny_model, capsys):
+    cfg = decoding(n=2, max_new_tokens=16, batch_size=4)
+    full = generate_jsonl(tiny_model, swept(), cfg, tmp_path / "full.jsonl", backend=backend)
+    interrupted_run(tiny_model, swept(), cfg, tmp_path / "resumed.jsonl", backend, batches=2)
+    assert generate_jsonl(tiny_model, swept(), cfg, tmp_path / "resumed.jsonl", backend=backend) == full
+    assert "resuming, 8 of 18 completions already written" in capsys.readouterr().out
+    # Another sweep (one T changed, the same keys) is another run: its partial work is not reused.
+    other = [Request(r.key, r.messages, 1.1 if r.temperature == 1.3 else r.temperature) for r in swept()]
+    interrupted_run(tiny_model, swept(), cfg, tmp_path / "other.jsonl", backend, batches=2)
+    clean = generate_jsonl(tiny_model, other, cfg, tmp_path / "clean.jsonl", backend=backend)
+    assert generate_jsonl(tiny_model, other, cfg, tmp_path / "other.jsonl", backend=backend) == clean
+    out = capsys.readouterr().out
+    assert "discarding" in out and "prompts changed" in out and "resuming" not in out
+
+
 def test_a_partial_file_without_a_resume_key_is_discarded(tmp_path, backend, tiny_model, capsys):
     cfg = decoding(n=1, max_new_tokens=8, batch_size=2)
     (tmp_path / "out.jsonl.partial").write_text('{"prompt_id": "p0", "sample_index": 0, "text": "stale", "batch": 0}\n')
@@ -156,6 +206,8 @@ def test_sample_and_evaluate_resume_under_dvc_repro_after_sigkill(tmp_path, tiny
     assert not (killed / "samples/ssd/samples.jsonl").exists()
     written = kill_dvc_repro_when(killed, "evaluate-base", "checkpoints/partial/eval/base/samples/**/*.partial", 4)
     assert written >= 4 and not (killed / "eval/base/metrics.json").exists(), "the kill should land mid-stage"
+    # ... in the T_eval sweep's one pass (every swept T of every validation prompt): the unit resumed.
+    assert (killed / "checkpoints/partial/eval/base/samples/validation.partial").exists()
 
     for target in ("sample@ssd", "evaluate-base"):
         resumed = subprocess.run([sys.executable, "-m", "dvc", "repro", target], cwd=killed, env=stage_env(killed),
@@ -169,6 +221,65 @@ def test_sample_and_evaluate_resume_under_dvc_repro_after_sigkill(tmp_path, tiny
     reference_metrics = json.loads((reference / "eval/base/metrics.json").read_text())
     assert json.loads((killed / "eval/base/metrics.json").read_text())["sets"] == reference_metrics["sets"]
     assert not list((killed / "checkpoints/partial").rglob("*.partial")), "a finished stage leaves no partial work"
+
+
+@pytest.mark.slow
+def test_an_evaluate_pass_over_several_files_resumes_exactly(tmp_path, monkeypatch, tiny_model):
+    """`evaluate` decodes several sample files in one pass (the T_eval sweep; every test set at a
+    seed): killed after a batch, it resumes, and each file holds the rows of an uninterrupted
+    pass, ordered by problem then sample index, in the layout each file always had."""
+    from pathlib import Path
+
+    from conftest import Interrupted
+    from tasks import evaluate as stage
+    from tasks.core import paths
+    from tasks.core.config import load_params
+    from tasks.core.files import read_jsonl
+
+    root = make_workspace(tmp_path / "ws", tiny_model, {"data": humaneval_only(train=2, eval=3)})
+    for module in ("tasks.model", "tasks.prepare"):
+        subprocess.run([sys.executable, "-m", module], cwd=root, env=stage_env(root), check=True, capture_output=True)
+    monkeypatch.chdir(root)
+    params = load_params()
+    validation, tests = read_jsonl(paths.VALIDATION_PROBLEMS), read_jsonl(paths.eval_problems("humaneval"))
+    cfg = stage.decoding_at(params.evaluate, 0.9).model_copy(update={"batch_size": 4})
+
+    def outputs(name):
+        return [stage.Output(paths.validation_samples(name, t), validation, t) for t in (0.5, 0.9, 1.3)] + \
+            [stage.Output(paths.eval_samples(name, "humaneval"), tests, 0.7)]
+
+    backend = TransformersBackend(root / "models/base", dtype=torch.float32)
+    check = (params.evaluate.timeout_s, params.sandbox)
+    full = stage.answer_and_check(backend, "models/base", outputs("full"), cfg, paths.eval_pass("full", "pass"),
+                                  "full", *check)
+    run = paths.eval_pass("killed", "pass")
+    calls = []
+
+    class KilledAfterABatch:
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def generate_batch(self, *args, **kwargs):
+            if calls:
+                raise Interrupted
+            calls.append(kwargs.get("temperatures"))
+            return backend.generate_batch(*args, **kwargs)
+
+    with pytest.raises(Interrupted):
+        stage.answer_and_check(KilledAfterABatch(), "models/base", outputs("killed"), cfg, run, "killed", *check)
+    assert calls[0] and len(set(calls[0])) > 1, "a batch holds several T, each row's its own"
+    assert paths.partial_of(run).read_text().count("\n") == 1 + 4
+    resumed = stage.answer_and_check(backend, "models/base", outputs("killed"), cfg, run, "killed", *check)
+    assert resumed == full
+    for ours, theirs, out in zip(outputs("killed"), outputs("full"), full):
+        assert Path(ours.path).read_text() == Path(theirs.path).read_text()
+        assert [(r["task_id"], r["sample_index"]) for r in out] == \
+            [(p["task_id"], s) for p in ours.problems for s in range(cfg.n)]
+        assert set(out[0]) == {"task_id", "sample_index", "messages", "text", "num_tokens", "finish_reason",
+                               "extractable", "passed", "result"}
+    assert sorted(str(p.relative_to(root / "eval/killed")) for p in (root / "eval/killed").rglob("*.jsonl")) == \
+        ["samples/humaneval.jsonl", "samples/validation/T0.5.jsonl", "samples/validation/T0.9.jsonl",
+         "samples/validation/T1.3.jsonl"]
 
 
 KEY_OF_A_LOADED_BACKEND = """

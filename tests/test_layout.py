@@ -109,12 +109,17 @@ def test_dvc_yaml_paths_are_the_ones_the_stages_write():
         return {next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics", "plots")
                 for o in body.get(key, [])}
 
-    arm, config = "${key}", "${key}"
-    assert declared(bodies["codeio"]) == {paths.CODEIO_PROBLEMS, paths.CODEIO_SOURCE}
+    arm, config = "${key}", "${item}"  # sample's foreach is a list of config names (sample.stages.whole)
+    assert declared(bodies["codeio"]) == {paths.CODEIO_PROBLEMS, paths.CODEIO_CATALOG, paths.CODEIO_SOURCE}
     assert declared(bodies["model"]) == {paths.BASE_MODEL}
     assert declared(bodies["prepare"]) == {paths.TRAIN_PROBLEMS, paths.VALIDATION_PROBLEMS, paths.EVAL_PROBLEMS,
                                            paths.DATA_SOURCE}
     assert declared(bodies["sample"]) == {paths.samples(config), paths.sample_stats(config)}
+    # sample.shards > 1: the shards' rows, and their merge into the same two files.
+    assert declared(bodies["sample-shard"]) == {paths.sample_shard("${item.config}", "${item.shard}")}
+    assert declared(bodies["sample-merge"]) == {paths.samples(config), paths.sample_stats(config)}
+    assert paths.sample_shards_dir(config) in bodies["sample-merge"]["deps"]
+    assert paths.TRAIN_PROBLEMS in bodies["sample-shard"]["deps"] and paths.TRAIN_PROBLEMS in bodies["sample-merge"]["deps"]
     assert paths.samples("${item.sample}") in bodies["filter"]["deps"]
     assert declared(bodies["filter"]) == {paths.filtered_samples(arm), paths.filter_stats(arm)}
     assert declared(bodies["train"]) == {paths.trained_model(arm), paths.train_stats(arm), paths.train_curves(arm),
@@ -130,7 +135,7 @@ def test_dvc_yaml_paths_are_the_ones_the_stages_write():
     assert f"--model {paths.BASE_MODEL} --name base" in bodies["evaluate-base"]["cmd"]
     assert f"--model {paths.trained_model(arm)} --name {arm}" in bodies["evaluate"]["cmd"]
     # The stages that read a file another stage writes declare it.
-    assert {paths.CODEIO_PROBLEMS, paths.CODEIO_SOURCE} <= set(bodies["prepare"]["deps"])
+    assert {paths.CODEIO_PROBLEMS, paths.CODEIO_CATALOG, paths.CODEIO_SOURCE} <= set(bodies["prepare"]["deps"])
     assert paths.EVAL_PROBLEMS in bodies["evaluate"]["deps"] and paths.TRAIN_PROBLEMS in bodies["sample"]["deps"]
     assert paths.filtered_samples(arm) in bodies["train"]["deps"]
     assert paths.VALIDATION_PROBLEMS in bodies["evaluate"]["deps"]
@@ -138,6 +143,17 @@ def test_dvc_yaml_paths_are_the_ones_the_stages_write():
     assert f"{paths.BASE_MODEL}/source.json" in bodies["publish"]["deps"]
     # Training reads no decoding setting: a new evaluate.* value must not rerun it.
     assert not [p for p in bodies["train"]["params"] if p.startswith("evaluate.")]
+
+
+def test_the_codeio_stage_declares_the_params_it_reads():
+    """tasks/codeio.py reads every codeio.* key, data.*'s sizes, sources, split seed and held-out
+    share (codeio.convert: needed converts what the sets draw) and the sandbox's limits."""
+    from tasks.core.config import CodeIOConfig
+
+    reads = {f"codeio.{key}" for key in CodeIOConfig.model_fields} | {
+        "data.train.source", "data.train.max_problems", "data.validation.source", "data.validation.max_problems",
+        "data.eval", "data.eval_fraction", "data.split_seed", "sandbox.memory_mb", "sandbox.workers"}
+    assert set(stage_bodies()["codeio"]["params"]) == reads
 
 
 def test_the_headline_is_the_only_dvc_metrics_file():
@@ -156,18 +172,6 @@ def test_dvc_plots_name_the_figures_the_report_writes():
     top_level = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
     written = set(re.findall(r'out / "([a-z_]+\.png)"', inspect.getsource(report.figures)))
     assert {Path(p).name for p in top_level} == written
-
-
-def test_the_gpu_smoke_run_calls_every_stage_of_dvc_yaml():
-    """bench/gpu_smoke.py runs the stages without DVC: its list must not drift from the DAG."""
-    sys.path.insert(0, str(REPO / "bench"))
-    import gpu_smoke
-
-    from conftest import default_params, rendered_stages
-
-    called = [" ".join(cmd) for cmd in gpu_smoke.stage_commands(default_params())]
-    expected = [stage["cmd"].removeprefix("python -m ") for stage in rendered_stages(REPO).values()]
-    assert sorted(called) == sorted(expected)
 
 
 def module_import_graph() -> dict[str, set[str]]:

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import init_repo, make_workspace, stage_env
 from flows.lineage import lineage, main, render_text
-from tasks.core.config import update_params_file
+from tasks.core.profiles import update_params_file
 
 # Writes every output the stage declares; a directory (a model) gets weights.bin, and
 # models/base the origin note tasks/model.py leaves.

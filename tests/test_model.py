@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from conftest import REPO, make_workspace, stage_env
-from tasks.core.config import EXIT_NO_RETRY, ParamsError, update_params_file, validate_params
+from tasks.core.config import EXIT_NO_RETRY, ParamsError, validate_params
+from tasks.core.profiles import update_params_file
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -100,6 +100,20 @@ def test_text_shared_by_many_problems_is_template_not_contamination():
     assert kept == []
 
 
+
+def test_template_text_counted_over_the_corpus_does_not_depend_on_the_candidates():
+    """prepare passes whole pools as `corpus`: a candidate's verdict is then the same whether the
+    other candidates were converted or not (codeio.convert: needed), while counted over what is
+    compared alone, two candidates and an eval problem would make the template content."""
+    tasks = [f"Task {i}: return the square of {i} plus the cube of {i} minus {i}." for i in range(12)]
+    pool = [call(f"t{i}", t + TEMPLATE) for i, t in enumerate(tasks)]
+    evals = {"eval/codeio": [pool[0]]}
+    kept, _ = overlap.decontaminate(pool[1:], evals, max_shared=10)
+    assert len(kept) == 11
+    assert overlap.decontaminate(pool[1:3], evals, max_shared=10)[0] == []  # the template taken for content
+    assert overlap.decontaminate(pool[1:3], evals, max_shared=10, corpus=pool)[0] == pool[1:3]
+
+
 def test_a_problem_is_never_compared_with_itself():
     problem = call("same", "A problem long enough to have several thirteen token long windows in it, surely.")
     kept, report = overlap.decontaminate([problem], {"validation": [problem]})

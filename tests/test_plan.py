@@ -15,7 +15,7 @@ from tasks.core.plan import GiB, Machine, plan, refusals
 H100_80GB = 81_559 * 2 ** 20
 GPU_MACHINE = Machine(gpu=H100_80GB, ram=128 * GiB, cores=16)
 CPU_MACHINE = Machine(gpu=None, ram=16 * GiB, cores=2)
-# README (Training): peak RSS of the default train@ssd-none on 2 CPU cores (the stage process's
+# docs/results/training.md: peak RSS of the default train@ssd-none on 2 CPU cores (the stage process's
 # ru_maxrss, `/usr/bin/time -v .venv/bin/python -m tasks.train --arm ssd-none` after `make demo`).
 MEASURED_DEFAULT_TRAIN_PEAK_RSS = 3.55 * GiB
 QWEN3_4B = "Qwen/Qwen3-4B-Instruct-2507"
@@ -158,6 +158,7 @@ def test_dvc_cache_type_decides_the_copies(tmp_path):
     (tmp_path / ".dvc/config").write_text("[core]\n    autostage = true\n[cache]\n    type = hardlink,symlink\n")
     assert planning.dvc_cache_type(tmp_path) == "hardlink,symlink"
     assert planning.cache_copies("hardlink,symlink") == 0
+    assert planning.cache_copies(planning.dvc_cache_type(REPO)) == 0  # the repo's own: links before copy
 
 
 def test_constants_mirrored_from_the_stages_agree(tmp_path):

@@ -4,14 +4,17 @@ import pytest
 
 from tasks.core.extract import last_fenced_block, one_line_stub, program_from_answer
 from tasks.core.files import DataError
-from tasks.core.problems import chat_messages, load_problems, seeded_subset, split_problems
+from tasks.core.problems import (chat_messages, is_held_out, load_problems, rank_key, seeded_rank, seeded_subset,
+                                 split_problems)
 
 
 def test_humaneval_split_is_disjoint_and_seeded():
     problems = load_problems("humaneval")
     assert len(problems) == 164
     train, held_out = split_problems(problems, 0.4, seed=0)
-    assert len(held_out) == 66 and len(train) == 98
+    assert len(held_out) == 63 and len(train) == 101  # about 0.4 of 164: each problem falls by its own hash
+    assert all(is_held_out(p["task_id"], 0.4, 0) for p in held_out)
+    assert not any(is_held_out(p["task_id"], 0.4, 0) for p in train)
     assert not {p["task_id"] for p in train} & {p["task_id"] for p in held_out}
     again, _ = split_problems(problems, 0.4, seed=0)
     other, _ = split_problems(problems, 0.4, seed=1)
@@ -33,6 +36,23 @@ def test_a_problem_more_or_less_changes_a_subset_by_that_one():
         train2, held_out2 = split_problems(pool, 0.3, seed=0)
         assert len(ids(held_out) ^ ids(held_out2)) <= 2 and len(ids(train) - ids(train2)) <= 2
     assert ids(seeded_subset(problems, 40, seed=1)) != subset
+
+
+def test_the_held_out_share_is_the_first_of_the_seeded_order():
+    """Held out = the first problems of seeded_rank's order, whatever else the pool holds: the
+    `codeio` stage converts only the first ones of each part (tasks/problemsets/codeio.py)."""
+    problems = load_problems("humaneval")
+    order = [problems[i] for i in seeded_rank(problems, 5)]
+    held = [is_held_out(p["task_id"], 0.25, 5) for p in order]
+    assert held == sorted(held, reverse=True) and 0 < sum(held) < len(held)
+    _, held_out = split_problems(problems[:40], 0.25, seed=5)
+    assert held_out == [p for p in problems[:40] if is_held_out(p["task_id"], 0.25, 5)]
+    # a pool with no problem below the share holds out its first-ranked one
+    low = [p for p in problems if not is_held_out(p["task_id"], 0.25, 5)][:5]
+    train, held_out = split_problems(low, 0.25, seed=5)
+    assert held_out == [min(low, key=lambda p: rank_key(p["task_id"], 5))] and len(train) == 4
+    with pytest.raises(DataError, match="data.eval_fraction=0.25 leaves no train prompts"):
+        split_problems(low[:1], 0.25, seed=5)
 
 
 def test_prompt_carries_no_solution_or_tests():

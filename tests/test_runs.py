@@ -38,7 +38,7 @@ def dvc(root: Path, *args: str) -> None:
 
 
 def set_epochs(root: Path, epochs: int) -> None:
-    from tasks.core.config import update_params_file
+    from tasks.core.profiles import update_params_file
 
     update_params_file(root / "params.yaml", [f"train.epochs={epochs}"])
 

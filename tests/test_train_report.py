@@ -90,3 +90,20 @@ def test_the_headline_is_one_flat_number_per_key(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "report/t_eval").iterdir()) == ["base.json", "ssd-none.json"]
     assert json.loads((tmp_path / "report/t_eval/ssd-none.json").read_text()) == [
         {"T_eval": 0.5, "pass@1": 0.0}, {"T_eval": 0.9, "pass@1": 0.25}]
+
+
+def test_the_diagnostics_figure_draws_each_mechanism_interval(tmp_path, monkeypatch):
+    from tasks.analysis import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig))  # keep the figure to read it
+    cls = {"cum_mass_by_rank": [0.9, 1.0], "positions": 3}
+    model = {"lock": cls, "fork": cls, "all": {"surviving_by_temperature": {"0.5": 2.0, "1.0": 4.0}}}
+    mechanism = {"ssd-none": {"base": {"lock.kept_mass": [0.02, 0.01, 0.03], "fork.entropy": [-0.1, -0.3, 0.05]}}}
+    plots.diagnostics({"base": model, "ssd-none": model}, tmp_path / "d.png", mechanism)
+    panel = drawn[0].axes[3]
+    # One horizontal error bar per (arm, other, statistic), spanning exactly its CI.
+    spans = sorted(tuple(np.round(seg[:, 0], 6)) for c in panel.containers for seg in c.lines[2][0].get_segments())
+    assert spans == [(-0.3, 0.05), (0.01, 0.03)]
+    assert [t.get_text() for t in panel.get_yticklabels()] == ["ssd-none vs base: lock kept mass",
+                                                               "ssd-none vs base: fork entropy"]

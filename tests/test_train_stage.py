@@ -216,6 +216,7 @@ def test_lora_train_resumes_after_sigkill(tmp_path, tiny_model):
     assert not ckpt.exists(), "the checkpoint is removed once the model is saved"
     weights = load_file(root / "models/ssd-none/model.safetensors")
     assert weights.keys() == uninterrupted.keys()
+    assert {t.dtype for t in weights.values()} == {torch.float32}  # trained without bf16: saved as computed
     for name, tensor in weights.items():
         torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-5, atol=1e-6, msg=name)
     kept = sum(1 for l in (root / "filtered/ssd-none/train.jsonl").read_text().splitlines() if l.strip())
@@ -231,3 +232,13 @@ def test_lora_train_resumes_after_sigkill(tmp_path, tiny_model):
     base = json.loads((root / "models/base/generation_config.json").read_text())
     decoding = ("do_sample", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
     assert [gen.get(k) for k in decoding] == [base.get(k) for k in decoding]
+
+
+def test_the_model_is_saved_in_train_save_dtype(tmp_path, tiny_model, monkeypatch):
+    # Trained in fp32 (bf16 off) and written in bf16 because the param says so; auto -> float32
+    # is checked by the resume test, auto -> bfloat16 (bf16 on) by the pipeline test.
+    root = train_workspace(tmp_path, tiny_model, [row("q", "a\n"), row("r", "b\n")], save_dtype="bfloat16")
+    assert run_train(root, monkeypatch) == 0
+    weights = load_file(root / "models/ssd-none/model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert json.loads((root / "models/ssd-none/config.json").read_text())["dtype"] == "bfloat16"

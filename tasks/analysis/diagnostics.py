@@ -53,18 +53,59 @@ def truncation_mask(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     return keep
 
 
+CANDIDATE_MARGIN = 16  # candidates beyond top_k, so that ties at the k-th value after scaling are in reach
+
+
+def candidates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's tokens that top-k can keep at any temperature, by descending logit:
+    (values, vocab ids). Scaling by T keeps the order, so truncation at every T is decided on
+    these few columns instead of a sort of the vocabulary per T."""
+    vocab = logits.size(-1)
+    width = vocab if not top_k or top_k + CANDIDATE_MARGIN >= vocab else top_k + CANDIDATE_MARGIN
+    values, ids = logits.topk(width, dim=-1)  # sorted, descending
+    return values, ids
+
+
+def kept_candidates(values: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor | None:
+    """truncation_mask's rule on `candidates`' columns (descending logits): which survive
+    temperature -> top-k -> top-p. None where a column outside them could tie the k-th value
+    after scaling (the caller then widens to the whole vocabulary)."""
+    scaled = values / max(temperature, 1e-6)
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    if top_k and top_k < scaled.size(-1):
+        kth = scaled[:, top_k - 1:top_k]
+        keep = scaled >= kth
+        if bool(keep[:, -1].any()):
+            return None
+    if top_p < 1.0:
+        probs = torch.softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
+        before = probs.cumsum(-1) - probs  # mass strictly above each column (columns are in descending order)
+        keep &= before < top_p
+    return keep
+
+
 def position_stats(logits: torch.Tensor, cfg, temperatures: list[float]) -> dict[str, torch.Tensor]:
-    """Per position ([positions x vocab] logits): the statistics in the module doc."""
+    """Per position ([positions x vocab] logits): the statistics in the module doc. Truncation
+    is truncation_mask's, computed on the top-k candidates (tests compare the two)."""
     logits = logits.float()
     probs = torch.softmax(logits, dim=-1)
     top = probs.topk(RANKS, dim=-1).values
-    keep = truncation_mask(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-    tempered = torch.softmax(logits / max(cfg.temperature, 1e-6), dim=-1)
-    truncated = (tempered * keep) / (tempered * keep).sum(-1, keepdim=True)
+    values, ids = candidates(logits, cfg.top_k)
+
+    def keep_at(temperature: float) -> torch.Tensor:
+        nonlocal values, ids
+        keep = kept_candidates(values, temperature, cfg.top_k, cfg.top_p)
+        if keep is None:  # ties beyond the candidates: every column
+            values, ids = candidates(logits, 0)
+            keep = kept_candidates(values, temperature, cfg.top_k, cfg.top_p)
+        return keep
+
+    keep = keep_at(cfg.temperature)
+    truncated = torch.softmax((values / max(cfg.temperature, 1e-6)).masked_fill(~keep, float("-inf")), dim=-1)
     entropy = -(truncated * truncated.clamp_min(1e-30).log()).sum(-1)
-    surviving = torch.stack([truncation_mask(logits, t, cfg.top_k, cfg.top_p).sum(-1).float()
-                             for t in temperatures], dim=-1)
-    return {"cum_mass": top.cumsum(-1), "kept_mass": (probs * keep).sum(-1), "entropy": entropy,
+    kept_mass = (probs.gather(-1, ids) * keep).sum(-1)
+    surviving = torch.stack([keep_at(t).sum(-1).float() for t in temperatures], dim=-1)
+    return {"cum_mass": top.cumsum(-1), "kept_mass": kept_mass, "entropy": entropy,
             "surviving": surviving, "top1": top[:, 0], "top2": top[:, 1]}
 
 

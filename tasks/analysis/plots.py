@@ -50,10 +50,13 @@ def difficulty_bands(sets: dict[str, dict], out: str | Path) -> None:
     _save(fig, out)
 
 
-def diagnostics(metrics: dict[str, dict], out: str | Path) -> None:
+def diagnostics(metrics: dict[str, dict], out: str | Path, mechanism: dict | None = None) -> None:
     """metrics: model -> diagnose/<model>/metrics.json. Cumulative mass by rank at lock and fork
-    positions, and tokens surviving truncation over the T sweep."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    positions, tokens surviving truncation over the T sweep, and (mechanism: the report's
+    {arm: {other: {"lock.kept_mass": [delta, low, high], ...}}}) each arm's change against the
+    base and the null control with its CI."""
+    panels = 4 if mechanism else 3
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
     for model, m in metrics.items():
         for ax, cls in zip(axes[:2], ("lock", "fork")):
             if cls in m:
@@ -67,6 +70,16 @@ def diagnostics(metrics: dict[str, dict], out: str | Path) -> None:
         ax.legend()
     axes[2].set(xlabel="T_eval", ylabel="tokens surviving top-k/top-p", title="surviving tokens vs temperature")
     axes[2].legend()
+    if mechanism:
+        rows = [(f"{arm} vs {other}: {key.replace('.', ' ').replace('_', ' ')}", *values)
+                for arm, versus in mechanism.items() for other, compared in versus.items()
+                for key, values in compared.items()]
+        for y, (_, delta, low, high) in enumerate(rows):
+            axes[3].errorbar(delta, y, xerr=[[delta - low], [high - delta]], fmt="o", capsize=3,
+                             color="C0" if low > 0 or high < 0 else "C7")  # grey: the CI includes 0
+        axes[3].axvline(0, color="black", linewidth=0.8)
+        axes[3].set_yticks(range(len(rows)), [label for label, *_ in rows], fontsize=7)
+        axes[3].set(xlabel="difference (paired CI over problems)", title="mechanism: change and its CI")
     _save(fig, out)
 
 

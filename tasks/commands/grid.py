@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 
 from tasks.core import paths
-from tasks.core.config import PARAMS_FILE, ParamsError, load_params, named, update_params_file
+from tasks.core.config import PARAMS_FILE, ParamsError, load_params, named
 from tasks.core.files import DataError, write_json, write_text
+from tasks.core.profiles import update_params_file
 
 PREFIX = "grid-"
 

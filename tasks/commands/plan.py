@@ -20,8 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from tasks.core.config import PARAMS_FILE, update_params_file, validate_params
+from tasks.core.config import PARAMS_FILE, validate_params
 from tasks.core.plan import GiB, Machine, StagePlan, dvc_cache_type, plan, refusals, total_disk, total_seconds
+from tasks.core.profiles import update_params_file
 from tasks.core.shapes import model_shape
 
 DEFAULT_PROMPT_TOKENS = 1024

@@ -13,7 +13,8 @@ import argparse
 import re
 from pathlib import Path
 
-from tasks.core.config import PARAMS_FILE, ParamsError, missing_problem_files, update_params_file
+from tasks.core.config import PARAMS_FILE, ParamsError, missing_problem_files
+from tasks.core.profiles import update_params_file
 
 PROFILES_DIR = Path("profiles")
 
@@ -54,4 +55,4 @@ def command_making(file: str, profile: Path) -> str:
         comment = line.partition("#")[2].strip()
         if comment.startswith("selfdistill problems") and re.search(rf"-o {re.escape(file)}(\s|$)", comment):
             return comment
-    return f"selfdistill problems import --format rstar-coder|livecodebench SRC -o {file}   (README: Problem sets)"
+    return f"selfdistill problems import --format rstar-coder|livecodebench SRC -o {file}   (docs/problems.md)"

@@ -9,6 +9,7 @@ an overlay of only the keys it changes (`selfdistill profile tiny`).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -19,6 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valid
                       field_validator, model_validator)
 
 from tasks.core.backend_registry import BACKEND_NAMES, unsupported
+from tasks.core.params_trace import traced
 
 PARAMS_FILE = Path(os.environ.get("SELFDISTILL_PARAMS", "params.yaml"))
 
@@ -129,8 +131,15 @@ class CodeIOConfig(Strict):
 
     tests: StrictInt = Field(ge=1)  # tests per problem
     seed: StrictInt
-    max_problems: StrictInt = Field(ge=0)  # converted problems; 0: all
+    max_problems: StrictInt = Field(ge=0)  # the pool: the first N distinct problems of the files; 0: all
     timeout_s: float = Field(gt=0)  # per reference run
+    # needed: only the problems prepare draws (the first of data.split_seed's order in each part,
+    # the data.* sets filled; tasks/problemsets/codeio.py), what prepare then chooses being what a
+    # full conversion would lead it to; all: every problem of the pool.
+    convert: Literal["needed", "all"]
+    # needed: train prompts converted beyond data.train.max_problems, as a share of it, for the
+    # ones prepare drops to decontamination (prepare stops, naming this key, when they fall short).
+    margin: float = Field(ge=0)
 
 
 class DecodingConfig(Strict):
@@ -167,9 +176,30 @@ class Truncation(Strict):
     min_p: float = Field(ge=0, le=1)
 
 
+def sample_stage_lists(configs: list[str], shards: int) -> dict[str, list]:
+    """What dvc.yaml's sample stages iterate over, for these config names and `shards` (DVC's
+    interpolation cannot count to `shards`, so params.yaml carries the lists as sample.stages):
+    whole: sample@<config>, one stage per config (shards 1); sharded: sample-merge@<config>;
+    shard: with `sharded`, sample-shard@<config>-<i>, i = 0 .. shards-1."""
+    if shards == 1:
+        return {"whole": list(configs), "sharded": [], "shard": []}
+    return {"whole": [], "sharded": list(configs), "shard": list(range(shards))}
+
+
+class SampleStages(Strict):
+    """sample.stages: sample_stage_lists(sample.configs, sample.shards), written by
+    update_params_file (`selfdistill profile`, `selfdistill flow run --set`); read by dvc.yaml."""
+
+    whole: list[str]
+    sharded: list[str]
+    shard: list[StrictInt]
+
+
 class SamplingConfig(Strict):
     """The frozen base model's decoding at T_train: one `sample@<name>` stage per named config,
-    the rest shared by all of them."""
+    the rest shared by all of them. shards > 1: each config's batches are split over `shards`
+    stages sample-shard@<name>-<i> (batches b with b % shards == i), merged by sample-merge@<name>
+    into the rows one stage writes."""
 
     backend: Literal[BACKEND_NAMES]
     n: StrictInt = Field(ge=1)
@@ -178,6 +208,8 @@ class SamplingConfig(Strict):
     batch_size: StrictInt = Field(ge=1)
     slots: StrictInt = Field(ge=1)
     max_batch_tokens: StrictInt = Field(ge=0)  # DecodingConfig.max_batch_tokens
+    shards: StrictInt = Field(ge=1)
+    stages: SampleStages
     configs: dict[str, Truncation] = Field(min_length=1)
 
     @field_validator("configs", mode="before")
@@ -186,6 +218,17 @@ class SamplingConfig(Strict):
         if isinstance(configs, dict):
             _file_safe("sampling config", configs)
         return configs
+
+    @model_validator(mode="after")
+    def _stages_follow_shards(self) -> "SamplingConfig":
+        expected = sample_stage_lists(list(self.configs), self.shards)
+        if self.stages.model_dump() != expected:
+            flow = ", ".join(f"{k}: {json.dumps(v)}" for k, v in expected.items())
+            raise ValueError(f"stages {self.stages.model_dump()} is not what shards: {self.shards} and configs "
+                             f"({', '.join(self.configs)}) make (dvc.yaml's sample stages iterate over it): set "
+                             f"sample.stages to {{{flow}}}; `selfdistill profile` and `selfdistill flow run "
+                             f"--set` write it for you")
+        return self
 
     @model_validator(mode="after")
     def _backend_can_sample(self) -> "SamplingConfig":
@@ -244,7 +287,7 @@ class TrainConfig(Strict):
     # inside each example); false: one padded row per example.
     packing: StrictBool
     # Most tokens in one packed row (0: the whole micro-batch in one row). On CPU attention
-    # over a packed row costs the square of its length (README: Training).
+    # over a packed row costs the square of its length (docs/training.md).
     pack_tokens: StrictInt = Field(ge=0)
     # Logits only at answer positions (never the prompt's, never a full fp32 [tokens x vocab]).
     lean_loss: StrictBool
@@ -252,6 +295,15 @@ class TrainConfig(Strict):
     # An accelerate config file (multi-GPU, FSDP, DeepSpeed): the stage relaunches itself under
     # `accelerate launch --config_file <it>`; empty: one process.
     accelerate: str
+    # The dtype models/<arm> is written in. auto: the dtype it computed in (bfloat16 under
+    # train.bf16, else float32); the fp32 master weights are rounded to it once, at save.
+    save_dtype: Literal["auto", "bfloat16", "float16", "float32"]
+
+    @property
+    def saved_dtype(self) -> str:
+        if self.save_dtype != "auto":
+            return self.save_dtype
+        return "bfloat16" if self.bf16 else "float32"
 
     @model_validator(mode="after")
     def _lr_order(self) -> "TrainConfig":
@@ -433,91 +485,12 @@ def validate_params(raw: object, source: str = "params.yaml", workspace: str | o
         raise ParamsError("\n".join(lines)) from None
 
 
-class _TracedParams:
-    """A read-only view of the params that records each key read (SELFDISTILL_TRACE_PARAMS=FILE):
-    the tests compare what every stage reads with the params dvc.yaml declares for it."""
-
-    def __init__(self, model: BaseModel, prefix: str, seen: set[str]):
-        self._model, self._prefix, self._seen = model, prefix, seen
-
-    def __getattr__(self, name: str):
-        value = getattr(self._model, name)
-        if name in type(self._model).model_fields:
-            if isinstance(value, BaseModel):
-                return _TracedParams(value, f"{self._prefix}{name}.", self._seen)
-            if isinstance(value, dict) and all(isinstance(v, BaseModel) for v in value.values()):
-                return _TracedMapping(value, f"{self._prefix}{name}", self._seen)
-            self._seen.add(self._prefix + name)
-        elif name in ("model_dump", "model_dump_json", "model_copy"):  # counted as reading every key
-            def read_all(*args, **kwargs):
-                self._seen.update(self._prefix + key for key in _flat_keys(self._model.model_dump()))
-                return value(*args, **kwargs)
-            return read_all
-        return value
-
-
-class _TracedMapping:
-    """A named section (sample.configs, arms): one entry read is that entry's keys read; the
-    names themselves (iterating, `in`, len) are the whole section read."""
-
-    def __init__(self, mapping: dict, prefix: str, seen: set[str]):
-        self._mapping, self._prefix, self._seen = mapping, prefix, seen
-
-    def __getitem__(self, name: str):
-        return _TracedParams(self._mapping[name], f"{self._prefix}.{name}.", self._seen)
-
-    def _names(self) -> list[str]:
-        self._seen.add(self._prefix)
-        return list(self._mapping)
-
-    def __iter__(self):
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names()
-
-    def keys(self):
-        return self._names()
-
-    def items(self):
-        return [(name, self[name]) for name in self._names()]
-
-    def values(self):
-        return [self[name] for name in self._names()]
-
-
-def _flat_keys(values: dict, prefix: str = "") -> list[str]:
-    return [key for name, value in values.items()
-            for key in (_flat_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name])]
-
-
-def _traced(params: Params) -> Params:
-    trace = os.environ.get("SELFDISTILL_TRACE_PARAMS")
-    if not trace:
-        return params
-    import atexit
-    import json
-    import sys
-
-    seen: set[str] = set()
-    command = " ".join(["python -m tasks." + Path(sys.argv[0]).stem, *sys.argv[1:]])
-
-    def record() -> None:
-        with open(trace, "a") as f:
-            f.write(json.dumps({"cmd": command, "keys": sorted(seen)}) + "\n")
-
-    atexit.register(record)
-    return _TracedParams(params, "", seen)  # type: ignore[return-value]
-
-
 def load_params(path: str | os.PathLike | None = None) -> Params:
-    return _traced(_load_params(path))
+    return traced(read_params(path))
 
 
-def _load_params(path: str | os.PathLike | None = None) -> Params:
+def read_params(path: str | os.PathLike | None = None) -> Params:
+    """The params file, validated (load_params without the trace)."""
     path = Path(path or PARAMS_FILE)
     try:
         with open(path) as f:  # a file object, so YAML errors name the file, not "<unicode string>"
@@ -527,98 +500,6 @@ def _load_params(path: str | os.PathLike | None = None) -> Params:
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     return validate_params(raw if raw is not None else {}, str(path), path.parent)
-
-
-# Named sections: a profile that names them gives the whole set (the arms of a profile are its
-# arms, not those of params.yaml plus its own); a key=value override still sets one leaf.
-NAMED_SECTIONS = ("arms", "sample.configs")
-
-
-def merge(raw: dict, overlay: dict, where: str, whole: tuple[str, ...] = (), at: str = "") -> dict:
-    """Set each leaf of `overlay` in `raw` (lists, and the sections named in `whole`, are values:
-    replaced whole); `where` names the source of the overlay in errors."""
-    for key, value in overlay.items():
-        path = f"{at}{key}"
-        if isinstance(value, dict) and path not in whole:
-            node = raw.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ParamsError(f"{where}: {key} is not a section")
-            merge(node, value, f"{where}: {key}", whole, f"{path}.")
-        else:
-            raw[key] = value
-    return raw
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`key.sub=value` overrides, values parsed as YAML 1.2 (like `dvc exp run -S`: 1e-4 is a float)."""
-    from ruamel.yaml import YAML
-
-    parse = YAML(typ="safe").load
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ParamsError(f"override {item!r}: expected key=value")
-        overlay: dict = {}
-        node = overlay
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = parse(value)
-        merge(raw, overlay, f"override {item!r}", whole=(key,))  # a mapping given for a key: that key's whole value
-    return raw
-
-
-def read_profile(path: str | os.PathLike) -> dict:
-    """A profile: an overlay of params.yaml holding only the keys it changes."""
-    path = Path(path)
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except (FileNotFoundError, IsADirectoryError):
-        raise ParamsError(f"{path}: no such file") from None
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
-    return raw
-
-
-def update_params_file(path: str | os.PathLike, overrides: list[str] = (), profile: str | os.PathLike | None = None,
-                       write: bool = True, require_files: bool = True) -> Params:
-    """Validate the params file with a profile and then `key=value` overrides applied; write it
-    back (atomically, comments and key order kept) if `write`. Nothing is written unless the
-    result passes the schema (with require_files False, problem files may be missing yet)."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError
-
-    from tasks.core.files import write_text
-
-    path = Path(path)
-    if not overrides and profile is None:
-        return _load_params(path)
-    yaml_rt = YAML()  # round-trip mode: keeps the file's comments and key order
-    try:
-        raw = yaml_rt.load(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: no such file") from None
-    except YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    raw = raw if raw is not None else {}
-    sources = []
-    if profile is not None:
-        merge(raw, read_profile(profile), str(profile), whole=NAMED_SECTIONS)
-        sources.append(f"profile {profile}")
-    if overrides:
-        apply_overrides(raw, list(overrides))
-        sources.append(f"--set {' '.join(overrides)}")
-    params = validate_params(raw, f"{path} with {' and '.join(sources)}", path.parent, require_files)
-    if write:
-        import io
-
-        text = io.StringIO()
-        yaml_rt.dump(raw, text)
-        write_text(path, text.getvalue())
-    return params
 
 
 # A stage's exit status for a failure that a rerun would repeat: bad params or data (the loss

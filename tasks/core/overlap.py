@@ -14,8 +14,8 @@ still shares 13-grams; a paraphrase does not (this check does not claim to find 
 
 A problem's text is what a model is shown of it: `question` (+ `starter_code`) for the stdin and
 call kinds, the code `prompt` for HumanEval's; never the pipeline's own instruction wrapper.
-N-grams that occur in more than `max_shared` distinct problems of everything compared are
-template text (CodeIO's questions share their instructions around each description); they, and
+N-grams that occur in more than `max_shared` distinct problems of everything compared (prepare:
+every problem of the sources it loads, CodeIO's converted or not) are template text (CodeIO's questions share their instructions around each description); they, and
 every window that reaches into the tokens they cover, are ignored: they say nothing about one
 problem, and a window of a description's last words plus the instructions after it would match
 any description ending the same way. A text shorter than n tokens is one gram of all its tokens,
@@ -132,18 +132,25 @@ class Index:
 
 def decontaminate(candidates: list[dict], references: dict[str, list[dict]], n: int = NGRAM,
                   max_shared: int = MAX_SHARED, min_tokens: int = MIN_TOKENS,
-                  examples: int = 5) -> tuple[list[dict], dict]:
+                  examples: int = 5, corpus: Iterable[dict] = ()) -> tuple[list[dict], dict]:
     """(the candidates that overlap no reference problem, a report). A candidate overlaps a
     reference when the content n-grams they share cover at least `min_tokens` of its tokens, or
     as many as the reference has outside template text where that is fewer (a short problem
     copied whole).
     A candidate is dropped if it overlaps any reference set; the report counts it under every set
     it overlaps (`dropped`), once in `dropped_total`, and names the first few pairs per set. A
-    candidate that is itself one of the references (same task_id) is never compared with itself."""
+    candidate that is itself one of the references (same task_id) is never compared with itself.
+    Template n-grams are counted over the candidates, the references and `corpus` (problems by
+    task_id, each once): a caller passes whole pools there so the template text does not depend
+    on which of their problems became candidates."""
     texts = {p["task_id"]: gram_list(problem_text(p), n) for p in candidates}
     for problems in references.values():
         texts.update({p["task_id"]: gram_list(problem_text(p), n) for p in problems if p["task_id"] not in texts})
-    template = shared_ngrams((set(g) for g in texts.values()), max_shared)
+    counted = dict(texts)
+    for p in corpus:
+        if p["task_id"] not in counted:
+            counted[p["task_id"]] = gram_list(problem_text(p), n)
+    template = shared_ngrams((set(g) for g in counted.values()), max_shared)
     grams = {task_id: content_grams(g, template, n) for task_id, g in texts.items()}
     # a reference's own tokens, template text left out: all of them copied is a copy
     lengths = {p["task_id"]: reference_length(p, texts[p["task_id"]], template, n)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 CODEIO_PROBLEMS = "data/codeio/problems.jsonl"
 CODEIO_SOURCE = "data/codeio/source.json"
+CODEIO_CATALOG = "data/codeio/catalog.jsonl"  # every distinct problem's prompt and whether it was converted
 BASE_MODEL = "models/base"
 TRAIN_PROBLEMS = "data/train.jsonl"
 VALIDATION_PROBLEMS = "data/validation.jsonl"  # where each model's T_eval is chosen
@@ -39,6 +40,16 @@ def samples(config: str) -> str:
 
 def sample_stats(config: str) -> str:
     return f"samples/{config}/stats.json"
+
+
+def sample_shards_dir(config: str) -> str:
+    """sample.shards > 1: the shards of one sampling config, merged into samples(config)."""
+    return f"samples/{config}/shards"
+
+
+def sample_shard(config: str, shard: int | str) -> str:
+    """Shard `shard`'s rows (its batches of the whole run's plan), as sample-shard@<config>-<shard> wrote them."""
+    return f"{sample_shards_dir(config)}/{shard}.jsonl"
 
 
 def filtered_samples(arm: str) -> str:
@@ -107,6 +118,13 @@ def repeat_samples(name: str, eval_set: str, seed: int) -> str:
 def validation_samples(name: str, temperature: float) -> str:
     """A model's answers to the validation set at one T_eval of the sweep."""
     return f"{eval_samples_dir(name)}/validation/T{temperature:g}.jsonl"
+
+
+def eval_pass(name: str, what: str) -> str:
+    """One decoding pass of `evaluate` that fills several of its sample files at once (`validation`:
+    the whole T_eval sweep; `test.seed<s>`: every test set at one seed): the name its partial work
+    is kept under (partial_of), not a file that is written."""
+    return f"{eval_samples_dir(name)}/{what}"
 
 
 def eval_metrics(name: str) -> str:

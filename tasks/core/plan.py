@@ -33,19 +33,19 @@ from tasks.core.shapes import BYTES, ModelShape
 GiB = 1024 ** 3
 
 # What a process holds before any tensor. In RAM, the libraries it imports: measured as ru_maxrss
-# after the imports (this project's 2-core machine, torch 2.13, transformers 5.25, 2026-12-07):
+# after the imports (this project's 2-core machine, torch 2.13, transformers 5.25; docs/results/training.md):
 # torch + transformers 0.24 GiB (decoding, model, diagnose); the train stage with TRL's
 # SFTTrainer, datasets, accelerate and peft 0.44 GiB. On a GPU, the CUDA context and cuBLAS
 # workspace: about 0.5 GiB (typical for recent torch on H100-class GPUs; not measured here).
 RUNTIME = {"cpu": 0.24 * GiB, "cpu-train": 0.44 * GiB, "gpu": 0.5 * GiB}
 LOSS_CHUNK = 256  # tasks/training/sft.py LOSS_CHUNK (tests/test_plan.py checks the two agree)
 CHECKPOINTS_KEPT = 2  # tasks/training/sft.py training_args: save_total_limit
-PREFILL_TOKENS = 2048  # the continuous backends prefill in ~2k-token forwards (README: Sampling backends)
+PREFILL_TOKENS = 2048  # the continuous backends prefill in ~2k-token forwards (docs/sampling.md)
 TEXT_BYTES_PER_TOKEN = 4  # JSONL text: ~4 characters per token of code
 HUMANEVAL_PROBLEMS = 164
 CODEIO_PROBLEMS_AT_MOST = 3240  # distinct problems in reasoning-gym's CodeIO files (SSD-NOTES)
 SMOLLM2 = 134_515_008  # parameters of the model every throughput below was measured on
-# RSS over live tensors of the default train@ssd-none on CPU (README: Training): the stage's peak RSS
+# RSS over live tensors of the default train@ssd-none on CPU (docs/results/training.md): the stage's peak RSS
 # 3.55 GiB against its live peak 2.94 GiB (every tensor over 128 KiB mmapped), despite the per-layer
 # malloc_trim: freed pages glibc keeps. GPU stages count no allocator overhead (not measured).
 CPU_HEAP_RETAINED = 3.55 / 2.94 - 1
@@ -72,16 +72,16 @@ class Rate:
         return rate
 
 
-_CPU_BENCH = "README (Sampling backends): SmolLM2-135M, 2 CPU cores, 2026-11-28"
+_CPU_BENCH = "docs/results/sampling.md: SmolLM2-135M, 2 CPU cores, 2026-11-28"
 RATES = {
     ("cpu", "continuous-int8"): Rate(454.5, _CPU_BENCH, SMOLLM2, 2),
     ("cpu", "continuous"): Rate(263.3, _CPU_BENCH, SMOLLM2, 2),
     ("cpu", "transformers"): Rate(76.8, _CPU_BENCH, SMOLLM2, 2),
-    ("cpu", "ctranslate2"): Rate(94.0, "README (Sampling backends): CTranslate2 int8, batch 32, SmolLM2-135M, 2 CPU "
+    ("cpu", "ctranslate2"): Rate(94.0, "docs/results/sampling.md: CTranslate2 int8, batch 32, SmolLM2-135M, 2 CPU "
                                        "cores (ctranslate2-float32: not measured, this rate)", SMOLLM2, 2),
     ("gpu", "transformers"): Rate(2100.0, "SSD-NOTES: SmolLM2-135M on one H200, three jobs sharing it, 2026-11-28 "
                                           "(vllm: not measured, this rate)"),
-    ("cpu", "train"): Rate(62.0, "README (Training): the stage as shipped, answer tokens/s, SmolLM2-135M, 2 CPU "
+    ("cpu", "train"): Rate(62.0, "docs/results/training.md: the stage as shipped, answer tokens/s, SmolLM2-135M, 2 CPU "
                                  "cores", SMOLLM2, 2),
     ("gpu", "train"): Rate(8500.0, "SSD-NOTES: answer tokens/s, SmolLM2-135M on one H200"),
 }
@@ -144,17 +144,44 @@ class StagePlan:
 
 # --- the counts: how many problems each set will have (tasks/prepare.py's split, without data) ---
 
+def source_ids(source: str, workspace: Path) -> list[str] | None:
+    """The task_ids of a source's problems where its file is here (CodeIO: every problem of the
+    `codeio` stage's catalog it did not drop, the unconverted ones counted as kept: an upper
+    bound), else None."""
+    from tasks.core.files import iter_jsonl
+    from tasks.core.problems import humaneval_path
+
+    catalog = workspace / paths.CODEIO_CATALOG
+    if source == "codeio" and catalog.is_file():
+        return [row["task_id"] for _, row in iter_jsonl(catalog) if row.get("status") != "dropped"]
+    file = humaneval_path() if source == "humaneval" else workspace / (
+        paths.CODEIO_PROBLEMS if source == "codeio" else source)
+    if not file.is_file():
+        return None
+    return [row.get("task_id") for _, row in iter_jsonl(file)]
+
+
 def source_size(source: str, params, workspace: Path) -> int | None:
     """Problems a source holds: counted where its file is here, else what is known of it."""
     if source == "humaneval":
         return HUMANEVAL_PROBLEMS
-    file = workspace / (paths.CODEIO_PROBLEMS if source == "codeio" else source)
-    if file.is_file():
-        with open(file) as f:
-            return sum(1 for line in f if line.strip())
+    ids = source_ids(source, workspace)
+    if ids is not None:
+        return len(ids)
     if source == "codeio":
         return params.codeio.max_problems or CODEIO_PROBLEMS_AT_MOST
     return None  # a problems file not made yet
+
+
+def held_out_count(source: str, size: int, data, workspace: Path) -> int:
+    """Problems the split holds out of `source` (tasks/core/problems.py's split_problems): counted
+    by is_held_out where the task_ids are here, else the expected share."""
+    from tasks.core.problems import is_held_out
+
+    ids = source_ids(source, workspace)
+    if ids is None:
+        return max(1, round(size * data.eval_fraction))
+    return max(1, sum(is_held_out(str(t), data.eval_fraction, data.split_seed) for t in ids))
 
 
 def _cut(pool: int | None, max_problems: int) -> int | None:
@@ -172,7 +199,7 @@ def problem_counts(params, workspace: Path) -> dict:
     for_eval = dict(pools)
     for_train = pools[data.train.source]
     if any(e.source == data.train.source for e in data.eval) and for_train is not None:
-        held_out = max(1, round(for_train * data.eval_fraction))
+        held_out = held_out_count(data.train.source, for_train, data, workspace)
         for_train, for_eval[data.train.source] = for_train - held_out, held_out
     from_train = data.validation.source == data.train.source
     validation = _cut(for_train if from_train else for_eval[data.validation.source], data.validation.max_problems)
@@ -349,9 +376,10 @@ def dvc_cache_type(workspace: Path) -> str:
 
 
 def cache_copies(cache_type: str) -> int:
-    """Extra copies DVC keeps of a cached output: none through links, one where it copies (a
-    reflink shares blocks only on filesystems that have them: counted as a copy)."""
-    return 0 if cache_type.split(",")[0].strip() in ("hardlink", "symlink") else 1
+    """Extra copies DVC keeps of a cached output: none where the list names a hardlink or symlink
+    (DVC takes the first type that works), one where it can only copy (a reflink shares blocks
+    only on filesystems that have them: counted as a copy)."""
+    return 0 if {t.strip() for t in cache_type.split(",")} & {"hardlink", "symlink"} else 1
 
 
 # --- the plan ---
@@ -439,11 +467,26 @@ def plan(params, shape: ModelShape, machine: Machine, prompt_tokens: int = 1024,
 
     sample, train_problems = params.sample, counts["train"]
     samples = _product(train_problems, sample.n)
-    for_config = [f"sample@{name}" for name in sample.configs]
-    stage = decoding("sample", sample, for_config, samples,
-                     f"problems x samples: at most {at_most(train_problems)} train prompts x {sample.n} = {at_most(samples)}")
-    stage.disk = [Disk("samples/<config>/samples.jsonl and its DVC cache copy",
-                       (1 + copies) * (samples or 0) * (prompt_tokens + 2 * sample.max_new_tokens) * TEXT_BYTES_PER_TOKEN)]
+    if sample.shards == 1:
+        for_config, per_stage, work = [f"sample@{name}" for name in sample.configs], samples, ""
+    else:  # shard i decodes the batches b % shards == i of the config's plan; the merge writes them again
+        for_config = [f"sample-shard@{name}-{i}" for name in sample.configs for i in range(sample.shards)]
+        batches = None if samples is None else math.ceil(samples / sample.batch_size)
+        per_stage = None if samples is None else min(samples, math.ceil(batches / sample.shards) * sample.batch_size)
+        work = f"; in sample.shards {sample.shards} shards of at most {at_most(per_stage)} each"
+    stage = decoding("sample", sample, for_config, per_stage,
+                     f"problems x samples: at most {at_most(train_problems)} train prompts x {sample.n} = "
+                     f"{at_most(samples)}{work}")
+    row_bytes = (prompt_tokens + 2 * sample.max_new_tokens) * TEXT_BYTES_PER_TOKEN
+    stage.disk = [Disk("samples/<config>/samples.jsonl and its DVC cache copy" if sample.shards == 1 else
+                       "samples/<config>/shards/<i>.jsonl and its DVC cache copy",
+                       (1 + copies) * (per_stage or 0) * row_bytes)]
+    if sample.shards > 1 and batches is not None and batches < sample.shards:
+        stage.notes.append(f"{batches} batch(es) of sample.batch_size {sample.batch_size} for {sample.shards} shards: "
+                           f"{sample.shards - batches} shard(s) get none (lower sample.batch_size or sample.shards)")
+    if sample.shards > 1:
+        stage.notes.append(f"sample-merge@<config> (CPU, seconds) then writes samples/<config>/samples.jsonl: "
+                           f"{(1 + copies) * (samples or 0) * row_bytes / GiB:.2f} GiB more per config")
     plans.append(stage)
 
     cfg = params.train
@@ -458,6 +501,7 @@ def plan(params, shape: ModelShape, machine: Machine, prompt_tokens: int = 1024,
     if tps and processes > 1 and not train_tps:
         tps, source = tps * processes, source + f" x {processes} processes"
     method = "full fine-tune" if cfg.method == "full" else f"LoRA r={cfg.lora_r}"
+    saved_bytes = BYTES[cfg.saved_dtype]
     stage = StagePlan(
         [f"train@{arm}" for arm in arms], device, f"{method}, AdamW, {layout}, on the {device.upper()}",
         [f"samples: at most {at_most(samples)} (the filter keeps fewer); {cfg.epochs:g} epoch(s), ~{at_most(steps)} "
@@ -465,7 +509,7 @@ def plan(params, shape: ModelShape, machine: Machine, prompt_tokens: int = 1024,
          f"answer tokens: at most {at_most(answer_tokens)}; micro-batch: {cfg.micro_batch_size} x {length:,} tokens "
          f"(train.max_length {cfg.max_length:,}, or the longest prompt + sample.max_new_tokens)"],
         training_memory(cfg, shape, cfg.micro_batch_size, length, device, processes, sharded),
-        [Disk("models/<arm>, fp32, and its DVC cache copy", (1 + copies) * 4 * P),
+        [Disk(f"models/<arm>, {cfg.saved_dtype}, and its DVC cache copy", (1 + copies) * saved_bytes * P),
          Disk(f"checkpoints/<arm>: {CHECKPOINTS_KEPT} kept while it trains (weights and AdamW state), removed after",
               CHECKPOINTS_KEPT * (4 * P + 8 * (P if cfg.method == "full" else lora_parameters(shape, cfg.lora_r))),
               transient=True)],
@@ -512,7 +556,8 @@ def plan(params, shape: ModelShape, machine: Machine, prompt_tokens: int = 1024,
 
     # publish: release/<arm> hard-links models/<arm>; DVC stores it as cache.type says
     plans.append(StagePlan([f"publish@{arm}" for arm in arms], "cpu", "files", ["weights hard-linked from models/<arm>"],
-                           [], [Disk("release/<arm> beyond models/<arm>: a copy where DVC copies", copies * 4 * P)]))
+                           [], [Disk("release/<arm> beyond models/<arm>: a copy where DVC copies",
+                                     copies * BYTES[params.train.saved_dtype] * P)]))
     return plans
 
 

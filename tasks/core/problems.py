@@ -12,6 +12,7 @@ Optional fields: difficulty, canonical_solution, starter_code, source, and for t
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
@@ -97,23 +98,38 @@ def load_problems(source: str, kinds: tuple[str, ...] = KINDS, prompted: bool = 
     return problems
 
 
+def rank_key(task_id: str, seed: int) -> str:
+    """A problem's place in the seeded random order: sha256 of (seed, task_id), as hex."""
+    return hashlib.sha256(f"{seed}:{task_id}".encode()).hexdigest()
+
+
+def is_held_out(task_id: str, eval_fraction: float, seed: int) -> bool:
+    """Whether a problem falls in the held-out share of a split: its rank_key, read as a number in
+    [0, 1), is below eval_fraction. It depends on the problem's own task_id only, so the held-out
+    problems are the first of the seeded order whatever else the pool holds."""
+    return int(rank_key(task_id, seed), 16) < eval_fraction * 2 ** 256
+
+
 def seeded_rank(problems: list[dict], seed: int) -> list[int]:
     """Indices of `problems` in a seeded random order that depends only on each problem's own
     task_id: a pool that gains or loses a problem (CodeIO's conversion keeps a few more or fewer
     from run to run) keeps every other problem's place, so the subsets drawn from it change by that one."""
-    def key(i: int) -> str:
-        return hashlib.sha256(f"{seed}:{problems[i]['task_id']}".encode()).hexdigest()
-    return sorted(range(len(problems)), key=key)
+    keys = [rank_key(p["task_id"], seed) for p in problems]
+    return sorted(range(len(problems)), key=keys.__getitem__)
 
 
 def split_problems(problems: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded, disjoint split into train prompts and held-out eval problems, each in pool order."""
-    order = seeded_rank(problems, seed)
-    n_eval = max(1, round(len(problems) * eval_fraction))
-    if n_eval >= len(problems):
+    """A seeded, disjoint split into train prompts and held-out eval problems, each in pool order.
+    A problem is held out when is_held_out says so (about eval_fraction of them), a rule of each
+    problem alone: which side a problem falls on never depends on how many others the pool holds
+    (so the `codeio` stage can convert only the problems the split's first places need). A pool
+    where no problem falls below the fraction holds out its first-ranked problem."""
+    held = [is_held_out(p["task_id"], eval_fraction, seed) for p in problems]
+    if not any(held) and problems:
+        held[seeded_rank(problems, seed)[0]] = True
+    if all(held):
         raise DataError(f"data.eval_fraction={eval_fraction} leaves no train prompts from {len(problems)} problems")
-    eval_idx, train_idx = sorted(order[:n_eval]), sorted(order[n_eval:])
-    return [problems[i] for i in train_idx], [problems[i] for i in eval_idx]
+    return ([p for p, h in zip(problems, held) if not h], [p for p, h in zip(problems, held) if h])
 
 
 def chat_messages(problem: dict) -> list[dict]:
@@ -133,6 +149,39 @@ def seeded_subset(problems: list[dict], size: int, seed: int) -> list[dict]:
         return problems
     chosen = sorted(seeded_rank(problems, seed)[:size])
     return [problems[i] for i in chosen]
+
+
+@dataclasses.dataclass(frozen=True)
+class Draw:
+    """What tasks/prepare.py takes from one problem source, each part's problems the first of the
+    seeded order (rank_key with data.split_seed) that survive what prepare drops. Sizes are
+    problem counts; None: all of the part."""
+    near_duplicates: bool  # the train source: its near-duplicates are dropped before the split
+    split: bool  # train and an eval set share the source: is_held_out parts
+    held_out: int | None  # the held-out part's first problems the eval sets take (split only)
+    rest: int | None  # the first problems of the rest (the whole source when not split)
+    train: int  # of `rest`, the train prompts: decontamination may drop some of them first
+
+
+def source_draw(data, source: str) -> Draw | None:
+    """The Draw prepare makes from `source` under the data.* params (a DataConfig); None when no
+    set uses it. Eval sets from one source each take the first of the same part (the largest
+    decides); the validation set comes first out of the part it shares."""
+    evals = [s.max_problems for s in data.eval if s.source == source]
+    validation = [data.validation.max_problems] if data.validation.source == source else []
+    if source != data.train.source and not evals and not validation:
+        return None
+
+    def total(*sizes: int) -> int | None:
+        return None if any(size == 0 for size in sizes) else sum(sizes)
+
+    largest = [0 if 0 in evals else max(evals)] if evals else []
+    if source == data.train.source:
+        split = bool(evals)
+        held = total(*largest) if split else 0
+        return Draw(near_duplicates=True, split=split, held_out=held,
+                    rest=total(data.train.max_problems, *validation), train=data.train.max_problems)
+    return Draw(near_duplicates=False, split=False, held_out=0, rest=total(*validation, *largest), train=0)
 
 
 def difficulty_band(difficulty) -> str | None:

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import ast
 import collections
+import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import sys
 import time
 import warnings
@@ -42,6 +44,8 @@ from tasks import sandbox
 from tasks.core import files
 from tasks.core.files import DataError
 from tasks.core.jobs import DEFAULT_ATOL
+from tasks.core.overlap import near_duplicate_key
+from tasks.core.problems import Draw, is_held_out, rank_key
 from tasks.problemsets import MalformedRow, Report, json_roundtrip, read_local
 from tasks.sandbox.jail import compare
 
@@ -372,11 +376,95 @@ def problem_row(candidate: Candidate) -> dict:
     return out
 
 
-def convert(tests: int = 5, limit: int | None = None, seed: int = 0, timeout_s: float = 5.0,
-            memory_mb: int = 1024, workers: int = 0, paths: list[Path] | None = None,
-            progress: bool = False) -> tuple[list[dict], Report]:
-    """CodeIO -> (problems, report). `paths` defaults to reasoning-gym's two files; `limit`
-    takes the first N distinct problems (for a quick run)."""
+def run_candidates(candidates: list[Candidate], tests: int, seed: int, timeout_s: float, memory_mb: int,
+                   workers: int, report: Report, progress: bool) -> list[Candidate]:
+    """Pass 1 and pass 2 over `candidates` (each problem's outcome depends on itself alone: every
+    program runs in a process of its own, forked fresh); the kept ones, in the given order. Drops
+    are counted in `report`."""
+    if not candidates:
+        return []
+    log = _logger(progress)
+    jobs = [sandbox.ValuesJob(harness(c), CASE_FUNCTION,
+                              [[seed * 1_000_003 + i] for i in range(2 * tests)])
+            for c in candidates]
+    with sandbox.Sandbox(workers=workers) as box:
+        results = box.call_values(jobs, timeout_s=2 * timeout_s, memory_mb=memory_mb, progress=progress)
+        report.source["isolation"] = box.level
+    generated = []
+    for candidate, values in zip(candidates, results):
+        dropped = collect_cases(candidate, values, tests)
+        if dropped:
+            report.drop(candidate.task_id, candidate.where, *dropped)
+        else:
+            generated.append(candidate)
+    log(f"pass 2: check {len(generated)} references against their tests in a fresh sandbox")
+    checks = [sandbox.CallJob(c.row["code_sample"], ENTRY_POINT,
+                              [sandbox.CallCase(t["args"], t["expected"]) for t in c.tests],
+                              atol=DEFAULT_ATOL["codeio"])
+              for c in generated]
+    with sandbox.Sandbox(workers=workers) as box:
+        verdicts = box.check(checks, timeout_s=timeout_s, memory_mb=memory_mb, progress=progress)
+    kept = []
+    for candidate, verdict in zip(generated, verdicts):
+        if verdict.passed:
+            kept.append(candidate)
+        else:
+            report.drop(candidate.task_id, candidate.where, verify_failure(verdict.result), verdict.result)
+    return kept
+
+
+def _logger(progress: bool):
+    if progress:
+        return lambda text: print(f"codeio: {text}", file=sys.stderr, flush=True)
+    return lambda text: None
+
+
+@dataclasses.dataclass(frozen=True)
+class Needed:
+    """Which problems a run needs: prepare's Draw from the codeio source (tasks/core/problems.py)
+    under data.split_seed and data.eval_fraction, and `margin`, the share of the train prompts
+    converted beyond the Draw for the ones prepare drops to decontamination."""
+    draw: Draw | None
+    split_seed: int
+    eval_fraction: float
+    margin: float
+
+    def targets(self) -> dict[str, int | None] | None:
+        """Per part of the seeded order ("held-out", "rest"): how many problems must survive
+        conversion (and near-duplicate removal) among its first converted ones; None for a part
+        that needs all; None in all when no part can stop early."""
+        draw = self.draw
+        if draw is None:
+            return {}
+        rest = None if draw.rest is None else draw.rest + math.ceil(self.margin * draw.train)
+        out = {"rest": rest}
+        if draw.split:
+            out["held-out"] = draw.held_out
+        return out
+
+    def part(self, task_id: str) -> str:
+        if self.draw is not None and self.draw.split and \
+                is_held_out(task_id, self.eval_fraction, self.split_seed):
+            return "held-out"
+        return "rest"
+
+
+def catalog_row(candidate: Candidate, status: str) -> dict:
+    """A distinct problem's prompt and what conversion made of it (kept, dropped, unconverted):
+    prepare reads the prompts of every problem, converted or not, for the choices that must
+    not depend on which ones were converted (tasks/prepare.py)."""
+    return {"task_id": candidate.task_id, "kind": "call", "question": question_text(candidate.row, candidate.signature),
+            "status": status}
+
+
+def convert_needed(tests: int = 5, limit: int | None = None, seed: int = 0, timeout_s: float = 5.0,
+                   memory_mb: int = 1024, workers: int = 0, paths: list[Path] | None = None,
+                   progress: bool = False, needed: Needed | None = None
+                   ) -> tuple[list[dict], Report, list[dict]]:
+    """CodeIO -> (problems, report, catalog). `paths` defaults to reasoning-gym's two files;
+    `limit` takes the first N distinct problems (the pool). `needed` None converts every problem
+    of the pool; else only the first ones of the seeded order each part of prepare's draw needs
+    (see convert_in_rank_order). The problems and the catalog are in file order either way."""
     if tests < 1:
         raise DataError("--tests must be at least 1")
     started = time.monotonic()
@@ -389,46 +477,117 @@ def convert(tests: int = 5, limit: int | None = None, seed: int = 0, timeout_s: 
         "limit": limit})
     rows = read_distinct(paths, report, limit)
     candidates = static_checks(rows, report)
-    attempts = 2 * tests
-    log = (lambda text: print(f"codeio: {text}", file=sys.stderr, flush=True)) if progress \
-        else (lambda text: None)
+    log = _logger(progress)
     log(f"{report.notes['distinct']} distinct problems in {report.read} rows; "
-        f"{len(candidates)} to run (pass 1: generate inputs and run the references)")
-
-    if candidates:
-        jobs = [sandbox.ValuesJob(harness(c), CASE_FUNCTION,
-                                  [[seed * 1_000_003 + i] for i in range(attempts)])
-                for c in candidates]
-        with sandbox.Sandbox(workers=workers) as box:
-            results = box.call_values(jobs, timeout_s=2 * timeout_s, memory_mb=memory_mb,
-                                      progress=progress)
-            report.source["isolation"] = box.level
-        generated = []
-        for candidate, values in zip(candidates, results):
-            dropped = collect_cases(candidate, values, tests)
-            if dropped:
-                report.drop(candidate.task_id, candidate.where, *dropped)
-            else:
-                generated.append(candidate)
-        log(f"pass 2: check {len(generated)} references against their tests in a fresh sandbox")
-        checks = [sandbox.CallJob(c.row["code_sample"], ENTRY_POINT,
-                                  [sandbox.CallCase(t["args"], t["expected"]) for t in c.tests],
-                                  atol=DEFAULT_ATOL["codeio"])
-                  for c in generated]
-        with sandbox.Sandbox(workers=workers) as box:
-            verdicts = box.check(checks, timeout_s=timeout_s, memory_mb=memory_mb, progress=progress)
-        kept = []
-        for candidate, verdict in zip(generated, verdicts):
-            if verdict.passed:
-                kept.append(candidate)
-            else:
-                report.drop(candidate.task_id, candidate.where, verify_failure(verdict.result),
-                            verdict.result)
+        f"{len(candidates)} pass the static checks")
+    run = dict(tests=tests, seed=seed, timeout_s=timeout_s, memory_mb=memory_mb, workers=workers,
+               report=report, progress=progress)
+    targets = needed.targets() if needed is not None else None
+    if targets is None or None in targets.values():
+        why = "codeio.convert is all" if targets is None else \
+            "a set takes all of its part (a data.*.max_problems is 0)"
+        report.notes["convert"] = {"mode": "all", "why": why}
+        log(f"converting all {len(candidates)} ({why}; pass 1: generate inputs and run the references)")
+        kept = set(c.task_id for c in run_candidates(candidates, **run))
+        attempted = {c.task_id for c in candidates}
     else:
-        kept = []
-    problems = [problem_row(c) for c in kept]
+        kept, attempted, parts = convert_in_rank_order(candidates, needed, targets, run, log)
+        report.notes["convert"] = {"mode": "needed", "split_seed": needed.split_seed,
+                                   "eval_fraction": needed.eval_fraction, "margin": needed.margin,
+                                   "parts": parts}
+    problems = [problem_row(c) for c in candidates if c.task_id in kept]
+    catalog = [catalog_row(c, "kept" if c.task_id in kept else "dropped" if c.task_id in attempted
+                           else "unconverted") for c in candidates]
     report.kept = len(problems)
+    report.notes["converted"] = len(attempted)
+    report.notes["unconverted"] = len(candidates) - len(attempted)
     report.notes["problems_with_fewer_tests"] = sum(len(p["tests"]) < tests for p in problems)
     report.notes["seconds"] = round(time.monotonic() - started, 1)
-    log(f"kept {report.kept}; dropped {dict(report.dropped)} in {report.notes['seconds']} s")
+    log(f"converted {len(attempted)} of {len(candidates)}: kept {report.kept}; dropped {dict(report.dropped)} "
+        f"in {report.notes['seconds']} s")
+    return problems, report, catalog
+
+
+def convert_in_rank_order(candidates: list[Candidate], needed: Needed, targets: dict[str, int],
+                          run: dict, log) -> tuple[set[str], set[str], dict]:
+    """Convert the candidates of each part in the seeded order prepare draws in (rank_key with
+    data.split_seed), in rounds, until the first converted ones of each part hold its target of
+    problems that prepare keeps, or the part runs out. Exactly what prepare would draw from a full
+    conversion, because:
+      - which part a problem is in depends on its own task_id (is_held_out), and each set takes
+        the first survivors of its part in that order, so a part's problems past its converted
+        prefix are never reached (prepare checks that: tasks/prepare.py);
+      - a problem's conversion depends on it alone (run_candidates);
+      - near-duplicate removal keeps the smallest task_id of each group that survived
+        conversion: every problem converted brings its whole group with it (the groups come from
+        the prompts, which need no sandbox), so that choice is the one a full conversion makes.
+    (kept task_ids, converted task_ids, per part: target, converted, kept.)"""
+    groups: dict[tuple, list[Candidate]] = collections.defaultdict(list)
+    if needed.draw is not None and needed.draw.near_duplicates:
+        for c in candidates:
+            key = near_duplicate_key(catalog_row(c, ""))
+            if key:
+                groups[key].append(c)
+    partners = {c.task_id: groups[key] for key, members in groups.items() for c in members if len(members) > 1}
+    order = {part: [] for part in targets}
+    for c in sorted(candidates, key=lambda c: rank_key(c.task_id, needed.split_seed)):
+        part = needed.part(c.task_id)
+        if part in order:
+            order[part].append(c)
+    kept: set[str] = set()
+    attempted: set[str] = set()
+    reached = {part: 0 for part in order}  # how many of the part's first problems are converted
+
+    def survivors(part: str) -> int:
+        """Problems prepare keeps among the part's first `reached` (near-duplicates resolved)."""
+        count = 0
+        for c in order[part][:reached[part]]:
+            if c.task_id in kept and not any(o.task_id in kept and o.task_id < c.task_id
+                                            for o in partners.get(c.task_id, ())):
+                count += 1
+        return count
+
+    rounds = 0
+    while True:
+        batch: list[Candidate] = []
+        # the share conversion keeps so far (a prior of 80% at the start): sizes each round
+        rate = max(0.3, (len(kept) + 8) / (len(attempted) + 10))
+        for part, target in targets.items():
+            missing = target - survivors(part)
+            if missing <= 0 or reached[part] >= len(order[part]):
+                continue
+            want = math.ceil(missing / rate)
+            while want > 0 and reached[part] < len(order[part]):
+                c = order[part][reached[part]]
+                reached[part] += 1
+                if c.task_id not in attempted:
+                    batch.append(c)
+                    want -= 1
+        if not batch:
+            break
+        chosen = {c.task_id for c in batch}
+        for c in list(batch):
+            for other in partners.get(c.task_id, ()):
+                if other.task_id not in attempted and other.task_id not in chosen:
+                    chosen.add(other.task_id)
+                    batch.append(other)
+        rounds += 1
+        log(f"round {rounds}: converting {len(batch)} problems (the next of the seeded order "
+            f"{', '.join(f'{part} {reached[part]}/{len(order[part])}' for part in order)}, near-duplicates with them)")
+        attempted |= chosen
+        kept |= {c.task_id for c in run_candidates(batch, **run)}
+    parts = {part: {"target": targets[part], "first_converted": reached[part], "of": len(order[part]),
+                    "kept": survivors(part)} for part in order}
+    parts["rounds"] = rounds
+    return kept, attempted, parts
+
+
+def convert(tests: int = 5, limit: int | None = None, seed: int = 0, timeout_s: float = 5.0,
+            memory_mb: int = 1024, workers: int = 0, paths: list[Path] | None = None,
+            progress: bool = False) -> tuple[list[dict], Report]:
+    """CodeIO -> (problems, report), every problem converted. `paths` defaults to reasoning-gym's
+    two files; `limit` takes the first N distinct problems (for a quick run)."""
+    problems, report, _ = convert_needed(tests=tests, limit=limit, seed=seed, timeout_s=timeout_s,
+                                         memory_mb=memory_mb, workers=workers, paths=paths,
+                                         progress=progress)
     return problems, report

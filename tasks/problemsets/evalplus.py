@@ -18,7 +18,7 @@ the input (evaluate.get_groundtruth). So does this importer, in the sandbox:
   pass 1  the canonical program is called on every input in one sandboxed run (sandbox.ValuesJob);
           a call that raises, a run that times out, or a value JSON cannot carry drops the problem
   pass 2  a fresh sandbox checks the canonical program against those tests as evaluation will
-          (sandbox.CallJob with the problem's atol): a canonical solution that now disagrees is
+          (sandbox.CallJob with the problem's atol): a canonical solution that disagrees there is
           nondeterministic and dropped
 Answers are compared as evalplus compares them (tasks/sandbox/jail/compare.py): exact, else
 within `atol` (atol 0 with a float expected: 1e-6). What is not reproduced, and so dropped and

@@ -1,7 +1,7 @@
 """The `continuous` and `continuous-int8` sampling backends: the reference model's weights,
 decoded the way an inference server decodes, on a CPU budget.
 
-What makes it fast (numbers in README, from bench/bench_sampling.py):
+What makes it fast (numbers in docs/results/sampling.md, from bench/bench_sampling.py):
 - continuous batching: up to `slots` sequences decode together; one that ends leaves at
   once and the next waiting sequence takes its slot, so the batch stays full;
 - a preallocated KV cache per layer, written in place (no torch.cat per step);
@@ -15,7 +15,9 @@ What makes it fast (numbers in README, from bench/bench_sampling.py):
 - q/k/v and gate/up projections fused into one GEMM each;
 - prefill: the batch's common prompt prefix (the chat template's system turn and the task's
   instructions) computed once, the rest of the prompts concatenated into ~2k-token forwards;
-- a sampler that works on the top-k candidates instead of sorting the vocabulary;
+- a sampler that works on the top-k candidates instead of sorting the vocabulary; for
+  `continuous-int8` with the kernels, the LM head computes them itself (lm_head_topk: the
+  vocabulary in 2,048-column GEMMs, each filtered while in cache), with no logits tensor;
 - `continuous-int8` only: W8A8 GEMMs (see Int8Linear), about 2x bf16's on VNNI cores.
 
 Semantics are the reference backend's (this is its subclass): the chat template, the
@@ -53,6 +55,7 @@ BLOCK = 16  # positions per block of the fused kernel's K layout
 MIN_SHARED_PREFIX = 8  # prompt tokens in common worth a prefill of their own
 LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")  # model types decoded with Llama's arithmetic
 PREFILL_TOKENS = 2048  # prompt tokens per prefill forward: big GEMMs, activations that fit in cache
+LM_HEAD_CHUNK = 2048  # vocabulary columns per GEMM of the fused LM head (lm_head_topk)
 
 
 class _Layer(torch.nn.Module):
@@ -113,6 +116,20 @@ def _chunks(prompts: list, tokens: int) -> list[list]:
         groups[-1].append(prompt)
         size += len(prompt)
     return groups
+
+
+def _put_rows(candidates: tuple, rows: list[int], new: tuple) -> tuple:
+    """next_token_candidates' (values, ids, argmax) with rows `rows` replaced by `new`'s; the
+    narrower of the two is padded with (-inf, 0) candidates, which carry no mass."""
+    vals, ids, argmax = candidates
+    new_vals, new_ids, new_argmax = new
+    width = max(vals.shape[1], new_vals.shape[1])
+    vals, new_vals = (F.pad(t, (0, width - t.shape[1]), value=float("-inf")) for t in (vals, new_vals))
+    ids, new_ids = (F.pad(t, (0, width - t.shape[1])) for t in (ids, new_ids))
+    vals, ids, argmax = vals.clone(), ids.clone(), argmax.clone()
+    index = torch.tensor(rows)
+    vals[index], ids[index], argmax[index] = new_vals, new_ids, new_argmax
+    return vals, ids, argmax
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -244,22 +261,49 @@ class _KVCache:
         self.k[layer][slot, :, :blocks] = padded.view(keys.shape[0], blocks, BLOCK, -1).transpose(-1, -2)
 
 
-def sample_tokens(logits: torch.Tensor, cfg: DecodingConfig, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row of fp32 `logits`, by inverse CDF at `uniforms` (one per row, in [0, 1))."""
-    if cfg.temperature == 0:
-        return logits.argmax(-1)
-    x = logits / cfg.temperature
+def top_candidates(x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens the sampler draws from, per row of tempered fp32 logits `x`: (values, ids),
+    ordered by value, descending, then by id. With 0 < top_k < vocab, the top k and every token
+    tied with the k-th (transformers' TopKLogitsWarper keeps them all), padded with -inf to the
+    widest row; otherwise every token. lm_head_topk (tasks/sampling/cpu_kernels.cpp) computes the
+    same candidates in the same order inside the LM head."""
     vocab = x.shape[-1]
-    if cfg.top_k and cfg.top_k < vocab:
-        vals, idx = torch.topk(x, cfg.top_k)
-        kth = vals[:, -1:]
-        # TopKLogitsWarper keeps every token tied with the k-th: take them all.
-        width = int((x >= kth).sum(-1).max())
-        if width > cfg.top_k:
-            vals, idx = torch.topk(x, width)
-            vals = vals.masked_fill(vals < kth, float("-inf"))
+    if not top_k or top_k >= vocab:
+        return torch.sort(x, descending=True, stable=True)
+    vals, idx = torch.topk(x, top_k)
+    kth = vals[:, -1:]
+    width = int((x >= kth).sum(-1).max())
+    if width > top_k:
+        vals, idx = torch.topk(x, width)
+        vals = vals.masked_fill(vals < kth, float("-inf"))
+    # topk leaves the order of equal values open: ids ascending within them.
+    idx, order = idx.sort(-1)
+    vals, order = vals.gather(-1, order).sort(dim=-1, descending=True, stable=True)
+    return vals, idx.gather(-1, order)
+
+
+def next_token_candidates(logits: torch.Tensor, cfg: DecodingConfig, temperatures: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `draw` takes, per row of fp32 `logits`: (values, ids, argmax). The candidates are
+    top_candidates of the logits over the row's temperature (`temperatures`, fp32 [rows], in
+    place of cfg.temperature; a row at T=0 divides by 1 and takes its argmax); none (width 0)
+    where every row is greedy."""
+    argmax = logits.argmax(-1)
+    if temperatures is None:
+        if cfg.temperature == 0:
+            return logits.new_empty(logits.shape[0], 0), argmax.new_empty(logits.shape[0], 0), argmax
+        x = logits / cfg.temperature
     else:
-        vals, idx = torch.sort(x, descending=True)
+        x = logits / temperatures.masked_fill(temperatures == 0, 1.0)[:, None]
+    return *top_candidates(x, cfg.top_k), argmax
+
+
+def draw(vals: torch.Tensor, idx: torch.Tensor, argmax: torch.Tensor, cfg: DecodingConfig, uniforms: torch.Tensor,
+         temperatures: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of next_token_candidates' output: top-p -> min-p on the candidates, then
+    the inverse CDF at `uniforms` (one per row, in [0, 1)); rows at T=0 take their argmax."""
+    if temperatures is None and cfg.temperature == 0:
+        return argmax
     if cfg.top_p < 1.0:
         probs = torch.softmax(vals, -1)
         at_or_below = probs.flip(-1).cumsum(-1).flip(-1)  # TopPLogitsWarper's ascending cumsum
@@ -272,10 +316,19 @@ def sample_tokens(logits: torch.Tensor, cfg: DecodingConfig, uniforms: torch.Ten
         remove[:, 0] = False
         vals = vals.masked_fill(remove, float("-inf"))
     cdf = torch.softmax(vals, -1).cumsum(-1)
-    # right=True never lands on a removed (zero-mass) candidate.
+    # right=True never lands on a removed (zero-mass) candidate; where uniform * total rounds up to
+    # the total, the last candidate kept is taken, not a removed one after it.
     choice = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True)
-    choice = choice.clamp(max=vals.shape[-1] - 1)
-    return idx.gather(-1, choice).squeeze(-1)
+    choice = torch.minimum(choice, (vals > float("-inf")).sum(-1, keepdim=True) - 1)
+    sampled = idx.gather(-1, choice).squeeze(-1)
+    return sampled if temperatures is None else torch.where(temperatures == 0, argmax, sampled)
+
+
+def sample_tokens(logits: torch.Tensor, cfg: DecodingConfig, uniforms: torch.Tensor,
+                  temperatures: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of fp32 `logits`, by inverse CDF at `uniforms` (one per row, in [0, 1)).
+    `temperatures`: one T per row (fp32), in place of cfg.temperature; rows at T=0 take the argmax."""
+    return draw(*next_token_candidates(logits, cfg, temperatures), cfg, uniforms, temperatures)
 
 
 class ContinuousBackend(TransformersBackend):
@@ -356,8 +409,10 @@ class ContinuousBackend(TransformersBackend):
         logits = self.model.lm_head(_rms_norm(self.inner.norm, x[[end - 1 for end in ends]])).float()
         return [(logits[p], keys[p], values[p]) for p in range(len(prompts))]
 
-    def _decode(self, cache: _KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token for every slot at its position; the logits, [slots, vocab] fp32.
+    def _decode(self, cache: _KVCache, tokens: torch.Tensor, positions: torch.Tensor, cfg: DecodingConfig,
+                temperatures: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token for every slot at its position; what the sampler draws from next, as
+        next_token_candidates returns it (`temperatures`: the slots' own, or None: cfg's).
 
         Written for few tensor ops per layer: at ~100 rows an op costs as much in dispatch
         as in arithmetic. With the fused kernel (tasks/cpu_kernels.cpp), RoPE, the cache write
@@ -383,7 +438,22 @@ class ContinuousBackend(TransformersBackend):
             else:
                 attended = self._eager_attention(layer, cache.k[i], cache.v[i], qkv, positions, cos, sin, bias)
             x = layer.mlp(layer.attention_out(x, attended))
-        return self.model.lm_head(_rms_norm(self.inner.norm, x)).float()
+        return self._next_token_candidates(_rms_norm(self.inner.norm, x), cfg, temperatures)
+
+    def _next_token_candidates(self, x: torch.Tensor, cfg: DecodingConfig, temperatures: torch.Tensor | None):
+        """next_token_candidates of the LM head's logits of the final-norm output `x`. For an
+        int8 head with the kernels and a top-k to cut (or greedy rows only), one kernel call
+        computes them inside the LM head, chunk by chunk, without a logits tensor."""
+        head = self.model.lm_head
+        vocab = self.model.config.vocab_size
+        greedy = temperatures is None and cfg.temperature == 0
+        if isinstance(head, Int8Linear) and head.kernels is not None and (greedy or 0 < cfg.top_k < vocab):
+            if temperatures is None:
+                temperatures = torch.full((x.shape[0],), cfg.temperature, dtype=torch.float32)
+            return head.kernels.lm_head_topk(x.float().contiguous(), head.weight_t, head.scale, head.bias,
+                                             temperatures.float().contiguous(), 0 if greedy else cfg.top_k,
+                                             LM_HEAD_CHUNK)
+        return next_token_candidates(head(x).float(), cfg, temperatures)
 
     def _eager_attention(self, layer, k, v, qkv, positions, cos, sin, bias):
         slots, heads, kv_heads, head_dim = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
@@ -400,13 +470,15 @@ class ContinuousBackend(TransformersBackend):
 
     @torch.inference_mode()
     def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int,
-                       progress=None) -> list[Completion]:
+                       progress=None, temperatures: list[float] | None = None) -> list[Completion]:
         longest = max(len(p) for p in prompts) + cfg.max_new_tokens
         if self.window is not None and longest > self.window:
             raise ParamsError(f"backend continuous: prompt + max_new_tokens ({longest}) exceeds the model's "
                               f"sliding window ({self.window}); use backend transformers")
         slots = min(cfg.slots, len(prompts))
         generators = [torch.Generator().manual_seed(sequence_seed(seed, j)) for j in range(len(prompts))]
+        # One T per sequence (in place of cfg.temperature), indexed like `prompts`.
+        per_sequence_t = None if temperatures is None else torch.tensor(temperatures, dtype=torch.float32)
         waiting = deque(range(len(prompts)))
         tokens: list[list[int]] = [[] for _ in prompts]
         finish = ["length"] * len(prompts)
@@ -419,7 +491,17 @@ class ContinuousBackend(TransformersBackend):
         shared = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
         prefix = self._prefill([prompts[0][:shared]])[0] if shared >= MIN_SHARED_PREFIX else None
         positions = torch.zeros(slots, dtype=torch.long)
-        logits = torch.zeros(slots, self.model.config.vocab_size)
+        # What each slot draws its next token from: next_token_candidates' (values, ids, argmax).
+        candidates = (torch.empty(slots, 0), torch.empty(slots, 0, dtype=torch.long),
+                      torch.zeros(slots, dtype=torch.long))
+
+        def slot_temperatures(rows: list[int | None]) -> torch.Tensor | None:
+            """The T of the sequence in each slot (1 for an empty one), or None: cfg's for all."""
+            if per_sequence_t is None:
+                return None
+            return per_sequence_t[[0 if j is None else j for j in rows]].masked_fill(
+                torch.tensor([j is None for j in rows]), 1.0)
+
         while True:
             free = [s for s, j in enumerate(slot_seq) if j is None]
             admitted = [(s, waiting.popleft()) for s in free[:len(waiting)]]
@@ -431,16 +513,22 @@ class ContinuousBackend(TransformersBackend):
                     prefilled.update(zip(chunk, self._prefill([list(key) for key in chunk], prefix)))
                 cache.grow(max(len(prompts[j]) for _, j in admitted) + 1)
                 for s, j in admitted:
-                    first, keys, values = prefilled[tuple(prompts[j])]
+                    _, keys, values = prefilled[tuple(prompts[j])]
                     for i in range(len(self.layers)):
                         cache.write(s, i, keys[i], values[i])
-                    logits[s], positions[s], slot_seq[s] = first, len(prompts[j]), j
-                del prefilled
+                    positions[s], slot_seq[s] = len(prompts[j]), j
+                rows = [s for s, _ in admitted]
+                first = torch.stack([prefilled[tuple(prompts[j])][0] for _, j in admitted]).float()
+                candidates = _put_rows(candidates, rows, next_token_candidates(
+                    first, cfg, slot_temperatures([slot_seq[s] for s in rows])))
+                del prefilled, first
             live = [s for s, j in enumerate(slot_seq) if j is not None]
             if not live:
                 break
             uniforms = torch.stack([torch.rand((), generator=generators[slot_seq[s]]) for s in live])
-            chosen = sample_tokens(logits[live], cfg, uniforms).tolist()
+            rows = torch.tensor(live)
+            chosen = draw(*(t.index_select(0, rows) for t in candidates), cfg, uniforms,
+                          slot_temperatures([slot_seq[s] for s in live])).tolist()
             if progress:
                 progress(len(chosen))
             feed = torch.zeros(len(slot_seq), dtype=torch.long)
@@ -467,7 +555,7 @@ class ContinuousBackend(TransformersBackend):
             if not busy.any():
                 continue  # every slot just ended; admit the waiting sequences
             cache.grow(int(positions.max()) + 1)
-            logits = self._decode(cache, feed, positions)
+            candidates = self._decode(cache, feed, positions, cfg, slot_temperatures(slot_seq))
             positions = positions + busy.long()
         return [Completion(self.tokenizer.decode(t, skip_special_tokens=True), len(t) + (f == "eos"), f, tuple(t))
                 for t, f in zip(tokens, finish)]

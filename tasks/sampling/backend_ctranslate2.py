@@ -17,7 +17,12 @@ checked against the HF dir's fingerprint. Semantics, as the reference backend's:
   that thread first samples, so reseeding a running generator does nothing. Each batch
   therefore gets a fresh generator created right after `set_random_seed(seed)`: a batch's
   samples depend only on (prompts, config, seed), which keeps generate_jsonl's resume exact.
-  Loading costs ~1 s per batch for the 135M default (int8), small next to the batch itself.
+  Loading costs ~1 s per batch for the 135M default (int8), small next to the batch itself;
+- a temperature per row (`temperatures`): CTranslate2 takes one sampling temperature per call,
+  so the batch runs as one call per distinct T, in order of first appearance, each with a fresh
+  generator; a batch of one T is one call seeded `seed`, further T's calls are seeded from
+  (seed, their first row). A row's draw depends on the rows of its T in the batch, as any CT2
+  row depends on its batch: the batch still depends only on (prompts, config, T's, seed).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from pathlib import Path
 
 from tasks.core.config import DecodingConfig, ParamsError
 from tasks.core.modeling import chat_token_ids, eos_token_ids
-from tasks.sampling.backends import Completion, check_supported
+from tasks.sampling.backends import Completion, check_supported, sequence_seed
 
 
 class CT2Backend:
@@ -63,7 +68,22 @@ class CT2Backend:
                                      inter_threads=1, intra_threads=self.threads, files=self._files)
 
     def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int,
-                       progress=None) -> list[Completion]:  # no per-step hook in this engine
+                       progress=None, temperatures: list[float] | None = None) -> list[Completion]:
+        # `progress` is not called: this engine has no per-step hook.
+        if temperatures is None:
+            return self._generate(prompts, cfg, seed)
+        groups: dict[float, list[int]] = {}
+        for i, t in enumerate(temperatures):
+            groups.setdefault(t, []).append(i)
+        out: list[Completion] = [None] * len(prompts)  # type: ignore[list-item]
+        for g, (t, rows) in enumerate(groups.items()):
+            done = self._generate([prompts[i] for i in rows], cfg.model_copy(update={"temperature": t}),
+                                  seed if g == 0 else sequence_seed(seed, rows[0]))
+            for i, completion in zip(rows, done):
+                out[i] = completion
+        return out
+
+    def _generate(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int) -> list[Completion]:
         check_supported(cfg, self.name)
         greedy = cfg.temperature == 0
         generator = self._generator(seed)

@@ -80,21 +80,28 @@ class TransformersBackend:
         return procs
 
     def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int,
-                       progress=None) -> list[Completion]:
+                       progress=None, temperatures: list[float] | None = None) -> list[Completion]:
         out: list[Completion] = [None] * len(prompts)  # type: ignore[list-item]
         for rows in token_budget_groups([len(p) for p in prompts], cfg.max_new_tokens, cfg.max_batch_tokens):
-            done = self._generate([prompts[i] for i in rows], [sequence_seed(seed, i) for i in rows], cfg, progress)
+            done = self._generate([prompts[i] for i in rows], [sequence_seed(seed, i) for i in rows], cfg, progress,
+                                  None if temperatures is None else [temperatures[i] for i in rows])
             for i, completion in zip(rows, done):
                 out[i] = completion
         return out
 
     @torch.inference_mode()
     def _generate(self, prompts: list[list[int]], seeds: list[int], cfg: DecodingConfig,
-                  progress=None) -> list[Completion]:
+                  progress=None, temperatures: list[float] | None = None) -> list[Completion]:
         from transformers import DynamicCache
 
         generators = [torch.Generator().manual_seed(s) for s in seeds]  # on the CPU: a uniform per row and step
-        warpers = self.warpers(cfg) if cfg.temperature > 0 else None
+        if temperatures is None:
+            warpers = self.warpers(cfg) if cfg.temperature > 0 else None
+        else:
+            # One T per row: the logits are divided row by row, then truncated by the other
+            # warpers (each works row by row); rows at T=0 take the argmax.
+            warpers = self.warpers(cfg.model_copy(update={"temperature": 1.0}))
+            row_t = torch.tensor(temperatures, dtype=torch.float32, device=self.device)
         width = max(len(p) for p in prompts)
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
@@ -106,7 +113,13 @@ class TransformersBackend:
         tokens: list[list[int]] = [[] for _ in prompts]
         finish = ["length"] * len(prompts)
         for step in range(cfg.max_new_tokens):
-            if cfg.temperature == 0:
+            if temperatures is not None:
+                t = row_t[rows]
+                greedy = t == 0
+                probs = torch.softmax(warpers(None, logits / t.masked_fill(greedy, 1.0)[:, None]), dim=-1)
+                uniforms = torch.stack([torch.rand((), generator=generators[row]) for row in rows.tolist()])
+                next_ids = torch.where(greedy, logits.argmax(-1), inverse_cdf(probs, uniforms.to(self.device)))
+            elif cfg.temperature == 0:
                 next_ids = logits.argmax(-1)
             else:
                 # None for input_ids: temperature/top-k/top-p/min-p never read the history.

@@ -21,7 +21,10 @@ functions, tested without vllm installed. Semantics kept:
   therefore rejected (naming the keys) rather than sampled in a different order;
 - seeds: each prompt of a batch gets its own per-request seed derived from (batch seed, row)
   by `sequence_seed`, as the continuous backends seed theirs (vLLM keeps a generator per
-  seeded request).
+  seeded request);
+- a batch whose rows have temperatures of their own (`temperatures`: the evaluate stage's
+  T_eval sweep in one pass) gives each request its own SamplingParams; the other settings
+  are the batch's.
 
 The engine (params section `vllm`):
 
@@ -174,12 +177,15 @@ class VLLMBackend:
         return chat_token_ids(self.tokenizer, messages)
 
     def generate_batch(self, prompts: list[list[int]], cfg: DecodingConfig, seed: int,
-                       progress=None) -> list[Completion]:
+                       progress=None, temperatures: list[float] | None = None) -> list[Completion]:
         from vllm import SamplingParams
 
         self.size_for(max(len(p) for p in prompts) + cfg.max_new_tokens)
-        params = [SamplingParams(**sampling_params_kwargs(cfg, self.eos, sequence_seed(seed, i)))
-                  for i in range(len(prompts))]
+        # SamplingParams are per request: a row's own T (`temperatures`) goes in its own.
+        configs = [cfg] * len(prompts) if temperatures is None else \
+            [cfg.model_copy(update={"temperature": t}) for t in temperatures]
+        params = [SamplingParams(**sampling_params_kwargs(row_cfg, self.eos, sequence_seed(seed, i)))
+                  for i, row_cfg in enumerate(configs)]
         inputs = [{"prompt_token_ids": p} for p in prompts]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         done = [completion_from_output(o.outputs[0], self.eos, cfg.max_new_tokens) for o in outputs]

@@ -3,8 +3,11 @@
 A backend is a class built from an HF model dir with
     name                                          its key in BACKENDS
     encode_chat(messages) -> list[int]            the model's chat template, as token ids
-    generate_batch(prompts, cfg, seed, progress=None) -> [Completion]
-                                                  progress(k): k more tokens decoded (optional)
+    generate_batch(prompts, cfg, seed, progress=None, temperatures=None) -> [Completion]
+                                                  progress(k): k more tokens decoded (optional);
+                                                  temperatures: one T per prompt in place of
+                                                  cfg.temperature (0: greedy), so one batch holds
+                                                  a prompt at several T (evaluate's T_eval sweep)
     teacher_forced_ranks(ids, start) -> [int]     the rank of each ids[i], i >= start, among the
                                                   model's next-token logits after ids[:i], from one
                                                   forward over the whole sequence (no KV cache)
@@ -16,7 +19,10 @@ and optionally (vllm has them)
                                                   resume is exact: part of the resume key
 and keeps these semantics: temperature -> top-k -> top-p -> min-p (vLLM's order),
 max_new_tokens, stop at any EOS id (an EOS counts in num_tokens, not in the text), and a
-batch's samples depend only on (prompts, cfg, seed).
+batch's samples depend only on (prompts, cfg, temperatures, seed). Where a backend seeds each
+sequence on its own (continuous*, transformers, vllm), a row's sample is the one it would draw
+in a batch whose rows all had its T: the other rows' temperatures do not reach it (tested);
+ctranslate2 draws a batch from one generator and runs each T of a batch as a call of its own.
 
 Which backends exist and what each cannot sample is tasks/core/backend_registry.py's (the params
 schema reads it before any model loads); this module adds loading, seeding and the self-check.

@@ -3,7 +3,7 @@ CPU on first use and cached by torch (~/.cache/torch_extensions, or $TORCH_EXTEN
 
 Building needs a C++ compiler (g++ or clang++) and ninja (a dependency). Where the build fails,
 `load()` returns None with a warning that says why, and the backends run their eager-PyTorch
-path: the same arithmetic, about half the speed (README: Sampling backends).
+path: the same arithmetic, about half the speed (docs/sampling.md).
 SELFDISTILL_CPU_KERNELS=0 selects that path on purpose.
 """
 from __future__ import annotations

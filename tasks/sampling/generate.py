@@ -6,11 +6,17 @@ Work is cut into a fixed plan of batches, each seeded from (seed, batch number),
 finished batch is appended to the output's partial file under checkpoints/partial/ (outside
 DVC's outs, so it survives `dvc repro` and the flow). A killed run resumes from the complete
 batches it wrote and produces the same rows an uninterrupted run would. The partial file's
-first line is its resume key (the model dir's hash, the prompts, the decoding settings, the
-backend, the hashes of the sampling modules loaded and the engines' versions, and for vllm its
-tensor parallelism and `exact_resume`): a partial file of any other run is discarded, with a line
-saying what differs, never mixed in. vllm outside its batch-invariant mode resumes too, but its
-remaining batches are a new draw (`exact_resume: false` in the key, and a line says so).
+first line is its resume key (the model dir's hash, the prompts with each one's own temperature
+where it has one, the decoding settings, the backend, the hashes of the sampling modules loaded
+and the engines' versions, and for vllm its tensor parallelism and `exact_resume`): a partial
+file of any other run is discarded, with a line saying what differs, never mixed in. vllm
+outside its batch-invariant mode resumes too, but its remaining batches are a new draw
+(`exact_resume: false` in the key, and a line says so).
+
+A request may carry its own temperature: one run then decodes a prompt at several T (evaluate's
+T_eval sweep) with batches full where a run per T would leave most of each batch's slots empty.
+Requests of one prompt listed next to each other land in one batch (the plan keeps request order
+among prompts of equal length), where the continuous backends compute the prompt's prefill once.
 """
 from __future__ import annotations
 
@@ -39,8 +45,9 @@ ENGINES = ("torch", "transformers", "ctranslate2", "vllm")  # counted in the key
 
 @dataclass(frozen=True)
 class Request:
-    key: dict  # identifies the prompt in output rows, e.g. {"prompt_id": "HumanEval/0"}
+    key: dict  # identifies the request in output rows, e.g. {"prompt_id": "HumanEval/0"}
     messages: list
+    temperature: float | None = None  # this request's T, in place of the run's cfg.temperature
 
 
 def plan_batches(prompt_lengths: list[int], n: int, batch_size: int) -> list[list[tuple[int, int]]]:
@@ -66,8 +73,8 @@ def _dir_sha256(path: Path, files: tuple) -> str:
 
 
 def model_hash(model_dir: Path) -> str:
-    """The model dir's sha256, once per process for unchanged files: `evaluate` starts a run per
-    eval set and per swept T, and the default model is 538 MB."""
+    """The model dir's sha256, once per process for unchanged files: `evaluate` starts several
+    runs (the validation sweep, the test sets per seed), and the default model is 538 MB."""
     stats = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(model_dir.iterdir()) if p.is_file())
     return _dir_sha256(model_dir.resolve(), stats)
 
@@ -76,7 +83,8 @@ def run_key(model_dir: str | Path, requests: list[Request], prompts: list[list[i
             backend) -> dict:
     """What decides the rows of a run: the resume key of its partial file."""
     model = Path(model_dir)
-    prompts_hash = hashlib.sha256(json.dumps([[r.key, p] for r, p in zip(requests, prompts)]).encode())
+    prompts_hash = hashlib.sha256(json.dumps([[r.key, p, r.temperature]
+                                              for r, p in zip(requests, prompts)]).encode())
     # `slots` only says how many sequences decode at once: the rows do not depend on it (tested).
     decoding = {name: getattr(cfg, name) for name in DecodingConfig.model_fields if name != "slots"}
     # An engine's own settings that decide the rows, and whether a resumed run writes exactly the
@@ -117,15 +125,29 @@ def generate_jsonl(model_dir: str | Path, requests: list[Request], cfg: Decoding
                    out_path: str | Path, desc: str = "sampling", backend=None, engine: dict | None = None) -> list[dict]:
     """n completions per request into `out_path` (JSONL, ordered by request then sample index).
     engine: the params sections of the engines (load_backend), when no backend is given."""
-    out_path = Path(out_path)
-    partial = partial_of(out_path)
+    done = generate_rows(model_dir, requests, cfg, partial_of(out_path), desc, backend, engine)
+    check_not_degenerate(done, out_path)
+    write_jsonl(out_path, done)
+    return done  # the complete partial stays until the stage ends (discard_partials): a rerun reuses it
+
+
+def generate_rows(model_dir: str | Path, requests: list[Request], cfg: DecodingConfig, partial: str | Path,
+                  desc: str = "sampling", backend=None, engine: dict | None = None,
+                  shard: tuple[int, int] | None = None) -> list[dict]:
+    """n completions per request, ordered by request then sample index, resumable through the
+    `partial` file; nothing else is written (a caller that splits the rows among several
+    outputs writes them). shard=(i, N): only the batches b of the plan with b % N == i, each
+    exactly the rows the whole run writes for it (a batch's rows depend on its prompts, the
+    decoding and batch_seed(seed, b) alone), so N shards' rows together are the whole run's."""
+    partial = Path(partial)
     backend = backend or load_backend(cfg.backend, model_dir, engine=engine,
                                       conversations=[r.messages for r in requests], max_new_tokens=cfg.max_new_tokens)
     prompts = [backend.encode_chat(r.messages) for r in requests]
     plan = plan_batches([len(p) for p in prompts], cfg.n, cfg.batch_size)
-    units = [unit for batch in plan for unit in batch]
+    mine = [b for b in range(len(plan)) if shard is None or b % shard[1] == shard[0]]
+    units = [unit for b in mine for unit in plan[b]]
     key = run_key(model_dir, requests, prompts, cfg, backend)
-    done = _read_partial(partial, key, {b: len(batch) for b, batch in enumerate(plan)}, desc)
+    done = _read_partial(partial, key, {b: len(plan[b]) for b in mine}, desc)  # rows of other batches dropped
     finished_batches = {row["batch"] for row in done}
     partial.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(partial, [{"resume_key": key}, *done])  # the key first; a torn tail dropped
@@ -134,6 +156,7 @@ def generate_jsonl(model_dir: str | Path, requests: list[Request], cfg: Decoding
         if key.get("engine", {}).get("exact_resume") is False:
             print(f"{desc}: the batches still to run are a new draw, not the rows an uninterrupted run would "
                   f"write ({key['backend']} is not in its batch-invariant mode)")
+    any_own_t = any(r.temperature is not None for r in requests)
     start, new_tokens = time.time(), 0
     with open(partial, "a") as f, tqdm(total=len(units), initial=len(done), desc=desc, unit="sample") as bar:
         decoded, shown = [0], [time.time()]
@@ -146,11 +169,14 @@ def generate_jsonl(model_dir: str | Path, requests: list[Request], cfg: Decoding
                 shown[0] = time.time()
                 bar.set_postfix(tokens=decoded[0], tok_s=f"{decoded[0] / max(time.time() - start, 1e-9):.0f}")
 
-        for b, batch in enumerate(plan):
+        for b in mine:
+            batch = plan[b]
             if b in finished_batches:
                 continue
+            own_t = {"temperatures": [cfg.temperature if requests[r].temperature is None else requests[r].temperature
+                                      for r, _ in batch]} if any_own_t else {}
             outs = backend.generate_batch([prompts[r] for r, _ in batch], cfg, seed=batch_seed(cfg.seed, b),
-                                          progress=progress)
+                                          progress=progress, **own_t)
             for (r, s), out in zip(batch, outs):
                 row = {**requests[r].key, "sample_index": s, "messages": requests[r].messages,
                        "text": out.text, "num_tokens": out.num_tokens, "finish_reason": out.finish_reason,
@@ -165,9 +191,7 @@ def generate_jsonl(model_dir: str | Path, requests: list[Request], cfg: Decoding
             bar.set_postfix(tokens=new_tokens, tok_s=f"{new_tokens / max(time.time() - start, 1e-9):.0f}")
     order = {tuple(r.key.values()): i for i, r in enumerate(requests)}
     done.sort(key=lambda row: (order[tuple(row[k] for k in requests[0].key)], row["sample_index"]))
-    check_not_degenerate(done, out_path)
-    write_jsonl(out_path, done)
-    return done  # the complete partial stays until the stage ends (discard_partials): a rerun reuses it
+    return done
 
 
 def discard_partials(out: str | Path) -> None:

@@ -8,9 +8,9 @@ What this adds to TRL's defaults, and why:
   and builds a block-diagonal causal mask (sdpa, eager) or varlen attention (flash-attention),
   so no token attends across examples: the loss equals the unpacked, padded micro-batch's
   (tests/test_training.py). Packing per micro-batch, not over the dataset, keeps the seeded
-  order of examples and the number of optimizer steps. The row cap came first, when attention
-  ran over the whole row (cost: the row's length squared); with `packed_attention` below it
-  matters less.
+  order of examples and the number of optimizer steps. The row cap bounds a row's length, and
+  with it the cost of attention over a whole row (the row's length squared); with
+  `packed_attention` below attention costs each example's own length squared, so it matters less.
 - A lean loss: the model returns its final hidden states where its LM head would be, only at the
   positions whose next token is an answer token; `LinearCrossEntropy` then runs the LM head and
   cross-entropy over them in chunks of `LOSS_CHUNK` tokens and takes each chunk's gradient at

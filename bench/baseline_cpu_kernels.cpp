@@ -1,0 +1,325 @@
+// Fused CPU kernels for the continuous backends (tasks/cpu_kernels.py builds and loads them).
+//
+// Why: in a decode step of a 135M model at 64 slots, eager PyTorch spent about 40% of the step in
+// two attention matmuls that read every slot's K/V up to the shared cache capacity, and another
+// third in dispatching ~50 small elementwise ops per layer. Each kernel here is one pass over
+// memory that replaces a chain of those ops, with the same arithmetic as the torch code it
+// replaces (tests/test_backends.py compares the two).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// GCC/Clang vector extensions: 16 fp32 lanes, lowered to one AVX-512 register, two AVX2 ones
+// or four NEON ones, whatever -march=native offers.
+typedef float f16v __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+typedef uint32_t u16v __attribute__((vector_size(64)));
+typedef uint16_t h16v __attribute__((vector_size(32)));
+typedef int8_t b16v __attribute__((vector_size(16)));
+constexpr int64_t W = 16;  // lanes; also the K cache's block of positions
+
+inline f16v splat(float x) { return f16v{} + x; }
+inline f16v load(const float* p) { f16v v; std::memcpy(&v, p, sizeof v); return v; }
+inline f16v load(const at::BFloat16* p) {
+  h16v raw;
+  std::memcpy(&raw, p, sizeof raw);
+  u16v bits = __builtin_convertvector(raw, u16v) << 16;
+  f16v v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline void store(float* p, f16v v) { std::memcpy(p, &v, sizeof v); }
+inline void put(float* p, float x) { *p = x; }
+inline void put(at::BFloat16* p, float x) { *p = at::BFloat16(x); }  // round to nearest even
+inline f16v vmax(f16v a, f16v b) { return a > b ? a : b; }
+inline f16v vabs(f16v a) { return a < 0.f ? -a : a; }
+// Round half to even, as torch.round and std::nearbyint: adding and subtracting 1.5 * 2^23
+// leaves the integer part rounded by the FPU's default mode (valid for |x| < 2^22; int8
+// quantization feeds |x| <= 127).
+inline f16v round_even(f16v x) { return (x + 12582912.f) - 12582912.f; }
+inline float hmax(f16v v) { float m = v[0]; for (int i = 1; i < W; ++i) m = std::max(m, v[i]); return m; }
+inline float hsum(f16v v) { float s = 0.f; for (int i = 0; i < W; ++i) s += v[i]; return s; }
+
+// e^x for x <= 0 (softmax after subtracting the max): 2^n * e^r, |r| <= ln2/2, and e^r by its
+// degree-6 Taylor polynomial (relative error < 2e-7, below fp32's own rounding of the sum).
+inline f16v exp_nonpositive(f16v x) {
+  x = vmax(x, splat(-87.f));  // below this e^x is 0 in fp32 after the normalising divide anyway
+  const f16v t = x * 1.44269504f + 0.5f;
+  i16v n = __builtin_convertvector(t, i16v);  // truncates toward zero; make it floor
+  n += (t < __builtin_convertvector(n, f16v));
+  const f16v nf = __builtin_convertvector(n, f16v);
+  const f16v r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  f16v p = splat(1.f / 720);
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  i16v scale_bits = (n + 127) << 23;
+  f16v scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  return p * scale;
+}
+
+// One decode step's attention for every slot, with RoPE and the cache write fused in.
+// qkv: [S, (H + 2*KVH) * D] fp32, the fused projection output (q heads, k heads, v heads).
+// cos, sin: [S, D] fp32 at each slot's position (the model's own rotary embedding).
+// positions: [S] int64, where each slot's new token goes; it attends to positions 0..pos.
+// k_cache: [S, KVH, CAP / 16, D, 16]: blocks of 16 positions stored dimension-major, so the
+// scores of 16 positions are 16-lane FMAs with no horizontal sums.
+// v_cache: [S, KVH, CAP, D]. Returns [S, H * D] fp32.
+// Query head h reads K/V head h / G, G = H / KVH, as transformers' repeat_kv does.
+// G and D / 16 are compile-time so that the accumulators live in registers.
+template <int G, int CH, typename KV>
+void attend(const float* qkv, const float* cos, const float* sin, const int64_t* positions, KV* k_cache,
+            KV* v_cache, float* out, int64_t S, int64_t KVH, int64_t CAP, float scaling) {
+  constexpr int64_t D = CH * W, half = D / 2;
+  const int64_t H = G * KVH, row = (H + 2 * KVH) * D;
+  at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
+    float q[G][D], k[D];
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / KVH, kvh = item % KVH, pos = positions[s], len = pos + 1;
+      const int64_t blocks = (len + W - 1) / W, stride = (blocks + 1) / 2 * 2 * W;
+      const float* src = qkv + s * row;
+      const float* c = cos + s * D;
+      const float* sn = sin + s * D;
+      // rotate_half(x) = cat(-x[half:], x[:half]); x * cos + rotate_half(x) * sin.
+      auto rope = [&](const float* x, float* y, float scale) {
+        for (int64_t d = 0; d < half; ++d) y[d] = (x[d] * c[d] - x[d + half] * sn[d]) * scale;
+        for (int64_t d = half; d < D; ++d) y[d] = (x[d] * c[d] + x[d - half] * sn[d]) * scale;
+      };
+      for (int g = 0; g < G; ++g) rope(src + (kvh * G + g) * D, q[g], scaling);
+      rope(src + (H + kvh) * D, k, 1.0f);
+      KV* kc = k_cache + (s * KVH + kvh) * CAP * D;
+      KV* vc = v_cache + (s * KVH + kvh) * CAP * D;
+      const float* v = src + (H + KVH + kvh) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        put(kc + (pos / W) * D * W + d * W + pos % W, k[d]);
+        put(vc + pos * D + d, v[d]);
+      }
+      // Scores, two blocks of 16 positions at a time (independent FMA chains); the positions
+      // past `len` are masked. A second block past the cache's end is never read.
+      scores.resize(G * stride);
+      for (int64_t b = 0; b < blocks; b += 2) {
+        const KV* block = kc + b * D * W;
+        const bool pair = b + 1 < blocks;
+        f16v one[G] = {}, two[G] = {};
+        __builtin_prefetch(block + 4 * D * W);  // the hardware prefetcher starts late on each new slot
+        __builtin_prefetch(block + 5 * D * W);
+        for (int64_t d = 0; d < D; ++d) {
+          const f16v k1 = load(block + d * W);
+          const f16v k2 = pair ? load(block + (D + d) * W) : f16v{};
+          for (int g = 0; g < G; ++g) {
+            one[g] += q[g][d] * k1;
+            two[g] += q[g][d] * k2;
+          }
+        }
+        for (int g = 0; g < G; ++g) {
+          store(scores.data() + g * stride + b * W, one[g]);
+          store(scores.data() + g * stride + (b + 1) * W, two[g]);
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        float* sg = scores.data() + g * stride;
+        for (int64_t t = len; t < blocks * W; ++t) sg[t] = -INFINITY;
+        f16v top = splat(-INFINITY);
+        for (int64_t b = 0; b < blocks; ++b) top = vmax(top, load(sg + b * W));
+        const float m = hmax(top);
+        f16v total{};
+        for (int64_t b = 0; b < blocks; ++b) {
+          const f16v e = exp_nonpositive(load(sg + b * W) - m);
+          total += e;
+          store(sg + b * W, e);
+        }
+        const float inv = 1.f / hsum(total);
+        for (int64_t b = 0; b < blocks; ++b) store(sg + b * W, load(sg + b * W) * inv);
+      }
+      f16v acc[G][CH] = {};
+      for (int64_t t = 0; t < len; ++t) {
+        const KV* vt = vc + t * D;
+        __builtin_prefetch(vt + 8 * D);
+        for (int ch = 0; ch < CH; ++ch) {
+          const f16v vd = load(vt + ch * W);
+          for (int g = 0; g < G; ++g) acc[g][ch] += scores[g * stride + t] * vd;
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int ch = 0; ch < CH; ++ch) store(out + s * H * D + (kvh * G + g) * D + ch * W, acc[g][ch]);
+    }
+  });
+}
+
+template <typename KV>
+void dispatch(int64_t G, int64_t D, const float* qkv, const float* cos, const float* sin, const int64_t* positions,
+              KV* k_cache, KV* v_cache, float* out, int64_t S, int64_t KVH, int64_t CAP, float scaling) {
+#define SELFDISTILL_CASE(g, ch)                                                                             \
+  if (G == g && D == ch * W) {                                                                              \
+    attend<g, ch>(qkv, cos, sin, positions, k_cache, v_cache, out, S, KVH, CAP, scaling);                  \
+    return;                                                                                                 \
+  }
+#define SELFDISTILL_CASES(ch) \
+  SELFDISTILL_CASE(1, ch) SELFDISTILL_CASE(2, ch) SELFDISTILL_CASE(3, ch) SELFDISTILL_CASE(4, ch) \
+  SELFDISTILL_CASE(5, ch) SELFDISTILL_CASE(6, ch) SELFDISTILL_CASE(7, ch) SELFDISTILL_CASE(8, ch)
+  SELFDISTILL_CASES(4)  // head_dim 64
+  SELFDISTILL_CASES(8)  // head_dim 128
+#undef SELFDISTILL_CASES
+#undef SELFDISTILL_CASE
+  TORCH_CHECK(false, "no kernel for ", G, " query heads per K/V head, head_dim ", D);
+}
+
+// Whether decode_attention has a kernel for this shape (the backend uses eager PyTorch otherwise).
+bool supports(int64_t heads, int64_t kv_heads, int64_t head_dim) {
+  const int64_t G = kv_heads > 0 && heads % kv_heads == 0 ? heads / kv_heads : 0;
+  return G >= 1 && G <= 8 && (head_dim == 64 || head_dim == 128);
+}
+
+torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
+                               torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads, double scaling) {
+  TORCH_CHECK(qkv.dtype() == torch::kFloat && qkv.is_contiguous() && qkv.dim() == 2, "qkv: contiguous fp32 [S, W]");
+  TORCH_CHECK(cos.dtype() == torch::kFloat && sin.dtype() == torch::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous(), "cos/sin: contiguous fp32 [S, D]");
+  TORCH_CHECK(positions.dtype() == torch::kLong && positions.is_contiguous(), "positions: contiguous int64");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dtype() == v_cache.dtype() &&
+                  k_cache.dim() == 5 && v_cache.dim() == 4, "caches: contiguous K [S, KVH, CAP/16, D, 16], V [S, KVH, CAP, D]");
+  const int64_t S = v_cache.size(0), KVH = v_cache.size(1), CAP = v_cache.size(2), D = v_cache.size(3);
+  TORCH_CHECK(k_cache.size(0) == S && k_cache.size(1) == KVH && k_cache.size(2) * W == CAP && k_cache.size(3) == D &&
+                  k_cache.size(4) == W && D % W == 0, "K and V caches disagree, or head_dim is not a multiple of 16");
+  TORCH_CHECK(qkv.size(0) == S && positions.size(0) == S && cos.size(0) == S && cos.size(1) == D,
+              "slot counts disagree");
+  TORCH_CHECK(heads % KVH == 0 && qkv.size(1) == (heads + 2 * KVH) * D, "qkv width is not (H + 2 KVH) D");
+  TORCH_CHECK(positions.numel() == 0 || (positions.max().item<int64_t>() < CAP && positions.min().item<int64_t>() >= 0),
+              "a position is outside the cache");
+  auto out = torch::empty({S, heads * D}, qkv.options());
+  const int64_t G = heads / KVH;
+  const float scale = static_cast<float>(scaling);
+  if (k_cache.dtype() == torch::kBFloat16) {
+    dispatch(G, D, qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
+             k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), out.data_ptr<float>(), S, KVH, CAP,
+             scale);
+  } else {
+    TORCH_CHECK(k_cache.dtype() == torch::kFloat, "caches: bf16 or fp32");
+    dispatch(G, D, qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
+             k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>(), S, KVH, CAP, scale);
+  }
+  return out;
+}
+
+// W8A8 linear, the arithmetic of backend_continuous.Int8Linear in one call: each input row
+// quantized to int8 with its own scale (max |row| / 127), an int8 x int8 -> int32 GEMM
+// (at::_int_mm, VNNI on x86), then out = float(acc) * row_scale * weight_scale (+ bias)
+// (+ residual). What the input row is, is fused in too, so that no intermediate tensor is made:
+// - norm_weight given: the row is RMSNorm(x) = x / sqrt(mean(x^2) + eps) * norm_weight;
+// - gated: x is [N, 2F], gate then up (a fused gate/up projection), and the row is
+//   silu(gate) * up: a Llama MLP's input to its down projection.
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight_t, torch::Tensor weight_scale,
+                          c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> norm_weight, double eps,
+                          bool gated, c10::optional<torch::Tensor> residual) {
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous fp32 [N, K]");
+  const int64_t N = x.size(0), K = gated ? x.size(1) / 2 : x.size(1), M = weight_t.size(1);
+  TORCH_CHECK(weight_t.dtype() == torch::kChar && weight_t.dim() == 2 && weight_t.size(0) == K,
+              "weight_t: int8 [K, M]");
+  TORCH_CHECK(weight_scale.dtype() == torch::kFloat && weight_scale.is_contiguous() && weight_scale.numel() == M,
+              "weight_scale: fp32 [M]");
+  const bool has_norm = norm_weight.has_value() && norm_weight->defined();
+  TORCH_CHECK(!(has_norm && gated), "norm and gate are not fused together");
+  torch::Tensor norm_w = has_norm ? norm_weight->to(torch::kFloat).contiguous() : torch::Tensor();
+  TORCH_CHECK(!has_norm || norm_w.numel() == K, "norm_weight: [K]");
+  torch::Tensor bias_t = bias.has_value() && bias->defined() ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
+  torch::Tensor res_t = residual.has_value() && residual->defined() ? residual->contiguous() : torch::Tensor();
+  TORCH_CHECK(!res_t.defined() || (res_t.dtype() == torch::kFloat && res_t.numel() == N * M), "residual: fp32 [N, M]");
+
+  auto quantized = torch::empty({N, K}, x.options().dtype(torch::kChar));
+  auto row_scale = torch::empty({N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* nw = has_norm ? norm_w.data_ptr<float>() : nullptr;
+  int8_t* qp = quantized.data_ptr<int8_t>();
+  float* rs = row_scale.data_ptr<float>();
+  const int64_t full = K / W * W;
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(K);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* row = xp + n * (gated ? 2 * K : K);
+      if (gated) {
+        // silu(g) = g / (1 + e^-g), with e^-|g| so that the exponential never overflows.
+        for (int64_t i = 0; i < full; i += W) {
+          const f16v g = load(row + i), e = exp_nonpositive(-vabs(g)), up = load(row + K + i);
+          store(buffer.data() + i, (g < 0.f ? g * e : g) / (1.f + e) * up);
+        }
+        for (int64_t i = full; i < K; ++i) buffer[i] = row[i] / (1.f + std::exp(-row[i])) * row[K + i];
+        row = buffer.data();
+      } else if (nw) {
+        f16v squares{};
+        for (int64_t i = 0; i < full; i += W) squares += load(row + i) * load(row + i);
+        float sum = hsum(squares);
+        for (int64_t i = full; i < K; ++i) sum += row[i] * row[i];
+        const float inv = 1.f / std::sqrt(sum / K + static_cast<float>(eps));
+        for (int64_t i = 0; i < full; i += W) store(buffer.data() + i, load(row + i) * inv * load(nw + i));
+        for (int64_t i = full; i < K; ++i) buffer[i] = row[i] * inv * nw[i];
+        row = buffer.data();
+      }
+      int8_t* out_row = qp + n * K;
+      f16v top_v{};
+      for (int64_t i = 0; i < full; i += W) top_v = vmax(top_v, vabs(load(row + i)));
+      float top = hmax(top_v);
+      for (int64_t i = full; i < K; ++i) top = std::max(top, std::fabs(row[i]));
+      top = std::max(top, 1e-12f);
+      const float inv = 127.f / top;
+      for (int64_t i = 0; i < full; i += W) {
+        const b16v q = __builtin_convertvector(__builtin_convertvector(round_even(load(row + i) * inv), i16v), b16v);
+        std::memcpy(out_row + i, &q, sizeof q);
+      }
+      for (int64_t i = full; i < K; ++i) out_row[i] = static_cast<int8_t>(std::nearbyint(row[i] * inv));
+      rs[n] = top / 127.f;
+    }
+  });
+  auto acc = at::_int_mm(quantized, weight_t);
+  auto out = torch::empty({N, M}, x.options());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* ws = weight_scale.data_ptr<float>();
+  const float* bp = bias_t.defined() ? bias_t.data_ptr<float>() : nullptr;
+  const float* rp = res_t.defined() ? res_t.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t full_m = M / W * W;
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float r = rs[n];
+      const int32_t* acc_row = ap + n * M;
+      float* out_row = op + n * M;
+      for (int64_t m = 0; m < full_m; m += W) {
+        i16v a;
+        std::memcpy(&a, acc_row + m, sizeof a);
+        f16v value = __builtin_convertvector(a, f16v) * r * load(ws + m);
+        if (bp) value += load(bp + m);
+        if (rp) value += load(rp + n * M + m);
+        store(out_row + m, value);
+      }
+      for (int64_t m = full_m; m < M; ++m) {
+        float value = static_cast<float>(acc_row[m]) * r * ws[m];
+        if (bp) value += bp[m];
+        if (rp) value += rp[n * M + m];
+        out_row[m] = value;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "RoPE, cache write and attention for one decode step");
+  m.def("linear_int8", &linear_int8, "W8A8 linear: per-row int8 activations, int8 weights, fp32 out",
+        py::arg("x"), py::arg("weight_t"), py::arg("weight_scale"), py::arg("bias") = py::none(),
+        py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0, py::arg("gated") = false,
+        py::arg("residual") = py::none());
+  m.def("supports", &supports, "whether decode_attention has a kernel for (heads, kv_heads, head_dim)");
+}
