@@ -268,7 +268,7 @@ def markdown(summary: dict, params) -> str:
     if ev.sweep:
         lines += [
             "",
-            f"## T_eval, chosen per model on the validation set (disjoint from every test problem)",
+            "## T_eval, chosen per model on the validation set (disjoint from every test problem)",
             "",
             "| model | " + " | ".join(f"T={t:g}" for t in ev.sweep) + " | chosen T_eval |",
             "|---|" + "---|" * len(ev.sweep) + "---|",

@@ -553,7 +553,6 @@ def test_ct2_decodes_each_temperature_of_a_batch_in_a_call_of_its_own(backends, 
 
 @pytest.mark.parametrize("name", ["ctranslate2", "continuous-int8"])
 def test_generate_jsonl_resumes_exactly(tmp_path, converted, backends, name):
-    import json
 
     backend = backends[name]
     cfg = decoding(backend=name, n=2, max_new_tokens=10, batch_size=3, slots=2)

@@ -337,7 +337,7 @@ def training_memory(cfg, shape: ModelShape, micro_batch: int, length: int, devic
                           shape.layers * tokens * layer_activation_bytes(shape), ("forward", "loss", "backward")))
     if cfg.lean_loss:  # LinearCrossEntropy, in fp32 (the weights' dtype) outside autocast
         head = 2 * 4 * vocab * h if cfg.method == "full" else 0  # a frozen head (LoRA) gets no gradient
-        parts += [Part(f"loss: the LM head's fp32 gradient and one chunk's product", head, ("loss",)),
+        parts += [Part("loss: the LM head's fp32 gradient and one chunk's product", head, ("loss",)),
                   Part(f"loss: one {LOSS_CHUNK}-token chunk's fp32 logits", LOSS_CHUNK * vocab * 4, ("loss",)),
                   Part("loss: answer positions' hidden states and their gradient, fp32", 2 * tokens * h * 4,
                        ("loss",))]
