@@ -178,8 +178,10 @@ def test_the_stage_refuses_weights_that_did_not_move(tmp_path, tiny_model, monke
 def test_lora_train_resumes_after_sigkill(tmp_path, tiny_model):
     root = make_workspace(tmp_path / "ws", tiny_model, {
         "data": humaneval_only(train=8),
+        # Saved in float32, the master weights' dtype, so that the resumed run is compared with the
+        # uninterrupted one before any rounding.
         "train": {"method": "lora", "epochs": 3, "micro_batch_size": 1, "grad_accum": 1, "max_length": 2048,
-                  "checkpoint_every": 2},
+                  "checkpoint_every": 2, "save_dtype": "float32"},
     })
     for stage in (["tasks.model"], ["tasks.prepare"], ["tasks.sample", "--config", "ssd"], ["tasks.filter", "--arm", "ssd-none"]):
         run(root, *stage)
@@ -216,7 +218,7 @@ def test_lora_train_resumes_after_sigkill(tmp_path, tiny_model):
     assert not ckpt.exists(), "the checkpoint is removed once the model is saved"
     weights = load_file(root / "models/ssd-none/model.safetensors")
     assert weights.keys() == uninterrupted.keys()
-    assert {t.dtype for t in weights.values()} == {torch.float32}  # trained without bf16: saved as computed
+    assert {t.dtype for t in weights.values()} == {torch.float32}
     for name, tensor in weights.items():
         torch.testing.assert_close(tensor, uninterrupted[name], rtol=1e-5, atol=1e-6, msg=name)
     kept = sum(1 for l in (root / "filtered/ssd-none/train.jsonl").read_text().splitlines() if l.strip())
@@ -234,11 +236,12 @@ def test_lora_train_resumes_after_sigkill(tmp_path, tiny_model):
     assert [gen.get(k) for k in decoding] == [base.get(k) for k in decoding]
 
 
-def test_the_model_is_saved_in_train_save_dtype(tmp_path, tiny_model, monkeypatch):
-    # Trained in fp32 (bf16 off) and written in bf16 because the param says so; auto -> float32
-    # is checked by the resume test, auto -> bfloat16 (bf16 on) by the pipeline test.
-    root = train_workspace(tmp_path, tiny_model, [row("q", "a\n"), row("r", "b\n")], save_dtype="bfloat16")
+@pytest.mark.parametrize(("save_dtype", "saved"), [("bfloat16", torch.bfloat16), ("auto", torch.float32)])
+def test_the_model_is_saved_in_train_save_dtype(tmp_path, tiny_model, monkeypatch, save_dtype, saved):
+    # Trained in fp32 (bf16 off): written in bf16 when the param says so, and as computed under
+    # auto. auto -> bfloat16 (bf16 on) is checked by the pipeline test.
+    root = train_workspace(tmp_path, tiny_model, [row("q", "a\n"), row("r", "b\n")], save_dtype=save_dtype)
     assert run_train(root, monkeypatch) == 0
     weights = load_file(root / "models/ssd-none/model.safetensors")
-    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
-    assert json.loads((root / "models/ssd-none/config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in weights.values()} == {saved}
+    assert json.loads((root / "models/ssd-none/config.json").read_text())["dtype"] == str(saved).removeprefix("torch.")
