@@ -51,11 +51,10 @@ science: install
 	@cat report/summary.md
 
 # The tests on TEST_WORKERS pytest-xdist workers, a test file per worker at a time (a file's
-# fixtures are built once), in collection order: tests/conftest.py puts the longest files first.
-# Run serially, the suite leaves a core idle half the time (subprocesses, servers, image builds).
-# TEST_WORKERS=0 runs it in one process.
+# fixtures are built once); the suite leaves a core idle half the time when run serially
+# (subprocesses, servers, image builds). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
-PYTEST := PATH=$(BIN):$$PATH $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+PYTEST := PATH=$(BIN):$$PATH $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test: install
 	$(PYTEST)

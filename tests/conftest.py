@@ -71,18 +71,6 @@ def save_tiny(model, tokenizer, out_dir: Path) -> Path:
     return out_dir
 
 
-# The test files that take minutes (`--durations` in `make test`'s output), longest first. xdist
-# hands out whole files in collection order (`make test`), so these start at once rather than
-# leaving one worker alone on a long file at the end.
-LONGEST_FILES = ("test_docker.py", "test_backends.py", "test_gpu_wheels.py", "test_dask.py", "test_flow.py",
-                 "test_grid.py", "test_generation.py", "test_deployment.py", "test_pipeline.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
