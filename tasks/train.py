@@ -152,6 +152,12 @@ def train(arm: str) -> int:
         # Sharded (FSDP / DeepSpeed) weights are gathered by the trainer; every process takes part.
         tmp_dir = Path(str(out_dir) + ".gathered")
         trainer.save_model(str(tmp_dir))
+    if trainer.accelerator.num_processes > 1:
+        # Every process leaves the process group together, before rank 0 writes the model: a
+        # process that exits with the group alive can abort in gloo's teardown (SIGABRT), and
+        # torchrun then kills the others, failing a run that trained.
+        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.end_training()
     if not trainer.is_world_process_zero():
         return 0
     # Done with the optimizer's state (twice the weights in fp32) and the gradients: free them
