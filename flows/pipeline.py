@@ -81,9 +81,10 @@ STAGE_ERROR_PREFIX = "error:"
 # end of its "ERROR: failed to reproduce ..." message, which may span lines (a multi-line cmd).
 DVC_COMMAND_STATUS = re.compile(r", exited with (-?\d+)$")
 # Stage groups that put a model on the GPU: their tasks are tagged `gpu` and, where CUDA is
-# present, run one at a time (gpu_slot). `model`, `publish` and `sample-merge` (it joins files)
-# run on the CPU.
-GPU_STAGES = ("sample", "sample-shard", "train", "evaluate", "evaluate-base", "diagnose", "diagnose-base")
+# present, run one at a time (gpu_slot). `model`, `publish`, `sample-merge` and `evaluate-merge`
+# (they join files) run on the CPU.
+GPU_STAGES = ("sample", "sample-shard", "train", "evaluate", "evaluate-validation", "evaluate-test", "diagnose",
+              "diagnose-base")
 # "1" / "0": CUDA is present / absent, whatever torch says (tests; a worker that must not import torch).
 ASSUME_CUDA_ENV = "SELFDISTILL_ASSUME_CUDA"
 # The global concurrency limit that keeps GPU stages apart on this machine, and its slots when

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from tasks.analysis import plots
-from tasks.analysis.selection import choose_temperature
+from tasks.analysis.selection import choose_temperature, validation_answers
 from tasks.core import paths
 from tasks.core.config import load_params, run_stage
 from tasks.core.files import DataError, atomic_path, read_json, read_jsonl, write_json, write_text
@@ -62,7 +62,7 @@ def t_eval_choices(params, metrics: dict) -> dict:
         if not ev.sweep:
             choices[name] = {"chosen": ev.temperature}
             continue
-        choice = choose_temperature(name, ev.sweep, ev.temperature, ev.sweep_confidence, ev.seed)
+        choice = choose_temperature(validation_answers(name, ev.sweep), ev.temperature, ev.sweep_confidence, ev.seed)
         chosen, by_t = choice["chosen"], choice["pass@1"]
         tested = {s["temperature"] for s in m["sets"].values()}
         if tested != {chosen}:

@@ -44,6 +44,26 @@ LAUNCHED = "SELFDISTILL_ACCELERATE_LAUNCHED"
 NO_ANSWER = "no answer token within train.max_length"
 
 
+def launch_command(accelerate_config: str, arm: str) -> list[str]:
+    """`accelerate launch` of this stage under `accelerate_config`. On one machine with no
+    main_process_port of the config's own, a free port: torchrun's default (29500) would make two
+    launches at once on one machine (two train stages, two workspaces) collide."""
+    import socket
+
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(accelerate_config).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ParamsError(f"train.accelerate: {accelerate_config}: not a readable accelerate config ({err})") from None
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
+    if int(config.get("num_machines") or 1) <= 1 and not config.get("main_process_port"):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            cmd += ["--main_process_port", str(probe.getsockname()[1])]
+    return cmd + ["-m", "tasks.train", "--arm", arm]
+
+
 def same_weights(model_dir: str | os.PathLike, base_dir: str | os.PathLike) -> bool:
     """Whether every tensor of `model_dir`'s safetensors equals the base's tensor of that name."""
     from safetensors import safe_open
@@ -104,8 +124,7 @@ def train(arm: str) -> int:
     cfg = params.train
     if cfg.accelerate and not os.environ.get(LAUNCHED):
         # Multi-process (multi-GPU, FSDP, DeepSpeed): the same stage, under accelerate launch.
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg.accelerate,
-               "-m", "tasks.train", "--arm", arm]
+        cmd = launch_command(cfg.accelerate, arm)
         print(f"train[{arm}]: {' '.join(cmd[1:])}", flush=True)
         return subprocess.run(cmd, env={**os.environ, LAUNCHED: "1"}).returncode
     use_all_cores()

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from tasks.core.config import EXIT_NO_RETRY, ParamsError, Params, load_params, run_stage, validate_params
-from tasks.core.profiles import apply_overrides, sync_sample_stages
+from tasks.core.profiles import apply_overrides, sync_stage_lists
 from conftest import REPO, write_params
 
 PROFILES = sorted((REPO / "profiles").glob("*.yaml"))
@@ -234,7 +234,7 @@ def test_overrides_are_parsed_as_yaml():
     # A mapping given for a key is that key's whole value: the arms are exactly these.
     raw = apply_overrides(raw_params(), ['arms={"a": {"sample": "ssd", "filter": "none"}}', "sample.configs.null=null"])
     raw["sample"]["configs"].pop("null")
-    sync_sample_stages(raw)  # sample.stages follows the configs, as update_params_file keeps it
+    sync_stage_lists(raw)  # sample.stages follows the configs, as update_params_file keeps it
     assert list(validate_params(raw).arms) == ["a"]
     with pytest.raises(ParamsError, match="key=value"):
         apply_overrides(raw_params(), ["sample.temperature"])

@@ -160,20 +160,28 @@ def test_a_worker_killed_mid_stage_leads_to_a_retry_with_nothing_half_written(tm
         assert stage not in locked
 
 
-def test_two_sample_shards_run_on_two_workers_and_merge_into_the_rows_of_one_stage(tmp_path, cluster, tiny_model,
-                                                                                    monkeypatch):
-    """The real dvc.yaml and stages (tiny profile: 6 train prompts, 4 per batch: two batches) with
-    sample.shards 2, through the flow on the cluster; then sample.shards 1 and `dvc repro` of the
-    one stage that replaces them: the same samples.jsonl and stats.json, byte for byte."""
-    from tasks.core.profiles import update_params_file
-
-    root = make_workspace(tmp_path / "ws", tiny_model, {"sample": {"shards": 2}})
-    proc = flow_run(root, cluster, cluster["env"], "--target", "sample-merge@ssd", "--no-record")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def ran_on_workers(cluster) -> dict[str, list[str]]:
+    """Each stage command the workers ran -> the workers that ran it (from their params traces)."""
     ran_on = {}
     for trace in cluster["traces"].glob("*.jsonl"):
         for line in trace.read_text().splitlines():
             ran_on.setdefault(json.loads(line)["cmd"], []).append(trace.stem)
+    return ran_on
+
+
+def test_sample_and_evaluate_shards_run_on_two_workers_and_merge_into_what_one_stage_writes(tmp_path, cluster,
+                                                                                           tiny_model, monkeypatch):
+    """The real dvc.yaml and stages (tiny profile: 6 train prompts, 4 per batch: two batches; the
+    base model's validation sweep 3 batches, each test pass 4) with sample.shards 2 and
+    evaluate.shards 2, through the flow on the cluster; then shards 1 and `dvc repro` of the one
+    stage that replaces each: the same files, byte for byte."""
+    from tasks.core.config import EXIT_NO_RETRY
+    from tasks.core.profiles import update_params_file
+
+    root = make_workspace(tmp_path / "ws", tiny_model, {"sample": {"shards": 2}, "evaluate": {"shards": 2, "repeats": 2}})
+    proc = flow_run(root, cluster, cluster["env"], "--target", "sample-merge@ssd", "--no-record")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran_on = ran_on_workers(cluster)
     shards = {f"python -m tasks.sample --config ssd --shard {i}" for i in (0, 1)}
     assert shards <= set(ran_on), ran_on
     assert sorted(w for cmd in shards for w in ran_on[cmd]) == ["w1", "w2"], ran_on  # one shard on each worker
@@ -184,20 +192,55 @@ def test_two_sample_shards_run_on_two_workers_and_merge_into_the_rows_of_one_sta
     merged = {name: (root / "samples/ssd" / name).read_bytes() for name in ("samples.jsonl", "stats.json")}
     assert not list((root / "checkpoints/partial").rglob("*.partial"))  # each shard cleared its partial work
 
+    # The base model's evaluation, its validation and test parts each in two shards, in a second
+    # flow run (alone, so that the two shards of a part are the two stages ready at once).
+    proc = flow_run(root, cluster, cluster["env"], "--target", "evaluate-merge@base", "--no-record")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran_on = ran_on_workers(cluster)
+    for part in ("validation", "test"):
+        shards = {f"python -m tasks.evaluate --model models/base --name base --shard {i} --part {part}" for i in (0, 1)}
+        assert shards <= set(ran_on), ran_on
+        assert sorted(w for cmd in shards for w in ran_on[cmd]) == ["w1", "w2"], (part, ran_on)
+        assert all((root / f"eval/base/shards/{part}/{i}.jsonl").read_text() for i in (0, 1))  # each got batches
+    assert "python -m tasks.evaluate --model models/base --name base --merge" in ran_on
+    eval_files = sorted(p.relative_to(root) for p in (root / "eval/base").rglob("*") if p.is_file()
+                        and "shards" not in p.parts)
+    assert len([p for p in eval_files if "validation" in p.parts]) == 2 and len(
+        [p for p in eval_files if "repeats" in p.parts]) == 2, eval_files  # 2 T_eval; 2 sets x 1 repeat
+    evaluated = {p: (root / p).read_bytes() for p in eval_files}
+    assert not list((root / "checkpoints/partial").rglob("*.partial"))
+
     # The params each shard and merge command read are the ones dvc.yaml declares for it.
     monkeypatch.chdir(root)
     declared = {stage["cmd"]: stage["params"] for stage in rendered_stages(root).values()}
+    checked = set()
     for trace in cluster["traces"].glob("*.jsonl"):
         for record in map(json.loads, trace.read_text().splitlines()):
-            if record["cmd"] in declared:
+            if record["cmd"] in declared and ("--shard" in record["cmd"] or "--merge" in record["cmd"]):
                 keys = declared[record["cmd"]]
                 assert all(any(k == d or k.startswith(d + ".") for d in keys) for k in record["keys"]), record
                 assert all(any(k == d or k.startswith(d + ".") for k in record["keys"]) for d in keys), record
+                checked.add(record["cmd"])
+    evaluate = "python -m tasks.evaluate --model models/base --name base"
+    assert {f"{evaluate} --merge", f"{evaluate} --shard 0 --part validation", f"{evaluate} --shard 1 --part test",
+            "python -m tasks.sample --config ssd --merge", "python -m tasks.sample --config ssd --shard 1"} <= checked
 
-    update_params_file(root / "params.yaml", ["sample.shards=1"])
-    whole = subprocess.run([sys.executable, "-m", "dvc", "repro", "sample@ssd"], cwd=root, env=stage_env(root),
-                           capture_output=True, text=True)
+    # A merge refuses shards that do not hold every answer once, naming the stages to rerun.
+    test_shard = root / "eval/base/shards/test/1.jsonl"
+    kept = test_shard.read_text()
+    test_shard.write_text("".join(kept.splitlines(True)[1:]))
+    merge = subprocess.run([sys.executable, "-m", "tasks.evaluate", "--model", "models/base", "--name", "base",
+                            "--merge"], cwd=root, env=stage_env(root), capture_output=True, text=True)
+    assert merge.returncode == EXIT_NO_RETRY and "rerun the evaluate-test@base-* stages" in merge.stderr, merge.stderr[-2000:]
+    test_shard.write_text(kept)
+
+    update_params_file(root / "params.yaml", ["sample.shards=1", "evaluate.shards=1"])
+    whole = subprocess.run([sys.executable, "-m", "dvc", "repro", "sample@ssd", "evaluate@base"], cwd=root,
+                           env=stage_env(root), capture_output=True, text=True)
     assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
-    assert re.findall(r"Running stage '([^']+)'", whole.stdout) == ["sample@ssd"]  # upstream unchanged
+    assert sorted(re.findall(r"Running stage '([^']+)'", whole.stdout)) == ["evaluate@base", "sample@ssd"]
     assert {name: (root / "samples/ssd" / name).read_bytes() for name in merged} == merged
     assert len(merged["samples.jsonl"].splitlines()) == 6
+    assert sorted(p.relative_to(root) for p in (root / "eval/base").rglob("*") if p.is_file()
+                  and "shards" not in p.parts) == eval_files
+    assert {p: (root / p).read_bytes() for p in eval_files} == evaluated

@@ -99,11 +99,11 @@ def test_t_eval_is_chosen_on_validation_before_any_test_problem_is_decoded(tmp_p
     monkeypatch.chdir(root)
     real, order = stage.answer_and_check, []
 
-    def planted(backend, model_dir, outputs, cfg, run, desc, *args):
-        per_output = real(backend, model_dir, outputs, cfg, run, desc, *args)
-        for out, rows in zip(outputs, per_output):
-            order.append((desc, out.temperature))
-            if "/validation" in desc:
+    def planted(backend, model_dir, p, *args):
+        per_output = real(backend, model_dir, p, *args)
+        for out, rows in zip(p.outputs, per_output):
+            order.append((p.name, out.temperature))
+            if p.name == "validation":
                 for row in rows:
                     row["passed"] = out.temperature == winner
                 stage.write_jsonl(out.path, rows)
@@ -111,8 +111,8 @@ def test_t_eval_is_chosen_on_validation_before_any_test_problem_is_decoded(tmp_p
 
     monkeypatch.setattr(stage, "answer_and_check", planted)
     metrics = stage.evaluate(str(root / "models/base"), "base")
-    validation = [i for i, (desc, _) in enumerate(order) if "/validation" in desc]
-    tests = [i for i, (desc, _) in enumerate(order) if "/validation" not in desc]
+    validation = [i for i, (name, _) in enumerate(order) if name == "validation"]
+    tests = [i for i, (name, _) in enumerate(order) if name != "validation"]
     assert validation and tests and max(validation) < min(tests)
     assert metrics["validation"]["chosen_temperature"] == winner
     assert {t for i, (_, t) in enumerate(order) if i in tests} == {winner}
@@ -128,7 +128,7 @@ def test_t_eval_leaves_the_tie_breaker_only_beyond_validation_noise(tmp_path, mo
     not move the choice; 12 more is not, and does."""
     import json
 
-    from tasks.analysis.selection import choose_temperature
+    from tasks.analysis.selection import choose_temperature, validation_answers
     from tasks.core import paths
 
     monkeypatch.chdir(tmp_path)
@@ -137,7 +137,7 @@ def test_t_eval_leaves_the_tie_breaker_only_beyond_validation_noise(tmp_path, mo
         path = tmp_path / paths.validation_samples("base", t)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps({"task_id": f"v{i}", "passed": i < count}) + "\n" for i in range(40)))
-    choice = choose_temperature("base", [0.5, 0.7, 0.9], 0.7, 0.95, seed=0)
+    choice = choose_temperature(validation_answers("base", [0.5, 0.7, 0.9]), 0.7, 0.95, seed=0)
     assert choice["chosen"] == (0.9 if moves else 0.7)
     delta, low, high = choice["vs_tie_breaker"][0.9]
     assert delta == pytest.approx(more_solved / 40) and low <= delta <= high and (low > 0) == moves

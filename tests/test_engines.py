@@ -122,7 +122,8 @@ def test_engine_params_are_typed(section, key, value, message):
 
 def test_stages_that_sample_declare_the_engine_params():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for name, section in (("sample", "sample"), ("evaluate-base", "evaluate"), ("evaluate", "evaluate")):
+    for name, section in (("sample", "sample"), ("sample-shard", "sample"), ("evaluate", "evaluate"),
+                          ("evaluate-validation", "evaluate"), ("evaluate-test", "evaluate")):
         body = stages[name].get("do", stages[name])
         wanted = {f"vllm.{key}" for key in VLLMConfig.model_fields} | {f"{section}.max_batch_tokens"}
         assert wanted <= set(body["params"]), (name, wanted - set(body["params"]))

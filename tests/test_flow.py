@@ -123,7 +123,7 @@ def test_plan_of_the_projects_own_dvc_yaml():
     arms, configs = params["arms"], params["sample"]["configs"]
     sample_stages = {f"sample@{c}" for c in configs}
     plan = {node.name: set(node.upstream) for node in read_stage_graph(REPO)}
-    assert set(plan) == {"codeio", "model", "prepare", "evaluate-base", "diagnose-base", "report"} | sample_stages | {
+    assert set(plan) == {"codeio", "model", "prepare", "evaluate@base", "diagnose-base", "report"} | sample_stages | {
         f"{stage}@{arm}" for stage in ("filter", "train", "evaluate", "publish", "diagnose") for arm in arms}
     # The base model and the problem sets come from stages of their own: data.* never rewrites it.
     assert plan["codeio"] == set() and plan["model"] == set() and plan["prepare"] == {"codeio"}
@@ -134,7 +134,7 @@ def test_plan_of_the_projects_own_dvc_yaml():
         assert plan[f"evaluate@{arm}"] == {"prepare", f"train@{arm}"}
         assert plan[f"publish@{arm}"] == {"model", f"train@{arm}", f"evaluate@{arm}"}
     # prepare: data/source.json's decontamination counts.
-    assert plan["report"] == {"prepare", "evaluate-base", "diagnose-base"} | sample_stages | {
+    assert plan["report"] == {"prepare", "evaluate@base", "diagnose-base"} | sample_stages | {
         f"{s}@{a}" for s in ("filter", "train", "evaluate", "diagnose") for a in arms}
     for arm in arms:
         assert plan[f"diagnose@{arm}"] == {"prepare", f"train@{arm}", "diagnose-base"}
@@ -331,7 +331,7 @@ def test_gpu_stages_take_turns_where_cuda_is_present(tmp_path, monkeypatch):
     from prefect.exceptions import ObjectNotFound
 
     stages = {"prepare": PIPELINE["prepare"], "train": PIPELINE["train"]}  # train@none, train@passes
-    for name in ("evaluate-base", "diagnose-base", "publish", "lint"):
+    for name in ("evaluate@base", "diagnose-base", "publish", "lint"):
         stages[name] = {"cmd": f"python step.py {name} {name}.txt", "deps": ["data/train.jsonl"], "outs": [f"{name}.txt"]}
     root = make_repo(tmp_path / "ws", stages)
     monkeypatch.setenv("SELFDISTILL_ASSUME_CUDA", "1")
@@ -347,7 +347,7 @@ def test_gpu_stages_take_turns_where_cuda_is_present(tmp_path, monkeypatch):
     state = selfdistill_pipeline(repo=str(root), retries=0, max_parallel=6, record=False, return_state=True)
     assert state.is_completed(), state.message
     spans = {stage: (start, end) for stage, start, end in map(json.loads, (root / "times.log").read_text().splitlines())}
-    gpu = sorted(spans[name] for name in ("train@none", "train@passes", "evaluate-base", "diagnose-base"))
+    gpu = sorted(spans[name] for name in ("train@none", "train@passes", "evaluate@base", "diagnose-base"))
     assert all(end <= start for (_, end), (start, _) in zip(gpu, gpu[1:])), gpu
     overlap = [(cpu, gpu_span) for cpu in ("publish", "lint") for gpu_span in gpu
                if spans[cpu][0] < gpu_span[1] and gpu_span[0] < spans[cpu][1]]

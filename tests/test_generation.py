@@ -198,18 +198,18 @@ def test_sample_and_evaluate_resume_under_dvc_repro_after_sigkill(tmp_path, tiny
     for root in (reference, killed):
         subprocess.run([sys.executable, "-m", "dvc", "repro", "model", "prepare"], cwd=root, env=stage_env(root), check=True,
                        capture_output=True)
-    subprocess.run([sys.executable, "-m", "dvc", "repro", "sample@ssd", "evaluate-base"], cwd=reference,
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "sample@ssd", "evaluate@base"], cwd=reference,
                    env=stage_env(reference), check=True, capture_output=True)
 
     written = kill_dvc_repro_when(killed, "sample@ssd", "checkpoints/partial/samples/ssd/*.partial", 6)
     assert 6 <= written < 24, "the kill should land mid-stage"
     assert not (killed / "samples/ssd/samples.jsonl").exists()
-    written = kill_dvc_repro_when(killed, "evaluate-base", "checkpoints/partial/eval/base/samples/**/*.partial", 4)
+    written = kill_dvc_repro_when(killed, "evaluate@base", "checkpoints/partial/eval/base/samples/**/*.partial", 4)
     assert written >= 4 and not (killed / "eval/base/metrics.json").exists(), "the kill should land mid-stage"
     # ... in the T_eval sweep's one pass (every swept T of every validation prompt): the unit resumed.
     assert (killed / "checkpoints/partial/eval/base/samples/validation.partial").exists()
 
-    for target in ("sample@ssd", "evaluate-base"):
+    for target in ("sample@ssd", "evaluate@base"):
         resumed = subprocess.run([sys.executable, "-m", "dvc", "repro", target], cwd=killed, env=stage_env(killed),
                                  capture_output=True, text=True)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -242,16 +242,14 @@ def test_an_evaluate_pass_over_several_files_resumes_exactly(tmp_path, monkeypat
     monkeypatch.chdir(root)
     params = load_params()
     validation, tests = read_jsonl(paths.VALIDATION_PROBLEMS), read_jsonl(paths.eval_problems("humaneval"))
-    cfg = stage.decoding_at(params.evaluate, 0.9).model_copy(update={"batch_size": 4})
+    cfg = params.evaluate.model_copy(update={"batch_size": 4})
 
-    def outputs(name):
-        return [stage.Output(paths.validation_samples(name, t), validation, t) for t in (0.5, 0.9, 1.3)] + \
-            [stage.Output(paths.eval_samples(name, "humaneval"), tests, 0.7)]
+    def the_pass(name):
+        return stage.Pass("pass", [stage.Output(paths.validation_samples(name, t), validation, t) for t in (0.5, 0.9, 1.3)]
+                          + [stage.Output(paths.eval_samples(name, "humaneval"), tests, 0.7)], 0.9, cfg.seed, name)
 
     backend = TransformersBackend(root / "models/base", dtype=torch.float32)
-    check = (params.evaluate.timeout_s, params.sandbox)
-    full = stage.answer_and_check(backend, "models/base", outputs("full"), cfg, paths.eval_pass("full", "pass"),
-                                  "full", *check)
+    full = stage.answer_and_check(backend, "models/base", the_pass("full"), "full", cfg, params.sandbox)
     run = paths.eval_pass("killed", "pass")
     calls = []
 
@@ -266,12 +264,12 @@ def test_an_evaluate_pass_over_several_files_resumes_exactly(tmp_path, monkeypat
             return backend.generate_batch(*args, **kwargs)
 
     with pytest.raises(Interrupted):
-        stage.answer_and_check(KilledAfterABatch(), "models/base", outputs("killed"), cfg, run, "killed", *check)
+        stage.answer_and_check(KilledAfterABatch(), "models/base", the_pass("killed"), "killed", cfg, params.sandbox)
     assert calls[0] and len(set(calls[0])) > 1, "a batch holds several T, each row's its own"
     assert paths.partial_of(run).read_text().count("\n") == 1 + 4
-    resumed = stage.answer_and_check(backend, "models/base", outputs("killed"), cfg, run, "killed", *check)
+    resumed = stage.answer_and_check(backend, "models/base", the_pass("killed"), "killed", cfg, params.sandbox)
     assert resumed == full
-    for ours, theirs, out in zip(outputs("killed"), outputs("full"), full):
+    for ours, theirs, out in zip(the_pass("killed").outputs, the_pass("full").outputs, full):
         assert Path(ours.path).read_text() == Path(theirs.path).read_text()
         assert [(r["task_id"], r["sample_index"]) for r in out] == \
             [(p["task_id"], s) for p in ours.problems for s in range(cfg.n)]

@@ -124,16 +124,22 @@ def test_dvc_yaml_paths_are_the_ones_the_stages_write():
     assert declared(bodies["filter"]) == {paths.filtered_samples(arm), paths.filter_stats(arm)}
     assert declared(bodies["train"]) == {paths.trained_model(arm), paths.train_stats(arm), paths.train_curves(arm),
                                          paths.train_live_summary(arm)}
-    assert declared(bodies["evaluate-base"]) == {paths.eval_samples_dir("base"), paths.eval_metrics("base")}
-    assert declared(bodies["evaluate"]) == {paths.eval_samples_dir(arm), paths.eval_metrics(arm)}
+    model = "${item}"  # evaluate's foreach: base and the arms (evaluate.stages.whole)
+    assert declared(bodies["evaluate"]) == {paths.eval_samples_dir(model), paths.eval_metrics(model)}
+    # evaluate.shards > 1: each part's shards, and their merge into the same files.
+    for part in ("validation", "test"):
+        assert declared(bodies[f"evaluate-{part}"]) == {paths.eval_shard("${item.model}", part, "${item.shard}")}
+    assert f"{paths.eval_shards_dir('${item.model}')}/validation" in bodies["evaluate-test"]["deps"]
+    assert declared(bodies["evaluate-merge"]) == {paths.eval_samples_dir(model), paths.eval_metrics(model)}
+    assert paths.eval_shards_dir(model) in bodies["evaluate-merge"]["deps"]
     assert declared(bodies["publish"]) == {paths.release_dir(arm)}
     assert declared(bodies["report"]) == {paths.REPORT_JSON, paths.REPORT_HEADLINE, paths.REPORT_MD,
                                           paths.REPORT_FIGURES, paths.REPORT_T_EVAL}
     assert declared(bodies["diagnose-base"]) == {paths.diagnose_metrics("base"), paths.diagnose_classes()}
     assert declared(bodies["diagnose"]) == {paths.diagnose_metrics(arm)}
     assert paths.diagnose_classes() in bodies["diagnose"]["deps"]
-    assert f"--model {paths.BASE_MODEL} --name base" in bodies["evaluate-base"]["cmd"]
-    assert f"--model {paths.trained_model(arm)} --name {arm}" in bodies["evaluate"]["cmd"]
+    assert paths.trained_model("base") == paths.BASE_MODEL  # evaluate@base evaluates the base model
+    assert f"--model {paths.trained_model(model)} --name {model}" in bodies["evaluate"]["cmd"]
     # The stages that read a file another stage writes declare it.
     assert {paths.CODEIO_PROBLEMS, paths.CODEIO_CATALOG, paths.CODEIO_SOURCE} <= set(bodies["prepare"]["deps"])
     assert paths.EVAL_PROBLEMS in bodies["evaluate"]["deps"] and paths.TRAIN_PROBLEMS in bodies["sample"]["deps"]

@@ -115,7 +115,7 @@ def test_lineage_of_the_report_reaches_every_evaluation(project):
     arms = yaml.safe_load((project / "params.yaml").read_text())["arms"]
     report = lineage(project / "report/summary.md", project)
     evals = inputs(report["lineage"]["stage"])["eval"]  # a directory several stages write into
-    assert {part["stage"]["name"] for part in evals["parts"]} == {"evaluate-base"} | {f"evaluate@{a}" for a in arms}
+    assert {part["stage"]["name"] for part in evals["parts"]} == {"evaluate@base"} | {f"evaluate@{a}" for a in arms}
 
 
 def test_lineage_flags_hand_edits_and_changed_params(project, tmp_path, monkeypatch, capsys):

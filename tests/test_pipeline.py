@@ -34,7 +34,7 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
     trace = tmp_path / "params-read.jsonl"
     out = repro(root, env={"SELFDISTILL_TRACE_PARAMS": str(trace)})
     arms = ["ssd-none", "null-shortest"]  # profiles/tiny.yaml: (sampling config, filter) pairs
-    assert ran(out) == {"codeio", "model", "prepare", "sample@ssd", "sample@null", "evaluate-base", "diagnose-base",
+    assert ran(out) == {"codeio", "model", "prepare", "sample@ssd", "sample@null", "evaluate@base", "diagnose-base",
                         "report"} | {f"{stage}@{arm}" for stage in ("filter", "train", "evaluate", "publish",
                                                                               "diagnose") for arm in arms}
 
@@ -229,7 +229,7 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
     params["sample"]["configs"]["ssd"]["temperature"] = 1.1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     rerun = ran(repro(root))
-    assert not rerun & {"prepare", "codeio", "evaluate-base", "sample@null", "train@null-shortest",
+    assert not rerun & {"prepare", "codeio", "evaluate@base", "sample@null", "train@null-shortest",
                         "publish@null-shortest"}
     assert {"sample@ssd", "filter@ssd-none", "train@ssd-none", "evaluate@ssd-none", "publish@ssd-none",
             "report"} <= rerun

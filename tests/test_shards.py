@@ -1,5 +1,6 @@
-"""sample.shards: a config's batches split over stages that each decode their own, resume on their
-own, and together write exactly the rows of one stage; params and dvc.yaml that agree on them.
+"""sample.shards / evaluate.shards: a config's batches (a model's passes) split over stages that
+each decode their own, resume on their own, and together write exactly the rows of one stage;
+params and dvc.yaml that agree on them.
 (The shards on two workers of a real Dask cluster, merged byte for byte: tests/test_dask.py.)"""
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def test_shards_are_counted_from_one_and_the_stage_lists_must_follow_them():
     raw["sample"]["shards"] = 2  # by hand, stages left as they were
     with pytest.raises(ParamsError) as err:
         validate_params(raw)
-    assert "sample: stages" in str(err.value) and "shards: 2" in str(err.value)
+    assert "sample.stages" in str(err.value) and "shards: 2" in str(err.value)
     assert 'set sample.stages to {whole: [], sharded: ["ssd", "null"], shard: [0, 1]}' in str(err.value)
 
 
@@ -113,3 +114,63 @@ def test_setting_shards_writes_the_stage_lists_and_dvc_makes_shard_and_merge_sta
 
     update_params_file(path, ["sample.shards=1"])
     assert rendered_stages(root) == one
+
+
+def test_evaluate_stage_lists_follow_its_shards_and_the_models_evaluated():
+    raw = raw_params()
+    raw["evaluate"]["shards"] = 2  # by hand, stages left as they were
+    with pytest.raises(ParamsError) as err:
+        validate_params(raw)
+    assert 'set evaluate.stages to {whole: [], sharded: ["base", "ssd-none", "null-none"], shard: [0, 1]}' in str(err.value)
+    raw = raw_params()
+    raw["arms"]["ssd-syntax"] = {"sample": "ssd", "filter": "syntax"}  # an arm added by hand is a model to evaluate
+    with pytest.raises(ParamsError, match=r'whole: \["base", "ssd-none", "null-none", "ssd-syntax"\]'):
+        validate_params(raw)
+
+
+def test_setting_evaluate_shards_makes_validation_test_and_merge_stages(tmp_path, monkeypatch):
+    root = tmp_path / "ws"
+    path = write_params(root)
+    (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    init_repo(root)
+    monkeypatch.chdir(root)
+    one = rendered_stages(root)
+    models = ["base", "ssd-none", "null-none"]
+    assert {name for name in one if name.startswith("evaluate")} == {f"evaluate@{m}" for m in models}
+    assert one["evaluate@base"]["cmd"] == "python -m tasks.evaluate --model models/base --name base"
+
+    update_params_file(path, ["evaluate.shards=2"])
+    assert yaml.safe_load(path.read_text())["evaluate"]["stages"] == {"whole": [], "sharded": models, "shard": [0, 1]}
+    two = rendered_stages(root)
+    evaluate = {name: stage for name, stage in two.items() if name.startswith("evaluate")}
+    assert set(evaluate) == {f"evaluate-{part}@{m}-{i}" for part in ("validation", "test") for m in models
+                             for i in (0, 1)} | {f"evaluate-merge@{m}" for m in models}
+    assert evaluate["evaluate-test@null-none-1"]["cmd"] == (
+        "python -m tasks.evaluate --model models/null-none --name null-none --shard 1 --part test")
+    assert "eval/base/shards/validation" in evaluate["evaluate-test@base-0"]["deps"]  # T_eval from every validation shard
+    assert "eval/ssd-none/shards" in evaluate["evaluate-merge@ssd-none"]["deps"]
+    assert "models/ssd-none" not in evaluate["evaluate-merge@ssd-none"]["deps"]  # the merge joins files only
+    # Downstream stages read the same files, now written by the merges.
+    assert set(two) - set(evaluate) == set(one) - {f"evaluate@{m}" for m in models}
+
+    update_params_file(path, ["evaluate.shards=1"])
+    assert rendered_stages(root) == one
+
+
+def test_the_plan_counts_each_evaluate_shard(tmp_path):
+    from tasks.commands.plan import load_for_plan
+    from tasks.core import shapes
+    from tasks.core.plan import GiB, Machine, plan
+
+    machine = Machine(gpu=None, ram=16 * GiB, cores=2)
+
+    def evaluate_plan(shards):
+        params = load_for_plan(REPO / "params.yaml", overrides=[f"evaluate.shards={shards}"])
+        plans = plan(params, shapes.model_shape(params.model.base, params.model.revision, REPO), machine)
+        return next(s for s in plans if any(name.startswith("evaluate") for name in s.stages))
+
+    one, two = evaluate_plan(1), evaluate_plan(2)
+    assert one.stages == ["evaluate@base", "evaluate@ssd-none", "evaluate@null-none"]
+    assert "evaluate-validation@base-1" in two.stages and "evaluate-test@null-none-0" in two.stages
+    assert len(two.stages) == 3 * 2 * 2
+    assert two.seconds < one.seconds  # each shard stage decodes a share of the model's passes

@@ -317,3 +317,25 @@ def test_gradient_accumulation_gives_the_large_micro_batchs_step(tiny_model, tin
     assert grads_2x2.keys() == grads_4x1.keys() and len(grads_4x1) > 5
     for name, grad in grads_4x1.items():
         torch.testing.assert_close(grads_2x2[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("config, own_port", [("num_machines: 1\nnum_processes: 2\n", True),
+                                              ("num_processes: 2\n", True),
+                                              ("num_machines: 1\nmain_process_port: 29555\n", False),
+                                              ("num_machines: 2\nmain_process_ip: 10.0.0.1\n", False)])
+def test_a_one_machine_launch_takes_a_free_port_of_its_own(tmp_path, config, own_port):
+    """torchrun's default port would make two multi-process train stages at once on one machine
+    collide: a one-machine config without a port of its own gets a free one; a config's own port,
+    or several machines' (they must agree on one), is left to the config."""
+    import socket
+
+    from tasks.train import launch_command
+
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(config)
+    cmd = launch_command(str(path), "ssd-none")
+    assert cmd[-4:] == ["-m", "tasks.train", "--arm", "ssd-none"] and cmd[cmd.index("--config_file") + 1] == str(path)
+    assert ("--main_process_port" in cmd) == own_port
+    if own_port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", int(cmd[cmd.index("--main_process_port") + 1])))  # free

@@ -176,19 +176,28 @@ class Truncation(Strict):
     min_p: float = Field(ge=0, le=1)
 
 
-def sample_stage_lists(configs: list[str], shards: int) -> dict[str, list]:
-    """What dvc.yaml's sample stages iterate over, for these config names and `shards` (DVC's
-    interpolation cannot count to `shards`, so params.yaml carries the lists as sample.stages):
-    whole: sample@<config>, one stage per config (shards 1); sharded: sample-merge@<config>;
-    shard: with `sharded`, sample-shard@<config>-<i>, i = 0 .. shards-1."""
+def stage_lists(names: list[str], shards: int) -> dict[str, list]:
+    """What dvc.yaml's sharded stages iterate over, for these names and `shards` (DVC's
+    interpolation cannot count to `shards`, so params.yaml carries the lists: sample.stages over
+    sample.configs, evaluate.stages over base and the arms). whole: one stage per name
+    (sample@<config>, evaluate@<model>; shards 1); sharded: the merge stage of each name
+    (sample-merge@<config>, evaluate-merge@<model>); shard: with `sharded`, i = 0 .. shards-1 of
+    the shard stages (sample-shard@<config>-<i>, evaluate-validation@ / evaluate-test@<model>-<i>)."""
     if shards == 1:
-        return {"whole": list(configs), "sharded": [], "shard": []}
-    return {"whole": [], "sharded": list(configs), "shard": list(range(shards))}
+        return {"whole": list(names), "sharded": [], "shard": []}
+    return {"whole": [], "sharded": list(names), "shard": list(range(shards))}
 
 
-class SampleStages(Strict):
-    """sample.stages: sample_stage_lists(sample.configs, sample.shards), written by
-    update_params_file (`selfdistill profile`, `selfdistill flow run --set`); read by dvc.yaml."""
+def stage_lists_error(section: str, got: dict, expected: dict, made_from: str) -> str:
+    flow = ", ".join(f"{k}: {json.dumps(v)}" for k, v in expected.items())
+    return (f"{section}.stages {got} is not what {made_from} make (dvc.yaml's {section} stages iterate over it): "
+            f"set {section}.stages to {{{flow}}}; `selfdistill profile` and `selfdistill flow run --set` write it "
+            f"for you")
+
+
+class ShardStages(Strict):
+    """sample.stages / evaluate.stages: stage_lists(names, shards), written by update_params_file
+    (`selfdistill profile`, `selfdistill flow run --set`); read by dvc.yaml."""
 
     whole: list[str]
     sharded: list[str]
@@ -209,7 +218,7 @@ class SamplingConfig(Strict):
     slots: StrictInt = Field(ge=1)
     max_batch_tokens: StrictInt = Field(ge=0)  # DecodingConfig.max_batch_tokens
     shards: StrictInt = Field(ge=1)
-    stages: SampleStages
+    stages: ShardStages
     configs: dict[str, Truncation] = Field(min_length=1)
 
     @field_validator("configs", mode="before")
@@ -221,13 +230,10 @@ class SamplingConfig(Strict):
 
     @model_validator(mode="after")
     def _stages_follow_shards(self) -> "SamplingConfig":
-        expected = sample_stage_lists(list(self.configs), self.shards)
+        expected = stage_lists(list(self.configs), self.shards)
         if self.stages.model_dump() != expected:
-            flow = ", ".join(f"{k}: {json.dumps(v)}" for k, v in expected.items())
-            raise ValueError(f"stages {self.stages.model_dump()} is not what shards: {self.shards} and configs "
-                             f"({', '.join(self.configs)}) make (dvc.yaml's sample stages iterate over it): set "
-                             f"sample.stages to {{{flow}}}; `selfdistill profile` and `selfdistill flow run "
-                             f"--set` write it for you")
+            raise ValueError(stage_lists_error("sample", self.stages.model_dump(), expected,
+                                               f"shards: {self.shards} and configs ({', '.join(self.configs)})"))
         return self
 
     @model_validator(mode="after")
@@ -327,6 +333,11 @@ class EvalConfig(DecodingConfig):
     # Decode every test set this many times at the chosen T_eval, with seeds seed, seed+1, ...:
     # the report shows the seed-to-seed spread next to the CI (is a difference more than noise?).
     repeats: StrictInt = Field(ge=1)
+    # >1: each model's evaluation split over `shards` stages per pass (evaluate-validation@ and
+    # evaluate-test@<model>-<i>: the batches b % shards == i of the pass the whole stage decodes),
+    # merged by evaluate-merge@<model> into the files one evaluate@<model> writes.
+    shards: StrictInt = Field(ge=1)
+    stages: ShardStages  # stage_lists(["base", *arms], shards): checked by Params
 
     @field_validator("sweep")
     @classmethod
@@ -431,6 +442,19 @@ class Params(Strict):
         if unused:  # dvc repro would sample them for nothing
             raise ValueError(f"sample.configs: {', '.join(sorted(unused))} used by no arm (remove it or add an arm)")
         return self
+
+    @model_validator(mode="after")
+    def _evaluate_stages_follow_shards(self) -> "Params":
+        expected = stage_lists(self.evaluated(), self.evaluate.shards)
+        if self.evaluate.stages.model_dump() != expected:
+            raise ValueError(stage_lists_error("evaluate", self.evaluate.stages.model_dump(), expected,
+                                               f"evaluate.shards: {self.evaluate.shards} and the models evaluated "
+                                               f"(base and the arms: {', '.join(self.evaluated())})"))
+        return self
+
+    def evaluated(self) -> list[str]:
+        """Every model the evaluate stages test, as named in eval/ and dvc.yaml: base, then the arms."""
+        return ["base", *self.arms]
 
     @model_validator(mode="after")
     def _diagnosed_set_exists(self) -> "Params":

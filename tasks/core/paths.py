@@ -127,6 +127,18 @@ def eval_pass(name: str, what: str) -> str:
     return f"{eval_samples_dir(name)}/{what}"
 
 
+def eval_shards_dir(name: str) -> str:
+    """evaluate.shards > 1: the shards of a model's evaluation, merged into its samples and metrics."""
+    return f"{eval_dir(name)}/shards"
+
+
+def eval_shard(name: str, part: str, shard: int | str) -> str:
+    """Shard `shard`'s answers with their verdicts (its batches of each pass of `part`: validation,
+    the whole T_eval sweep; test, every test set at each seed), as evaluate-<part>@<name>-<shard>
+    wrote them."""
+    return f"{eval_shards_dir(name)}/{part}/{shard}.jsonl"
+
+
 def eval_metrics(name: str) -> str:
     """Per eval set: pass@k, pass@k per difficulty band, counts of each verdict."""
     return f"{eval_dir(name)}/metrics.json"

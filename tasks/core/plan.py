@@ -530,13 +530,27 @@ def plan(params, shape: ModelShape, machine: Machine, prompt_tokens: int = 1024,
     validation = _product(counts["validation"], n_sweep, ev.n)
     tested = [_product(n, ev.n, ev.repeats) for n in counts["eval"].values()]
     decoded = None if validation is None or None in tested else validation + sum(tested)
-    stage = decoding("evaluate", ev, ["evaluate-base", *(f"evaluate@{arm}" for arm in arms)], decoded,
+    models = params.evaluated()
+    if ev.shards == 1:
+        for_model, per_stage, work = [f"evaluate@{m}" for m in models], decoded, ""
+    else:  # shard i of each part decodes the batches b % shards == i of each of its passes; the merge joins them
+        def shard_share(samples: int) -> int:
+            return min(samples, math.ceil(math.ceil(samples / ev.batch_size) / ev.shards) * ev.batch_size)
+        for_model = [f"evaluate-{part}@{m}-{i}" for m in models for part in ("validation", "test")
+                     for i in range(ev.shards)]
+        test_pass = None if None in tested else sum(tested) // ev.repeats
+        per_stage = None if decoded is None else max(shard_share(validation) if ev.sweep else 0,
+                                                     ev.repeats * shard_share(test_pass))
+        work = f"; in evaluate.shards {ev.shards} shards per part of at most {at_most(per_stage)} each"
+    stage = decoding("evaluate", ev, for_model, per_stage,
                      f"samples per model: {at_most(counts['validation'])} validation x {n_sweep} T_eval x {ev.n}"
                      + "".join(f" + {name} {at_most(n)} x {ev.n} x {ev.repeats}" for name, n in counts["eval"].items())
-                     + f" = {at_most(decoded)}")
+                     + f" = {at_most(decoded)}{work}")
+    if ev.shards > 1:
+        stage.notes.append("evaluate-merge@<model> (CPU, seconds) then writes eval/<model>/samples and metrics.json")
     workers = params.sandbox.workers or machine.cores
     if decoded is not None and stage.seconds is not None:
-        stage.seconds += decoded / (PROGRAMS_PER_S_PER_CORE * workers)
+        stage.seconds += per_stage / (PROGRAMS_PER_S_PER_CORE * workers)
         stage.rate += f"; programs checked at {PROGRAMS_PER_S_PER_CORE * workers:,.0f}/s ({workers} sandbox workers)"
     stage.notes.append(f"sandbox: {workers} programs at once, each at most {params.sandbox.memory_mb:,} MiB of address "
                        "space, in RAM")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.core.config import ParamsError, Params, read_params, sample_stage_lists, validate_params
+from tasks.core.config import ParamsError, Params, read_params, stage_lists, validate_params
 
 
 # Named sections: a profile that names them gives the whole set (the arms of a profile are its
@@ -65,23 +65,29 @@ def read_profile(path: str | os.PathLike) -> dict:
     return raw
 
 
-def sync_sample_stages(raw: dict) -> None:
-    """Set sample.stages in a round-trip params mapping to what sample.configs and sample.shards
-    make (sample_stage_lists), each list in flow style; lists already right are left as written.
-    Where configs or shards are not valid yet, nothing is set: the schema names them."""
+def sync_stage_lists(raw: dict) -> None:
+    """Set sample.stages and evaluate.stages in a round-trip params mapping to what the names they
+    shard (sample.configs; base and the arms) and their `shards` make (stage_lists), each list in
+    flow style; lists already right are left as written. Where a part is not valid yet, it is left
+    alone: the schema names it."""
+    sample, arms = raw.get("sample"), raw.get("arms")
+    configs = sample.get("configs") if isinstance(sample, dict) else None
+    _sync_section_stages(sample, list(configs) if isinstance(configs, dict) else None)
+    _sync_section_stages(raw.get("evaluate"), ["base", *arms] if isinstance(arms, dict) else None)
+
+
+def _sync_section_stages(section, names) -> None:
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-    sample = raw.get("sample")
-    if not isinstance(sample, dict):
+    if not isinstance(section, dict) or names is None or not all(isinstance(n, str) for n in names):
         return
-    configs, shards = sample.get("configs"), sample.get("shards")
-    if not isinstance(configs, dict) or not all(isinstance(c, str) for c in configs) \
-            or type(shards) is not int or shards < 1:
+    shards = section.get("shards")
+    if type(shards) is not int or shards < 1:
         return
-    stages = sample.get("stages")
+    stages = section.get("stages")
     if not isinstance(stages, dict):
-        stages = sample["stages"] = CommentedMap()
-    for key, value in sample_stage_lists(list(configs), shards).items():
+        stages = section["stages"] = CommentedMap()
+    for key, value in stage_lists(names, shards).items():
         if stages.get(key) != value:
             seq = CommentedSeq(value)
             seq.fa.set_flow_style()
@@ -116,7 +122,7 @@ def update_params_file(path: str | os.PathLike, overrides: list[str] = (), profi
     if overrides:
         apply_overrides(raw, list(overrides))
         sources.append(f"--set {' '.join(overrides)}")
-    sync_sample_stages(raw)
+    sync_stage_lists(raw)
     params = validate_params(raw, f"{path} with {' and '.join(sources)}", path.parent, require_files)
     if write:
         import io
