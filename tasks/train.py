@@ -28,12 +28,13 @@ import os
 import subprocess
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from tasks.core import paths
-from tasks.core.config import ParamsError, load_params, named, run_stage
+from tasks.core.config import EXIT_NO_RETRY, NO_RETRY_FILE_ENV, ParamsError, load_params, named, run_stage
 from tasks.core.files import DataError, atomic_path, dir_sha256, file_sha256, read_jsonl, resume_key, write_json
 from tasks.core.modeling import load_pretrained, use_all_cores
 from tasks.core.stack import code_fingerprint, versions
@@ -126,7 +127,12 @@ def train(arm: str) -> int:
         # Multi-process (multi-GPU, FSDP, DeepSpeed): the same stage, under accelerate launch.
         cmd = launch_command(cfg.accelerate, arm)
         print(f"train[{arm}]: {' '.join(cmd[1:])}", flush=True)
-        return subprocess.run(cmd, env={**os.environ, LAUNCHED: "1"}).returncode
+        with tempfile.TemporaryDirectory() as tmp:
+            reasons = Path(tmp) / "no-retry"
+            code = subprocess.run(cmd, env={**os.environ, LAUNCHED: "1", NO_RETRY_FILE_ENV: str(reasons)}).returncode
+            # A process that failed as a rerun would fail again (bad params or data, the loss
+            # check, out of GPU memory) makes the stage's failure one too.
+            return EXIT_NO_RETRY if code and reasons.exists() else code
     use_all_cores()
     torch.manual_seed(cfg.seed)
     data_file = paths.filtered_samples(arm)

@@ -228,6 +228,38 @@ def test_resume_only_from_a_complete_checkpoint_of_the_same_run(tiny, tmp_path, 
     assert "discarding the checkpoint" in printed and "train.lr" in printed and not (out / "checkpoint-2").exists()
 
 
+# MULTI_GPU + use_cpu: torchrun's launcher, gloo on the CPU (MULTI_CPU wants mpirun).
+TWO_CPU_PROCESSES = ("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
+                     "num_processes: 2\nmachine_rank: 0\nmain_training_function: main\nmixed_precision: 'no'\n"
+                     "use_cpu: true\n")
+
+
+@pytest.mark.slow
+def test_a_launched_process_failing_for_good_fails_the_stage_for_good(tmp_path):
+    """Under `accelerate launch` the launcher exits 1 whatever failed; a process that ended with
+    EXIT_NO_RETRY (here: no samples to train on) makes the stage exit with it too, so the flow
+    does not retry what a rerun would repeat."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO, stage_env, write_params
+    from tasks.core.config import EXIT_NO_RETRY
+
+    root = tmp_path / "ws"
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(TWO_CPU_PROCESSES)
+    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(root, None, {"train": {"accelerate": str(config)}})
+    (root / "filtered/ssd-none").mkdir(parents=True)
+    (root / "filtered/ssd-none/train.jsonl").write_text("")
+    done = subprocess.run([sys.executable, "-m", "tasks.train", "--arm", "ssd-none"], cwd=root, env=stage_env(root),
+                          capture_output=True, text=True, timeout=300)
+    assert "accelerate.commands.launch" in done.stdout
+    assert done.returncode == EXIT_NO_RETRY, (done.returncode, done.stdout[-2000:] + done.stderr[-3000:])
+    assert "has 0 samples to train on" in done.stderr
+
+
 @pytest.mark.slow
 def test_stage_runs_two_processes_under_accelerate(tmp_path, tiny_model):
     """`train.accelerate` relaunches the stage under `accelerate launch` (here 2 CPU processes,
@@ -241,10 +273,7 @@ def test_stage_runs_two_processes_under_accelerate(tmp_path, tiny_model):
     from conftest import REPO, stage_env, write_params
 
     config = tmp_path / "accelerate.yaml"
-    # MULTI_GPU + use_cpu: torchrun's launcher, gloo on the CPU (MULTI_CPU wants mpirun).
-    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
-                      "num_processes: 2\nmachine_rank: 0\nmain_training_function: main\nmixed_precision: 'no'\n"
-                      "use_cpu: true\n")
+    config.write_text(TWO_CPU_PROCESSES)
     rows = [{"finish_reason": "eos",
              "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}\n" * 3}]}
             for i in range(8)]

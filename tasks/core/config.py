@@ -530,6 +530,10 @@ def read_params(path: str | os.PathLike | None = None) -> Params:
 # check at load included), a fixed config out of GPU memory. The Prefect flow does not retry it
 # (flows/pipeline.py); any other failure (exit 1, a kill) may be transient and is retried.
 EXIT_NO_RETRY = 3
+# Set by a stage that relaunches itself (train under `accelerate launch`): a file where each
+# relaunched process that ends with EXIT_NO_RETRY writes its reason, since the launcher's own exit
+# status says only that a process failed.
+NO_RETRY_FILE_ENV = "SELFDISTILL_NO_RETRY_FILE"
 
 
 def run_stage(main) -> int:
@@ -544,8 +548,7 @@ def run_stage(main) -> int:
     try:
         return int(main() or 0)
     except (ParamsError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_NO_RETRY
+        return _no_retry(f"error: {err}")
     except KeyboardInterrupt:
         print("interrupted; rerun to resume", file=sys.stderr)
         return 130
@@ -555,10 +558,19 @@ def run_stage(main) -> int:
         import traceback
 
         traceback.print_exc()
-        print(f"error: out of GPU memory at these params (a rerun would fail the same way: lower this stage's "
-              f"batch or length params): {str(err).splitlines()[0] if str(err) else type(err).__name__}",
-              file=sys.stderr)
-        return EXIT_NO_RETRY
+        return _no_retry(f"error: out of GPU memory at these params (a rerun would fail the same way: lower this "
+                         f"stage's batch or length params): "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
+
+
+def _no_retry(line: str) -> int:
+    import sys
+
+    print(line, file=sys.stderr)
+    if os.environ.get(NO_RETRY_FILE_ENV):
+        with open(os.environ[NO_RETRY_FILE_ENV], "a") as f:
+            f.write(line + "\n")
+    return EXIT_NO_RETRY
 
 
 def _out_of_gpu_memory(err: BaseException) -> bool:
