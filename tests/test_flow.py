@@ -331,8 +331,11 @@ def test_gpu_stages_take_turns_where_cuda_is_present(tmp_path, monkeypatch):
     from prefect.exceptions import ObjectNotFound
 
     stages = {"prepare": PIPELINE["prepare"], "train": PIPELINE["train"]}  # train@none, train@passes
-    for name in ("evaluate@base", "diagnose-base", "publish", "lint"):
+    for name in ("diagnose-base", "publish", "lint"):
         stages[name] = {"cmd": f"python step.py {name} {name}.txt", "deps": ["data/train.jsonl"], "outs": [f"{name}.txt"]}
+    stages["evaluate"] = {"foreach": ["base"], "do": {  # evaluate@base, as dvc.yaml names it
+        "cmd": "python step.py evaluate@${item} evaluate-${item}.txt", "deps": ["data/train.jsonl"],
+        "outs": ["evaluate-${item}.txt"]}}
     root = make_repo(tmp_path / "ws", stages)
     monkeypatch.setenv("SELFDISTILL_ASSUME_CUDA", "1")
     monkeypatch.setenv("STEP_SLEEP", "2")

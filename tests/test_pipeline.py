@@ -30,7 +30,10 @@ def ran(output: str) -> set[str]:
 
 def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
     # The tiny model's tokenizer is byte-level: prompts take ~1k tokens.
-    root = make_workspace(tmp_path / "ws", tiny_model, {"train": {"max_length": 2048}, "evaluate": {"repeats": 2}})
+    # Validation from CodeIO (the default takes HumanEval's): out of train's share of the source, and
+    # every param `codeio` declares is read.
+    root = make_workspace(tmp_path / "ws", tiny_model, {"train": {"max_length": 2048}, "evaluate": {"repeats": 2},
+                                                        "data": {"validation": {"source": "codeio", "max_problems": 3}}})
     trace = tmp_path / "params-read.jsonl"
     out = repro(root, env={"SELFDISTILL_TRACE_PARAMS": str(trace)})
     arms = ["ssd-none", "null-shortest"]  # profiles/tiny.yaml: (sampling config, filter) pairs
@@ -147,6 +150,7 @@ def test_dvc_repro_tiny_profile(tmp_path, tiny_model):
     params_text = (root / "params.yaml").read_text()
     params = yaml.safe_load(params_text)
     params["arms"]["ssd-passes"] = {"sample": "ssd", "filter": "passes"}
+    params["evaluate"]["stages"]["whole"].append("ssd-passes")  # a model to evaluate (evaluate.stages)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run([sys.executable, "-m", "tasks.filter", "--arm", "ssd-passes"], cwd=root, capture_output=True,
                    env={**stage_env(root), "SELFDISTILL_TRACE_PARAMS": str(trace)})  # may keep 0: exit 1
