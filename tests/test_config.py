@@ -96,6 +96,15 @@ def test_gpu_profile_is_the_papers_setting_validated_on_earlier_contests(tmp_pat
     assert "livecodebench" in validation and validation not in tested | {params.data.train.source}
 
 
+def test_the_science_profile_tests_all_of_humaneval(tmp_path):
+    """profiles/science.yaml says it evaluates on all of HumanEval (its measured run did): no other
+    set it draws takes HumanEval problems out of the test (params.yaml's validation would)."""
+    params = rendered(REPO / "profiles/science.yaml", tmp_path)
+    humaneval = next(s for s in params.data.eval if s.source == "humaneval")
+    assert humaneval.max_problems == 0
+    assert "humaneval" not in {params.data.train.source, params.data.validation.source}
+
+
 def test_profiles_are_overlays_of_only_the_keys_they_change():
     """params.yaml is the one source of defaults: a profile that repeats a default is a copy
     that can drift."""
