@@ -31,6 +31,7 @@ import json
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 
 from tasks import sandbox
 from tasks.analysis.selection import choose_temperature
@@ -79,6 +80,10 @@ class Output:
     path: str
     problems: list[dict]
     temperature: float
+
+    @cached_property
+    def by_id(self) -> dict[str, dict]:
+        return {problem["task_id"]: problem for problem in self.problems}
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,7 @@ def by_output(p: Pass, rows: list[dict]) -> list[list[dict]]:
     for row in rows:
         per_output[row.pop("output")].append(row)
     for out, out_rows in zip(p.outputs, per_output):
-        position = {problem["task_id"]: k for k, problem in enumerate(out.problems)}
+        position = {task_id: k for k, task_id in enumerate(out.by_id)}
         out_rows.sort(key=lambda row: (position[row["task_id"]], row["sample_index"]))
         check_not_degenerate(out_rows, out.path)
     return per_output
@@ -163,11 +168,9 @@ def answer_and_check(backend, model_dir: str, p: Pass, name: str, cfg, sandbox_c
     the pass's outputs."""
     rows = generate_rows(model_dir, pass_requests(p), p.decoding(cfg), paths.partial_of(paths.eval_pass(name, p.name)),
                          desc=p.desc, backend=backend)
-    per_output, checked = by_output(p, rows), []
-    for out, out_rows in zip(p.outputs, per_output):
-        problems = {problem["task_id"]: problem for problem in out.problems}
-        checked += [(row, problems[row["task_id"]]) for row in out_rows]
-    check_answers(checked, cfg.timeout_s, sandbox_cfg)
+    per_output = by_output(p, rows)
+    check_answers([(row, out.by_id[row["task_id"]]) for out, out_rows in zip(p.outputs, per_output) for row in out_rows],
+                  cfg.timeout_s, sandbox_cfg)
     for out, out_rows in zip(p.outputs, per_output):
         write_jsonl(out.path, out_rows)
     return per_output
@@ -296,8 +299,7 @@ def evaluate_shard(model_dir: str, name: str, part: str, shard: int) -> None:
         decoded = generate_rows(model_dir, pass_requests(p), p.decoding(cfg), paths.partial_of(runs[p.name]),
                                 desc=f"{p.desc} shard {shard}/{cfg.shards}", backend=backend,
                                 shard=(shard, cfg.shards))
-        problems = [{problem["task_id"]: problem for problem in out.problems} for out in p.outputs]
-        check_answers([(row, problems[row["output"]][row["task_id"]]) for row in decoded], cfg.timeout_s,
+        check_answers([(row, p.outputs[row["output"]].by_id[row["task_id"]]) for row in decoded], cfg.timeout_s,
                       params.sandbox)
         rows += [{"pass": p.name, **row} for row in decoded]
     write_jsonl(paths.eval_shard(name, part, shard), rows)

@@ -188,6 +188,11 @@ def stage_lists(names: list[str], shards: int) -> dict[str, list]:
     return {"whole": [], "sharded": list(names), "shard": list(range(shards))}
 
 
+def evaluated_models(arms) -> list[str]:
+    """Every model the evaluate stages test, as named in eval/ and dvc.yaml: base, then the arms."""
+    return ["base", *arms]
+
+
 def stage_lists_error(section: str, got: dict, expected: dict, made_from: str) -> str:
     flow = ", ".join(f"{k}: {json.dumps(v)}" for k, v in expected.items())
     return (f"{section}.stages {got} is not what {made_from} make (dvc.yaml's {section} stages iterate over it): "
@@ -453,8 +458,7 @@ class Params(Strict):
         return self
 
     def evaluated(self) -> list[str]:
-        """Every model the evaluate stages test, as named in eval/ and dvc.yaml: base, then the arms."""
-        return ["base", *self.arms]
+        return evaluated_models(self.arms)
 
     @model_validator(mode="after")
     def _diagnosed_set_exists(self) -> "Params":

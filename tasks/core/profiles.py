@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.core.config import ParamsError, Params, read_params, stage_lists, validate_params
+from tasks.core.config import ParamsError, Params, evaluated_models, read_params, stage_lists, validate_params
 
 
 # Named sections: a profile that names them gives the whole set (the arms of a profile are its
@@ -73,7 +73,7 @@ def sync_stage_lists(raw: dict) -> None:
     sample, arms = raw.get("sample"), raw.get("arms")
     configs = sample.get("configs") if isinstance(sample, dict) else None
     _sync_section_stages(sample, list(configs) if isinstance(configs, dict) else None)
-    _sync_section_stages(raw.get("evaluate"), ["base", *arms] if isinstance(arms, dict) else None)
+    _sync_section_stages(raw.get("evaluate"), evaluated_models(arms) if isinstance(arms, dict) else None)
 
 
 def _sync_section_stages(section, names) -> None:
