@@ -6,7 +6,10 @@
 1. Roofline: torch._int_mm (the GEMM Int8Linear's eager path calls) at the decode shapes of the
    model (M = slots rows; q/k/v, o, gate/up, down, the LM head), in G multiply-adds/s, with the
    weight held as the backends hold it, and the LM head also cut into column chunks of
-   LM_HEAD_CHUNK (what the fused kernel does).
+   LM_HEAD_CHUNK (what the fused kernel does); and the fused linears' GEMM on a weight packed
+   for oneDNN's matmul (the compiled kernels' PackedWeight), where this machine takes it.
+   One weight per shape, called again and again: it stays in cache, so this is the GEMMs' peak,
+   not what 30 layers' weights cost when each is read once per step.
 2. One batch of bench/bench_sampling.py's workload (HumanEval train-split prompts, params.yaml's
    `sample` config) through the backend's generate_batch, every part timed by wrapping it:
    the int8 linears per projection and the LM head, the attention kernel, the rest of _decode
@@ -59,13 +62,22 @@ def best_time(fn, seconds: float = 0.5) -> float:
 def roofline(config, rows: int, chunk: int) -> None:
     print(f"int8 GEMM roofline: torch._int_mm, M = {rows} rows, {torch.get_num_threads()} threads "
           f"(best of repeated calls)")
-    print(f"  {'GEMM':10s} {'K x N':>12s} {'us':>9s} {'GMAC/s':>8s}")
+    from tasks.sampling import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    packed = kernels is not None and cpu_kernels.packed_gemm(kernels)
+    print(f"  {'GEMM':10s} {'K x N':>12s} {'us':>9s} {'GMAC/s':>8s}" + (f" {'packed us':>10s} {'GMAC/s':>8s}" if packed else ""))
     total = 0.0
     for name, (k, n) in model_shapes(config).items():
         a = torch.randint(-127, 128, (rows, k), dtype=torch.int8)
         weight_t = torch.randint(-127, 128, (n, k), dtype=torch.int8).t()  # Int8Linear's layout
         took = best_time(lambda: torch._int_mm(a, weight_t))
-        print(f"  {name:10s} {f'{k}x{n}':>12s} {took * 1e6:9.1f} {rows * k * n / took / 1e9:8.1f}")
+        line = f"  {name:10s} {f'{k}x{n}':>12s} {took * 1e6:9.1f} {rows * k * n / took / 1e9:8.1f}"
+        if packed and name != "lm_head":
+            weight = kernels.PackedWeight(weight_t.t())
+            took_packed = best_time(lambda: weight.gemm(a))
+            line += f" {took_packed * 1e6:10.1f} {rows * k * n / took_packed / 1e9:8.1f}"
+        print(line)
         if name == "lm_head":
             chunks = [weight_t[:, i:i + chunk] for i in range(0, n, chunk)]
             took = best_time(lambda: [torch._int_mm(a, c) for c in chunks])

@@ -346,39 +346,132 @@ def test_fused_int8_layer_matches_the_eager_path(backends):
     assert rel(fused.mlp(x), eager.mlp(x)) < 1e-2
 
 
-@pytest.mark.parametrize("name", ["continuous-float32", "continuous"])
+@pytest.mark.parametrize("name", ["continuous-float32", "continuous", "continuous-int8"])
 def test_decode_attention_kernel_matches_the_eager_path(backends, name):
     """RoPE, the cache write and attention in one call, against the PyTorch ops, for slots at
-    positions 0, either side of a 16-position block, and the cache's last position."""
-    from tasks.sampling.backend_continuous import _KVCache
+    positions 0, either side of a 16-position block, and the cache's last position. The int8
+    cache (continuous-int8) against fp32 attention over its dequantized prompt K/V: what is left
+    is the quantization of the decoded token's own K/V."""
+    from tasks.sampling.backend_continuous import ContinuousBackend, _KVCache, quantize_kv
 
     backend = backends[name]
     assert backend.attention_kernel is not None, "the test model's shape must take the kernel"
+    quantized = backend.kv_dtype == torch.int8
+    assert quantized == (name == "continuous-int8")
     torch.manual_seed(1)
     capacity, layer = 64, backend.layers[0]
     positions = torch.tensor([0, 15, 16, 17, 40, capacity - 1])
     slots = len(positions)
-    caches = {blocked: _KVCache(1, slots, backend.kv_heads, backend.head_dim, capacity, backend.kv_dtype, blocked)
-              for blocked in (True, False)}
     keys = torch.randn(slots, backend.kv_heads, capacity, backend.head_dim)
     values = torch.randn_like(keys)
-    for cache in caches.values():
-        for s in range(slots):
-            cache.write(s, 0, keys[s], values[s])
+    kernel_cache = _KVCache(1, slots, backend.kv_heads, backend.head_dim, capacity, backend.kv_dtype, True)
+    eager_cache = _KVCache(1, slots, backend.kv_heads, backend.head_dim, capacity,
+                           torch.float32 if quantized else backend.kv_dtype)
+    for s in range(slots):
+        kernel_cache.write(s, 0, keys[s], values[s])
+        eager_cache.write(s, 0, *((lambda q, scale: q.float() * scale[..., None])(*quantize_kv(t)) if quantized
+                                  else t for t in (keys[s], values[s])))
     qkv = torch.randn(slots, (backend.heads + 2 * backend.kv_heads) * backend.head_dim)
     cos, sin = backend.inner.rotary_emb(qkv, positions[:, None])
+    scales = (kernel_cache.k_scale[0], kernel_cache.v_scale[0]) if quantized else ()
     kernel = backend.attention_kernel.decode_attention(qkv, cos[:, 0].float().contiguous(),
                                                        sin[:, 0].float().contiguous(), positions,
-                                                       caches[True].k[0], caches[True].v[0], backend.heads,
-                                                       layer.scaling)
+                                                       kernel_cache.k[0], kernel_cache.v[0], backend.heads,
+                                                       layer.scaling, *scales)
     visible = torch.arange(capacity)[None, :] <= positions[:, None]
     bias = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None]
-    eager = backend._eager_attention(layer, caches[False].k[0], caches[False].v[0], qkv, positions, cos, sin, bias)
+    # The int8 backend's eager path keeps bf16 K/V; fp32 attention is the float backend's.
+    eager_backend = backends["continuous-float32"] if quantized else backend
+    eager = ContinuousBackend._eager_attention(eager_backend, layer, eager_cache.k[0], eager_cache.v[0], qkv,
+                                               positions, cos, sin, bias)
     tolerance = 1e-5 if backend.kv_dtype == torch.float32 else 2e-2  # bf16 K/V: q rounds to bf16 in the eager path
     torch.testing.assert_close(kernel, eager.float(), rtol=tolerance, atol=tolerance)
-    unblocked = caches[True].k[0].transpose(-1, -2).reshape(slots, backend.kv_heads, capacity, backend.head_dim)
-    torch.testing.assert_close(unblocked.float(), caches[False].k[0].float(), rtol=tolerance, atol=tolerance)
-    torch.testing.assert_close(caches[True].v[0], caches[False].v[0])
+    unblocked = kernel_cache.k[0].transpose(-1, -2).reshape(slots, backend.kv_heads, capacity, backend.head_dim)
+    kernel_v = kernel_cache.v[0]
+    if quantized:  # each position's vector within half a step of its own scale
+        unblocked = unblocked.float() * kernel_cache.k_scale[0][..., None]
+        kernel_v = kernel_v.float() * kernel_cache.v_scale[0][..., None]
+        for got, want, scale in ((unblocked, eager_cache.k[0], kernel_cache.k_scale[0]),
+                                 (kernel_v, eager_cache.v[0], kernel_cache.v_scale[0])):
+            assert ((got - want).abs() <= scale[..., None] * 0.5 + 1e-6).all()
+        return
+    torch.testing.assert_close(unblocked.float(), eager_cache.k[0].float(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(kernel_v, eager_cache.v[0])
+
+
+def test_the_int8_cache_keeps_its_scales_through_grow_and_keep():
+    """Positions written before a grow, and rows kept by keep(), read back the same values."""
+    from tasks.sampling.backend_continuous import _KVCache, quantize_kv
+
+    torch.manual_seed(2)
+    cache = _KVCache(2, 3, 1, 64, 64, torch.int8, blocked=True)
+    keys, values = torch.randn(3, 1, 40, 64) * 3, torch.randn(3, 1, 40, 64)
+    for s in range(3):
+        cache.write(s, 1, keys[s], values[s])
+    cache.grow(100)
+    cache.keep(torch.tensor([2, 0]))
+    assert cache.capacity == 128 and cache.k_scale[1].shape == (2, 1, 128)
+    for row, s in enumerate([2, 0]):
+        q, scale = quantize_kv(values[s])
+        assert torch.equal(cache.v[1][row, :, :40], q) and torch.equal(cache.v_scale[1][row, :, :40], scale)
+        blocked_k = cache.k[1][row].transpose(-1, -2).reshape(1, 128, 64)[:, :40]
+        q, scale = quantize_kv(keys[s])
+        assert torch.equal(blocked_k, q) and torch.equal(cache.k_scale[1][row, :, :40], scale)
+    with pytest.raises(ValueError, match="fused attention kernel only"):
+        _KVCache(1, 1, 1, 64, 64, torch.int8, blocked=False)
+
+
+@torch.no_grad()
+def test_packed_weights_give_the_products_of_int_mm(backends, caplog):
+    """The linears' GEMMs on oneDNN-packed weights: exactly torch._int_mm's products (checked at
+    load; a PackedWeight that computes otherwise is refused, and the linears keep _int_mm), and
+    a fused linear gives the same output with and without its packed weight."""
+    from tasks.sampling import cpu_kernels
+
+    linear = backends["continuous-int8"].layers[0].gate_up
+    kernels = linear.kernels
+    assert cpu_kernels.packed_gemm(kernels) and linear.packed is not None, "this CPU and torch take packed weights"
+    torch.manual_seed(4)
+    x = torch.randn(37, linear.weight_t.shape[0])
+    packed = kernels.linear_int8(x, linear.weight_t, linear.scale, None, None, 0.0, False, None, linear.packed)
+    assert torch.equal(packed, kernels.linear_int8(x, linear.weight_t, linear.scale, None, None, 0.0, False, None))
+
+    class OffByOne:
+        def __init__(self, weight):
+            self.inner = kernels.PackedWeight(weight)
+
+        def gemm(self, q):
+            return self.inner.gemm(q) + 1
+
+    class Wrong:
+        PackedWeight = OffByOne
+
+    assert not cpu_kernels.packed_gemm(Wrong())
+    assert "differ from torch._int_mm" in caplog.text
+
+
+@torch.no_grad()
+def test_prefill_mlp_kernel_matches_the_two_fused_linears(backends):
+    """mlp_int8 (prefill's MLP block by block of rows) against linear_int8's gate_up (norm fused)
+    and down (gate and residual fused): the same arithmetic, up to where the compiler fuses a
+    multiply and an add. Blocks of 128 and of 37 rows (a last block of 4); the layer takes it at
+    2 x MLP_BLOCK_ROWS rows and more."""
+    from tasks.sampling import backend_continuous
+
+    layer = backends["continuous-int8"].layers[1]
+    assert layer.kernels is not None and layer.fits_mlp_kernel
+    torch.manual_seed(3)
+    x = torch.randn(300, layer.down.out_features) * 2
+    gate_up = layer.gate_up.fused(layer.kernels, x, norm=layer.post_norm)
+    want = layer.down.fused(layer.kernels, gate_up, gated=True, residual=x)
+    for block in (128, 37):
+        got = layer.kernels.mlp_int8(x, layer.post_norm.weight, backend_continuous._eps(layer.post_norm),
+                                     layer.gate_up.weight_t, layer.gate_up.scale, layer.down.weight_t,
+                                     layer.down.scale, block)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert x.shape[0] >= 2 * backend_continuous.MLP_BLOCK_ROWS
+    torch.testing.assert_close(layer.mlp(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.mlp(x[:5]), want[:5], rtol=1e-5, atol=1e-5)  # decode's path
 
 
 @torch.no_grad()

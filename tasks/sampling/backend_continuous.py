@@ -4,7 +4,8 @@ decoded the way an inference server decodes, on a CPU budget.
 What makes it fast (numbers in docs/results/sampling.md, from bench/bench_sampling.py):
 - continuous batching: up to `slots` sequences decode together; one that ends leaves at
   once and the next waiting sequence takes its slot, so the batch stays full;
-- a preallocated KV cache per layer, written in place (no torch.cat per step);
+- a preallocated KV cache per layer, written in place (no torch.cat per step); for
+  `continuous-int8` with the kernels, in int8 with a scale per position and K/V head;
 - fused C++ kernels (tasks/sampling/cpu_kernels.cpp, compiled for this CPU on first use): one call
   per decode step and layer does RoPE, the cache write and grouped-query attention, reading
   each slot's K/V only up to its own position; one call per int8 linear does the norm or the
@@ -18,7 +19,9 @@ What makes it fast (numbers in docs/results/sampling.md, from bench/bench_sampli
 - a sampler that works on the top-k candidates instead of sorting the vocabulary; for
   `continuous-int8` with the kernels, the LM head computes them itself (lm_head_topk: the
   vocabulary in 2,048-column GEMMs, each filtered while in cache), with no logits tensor;
-- `continuous-int8` only: W8A8 GEMMs (see Int8Linear), about 2x bf16's on VNNI cores.
+- `continuous-int8` only: W8A8 GEMMs (see Int8Linear), about 2x bf16's on VNNI cores, on weights
+  packed once for oneDNN's matmul where that gives torch._int_mm's products exactly; its
+  prefill's attention in bf16 and each MLP in one call by blocks of rows (mlp_int8).
 
 Semantics are the reference backend's (this is its subclass): the chat template, the
 weights in bf16 (or int8), the HF model's embedding, rotary embedding, norms and attention
@@ -56,6 +59,7 @@ MIN_SHARED_PREFIX = 8  # prompt tokens in common worth a prefill of their own
 LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")  # model types decoded with Llama's arithmetic
 PREFILL_TOKENS = 2048  # prompt tokens per prefill forward: big GEMMs, activations that fit in cache
 LM_HEAD_CHUNK = 2048  # vocabulary columns per GEMM of the fused LM head (lm_head_topk)
+MLP_BLOCK_ROWS = 128  # rows per block of the fused prefill MLP (mlp_int8); fewer rows than twice this: linear_int8
 
 
 class _Layer(torch.nn.Module):
@@ -76,6 +80,9 @@ class _Layer(torch.nn.Module):
         self.silu = hidden_act in ("silu", "swish")  # what the fused kernel computes
         self.scaling = attn.scaling
         self.kernels = None  # the compiled module, once the projections are int8 (_to_int8)
+        # mlp_int8's shapes: no biases, widths in 16-lane vectors.
+        self.fits_mlp_kernel = self.gate_up.bias is None and self.down.bias is None \
+            and self.down.in_features % 16 == 0 and self.down.out_features % 16 == 0
 
     def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
         """qkv(input_norm(x))"""
@@ -94,6 +101,11 @@ class _Layer(torch.nn.Module):
         if self.kernels is None:
             gate, up = self.gate_up(_rms_norm(self.post_norm, x)).chunk(2, -1)
             return x + self.down(self.act(gate) * up)
+        if self.silu and x.shape[0] >= 2 * MLP_BLOCK_ROWS and self.fits_mlp_kernel:
+            # Prefill's rows: both projections block by block, the intermediates kept in cache.
+            return self.kernels.mlp_int8(x.float().contiguous(), self.post_norm.weight, _eps(self.post_norm),
+                                         self.gate_up.weight_t, self.gate_up.scale, self.down.weight_t,
+                                         self.down.scale, MLP_BLOCK_ROWS, self.gate_up.packed, self.down.packed)
         gate_up = self.gate_up.fused(self.kernels, x, norm=self.post_norm)
         if not self.silu:
             gate, up = gate_up.chunk(2, -1)
@@ -101,10 +113,14 @@ class _Layer(torch.nn.Module):
         return self.down.fused(self.kernels, gate_up, gated=True, residual=x)
 
 
+def _eps(norm) -> float:
+    """An HF RMSNorm module's epsilon (its attribute's name differs between models)."""
+    return getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+
+
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """An HF RMSNorm module's computation (in fp32, weight applied in x's dtype) as one kernel."""
-    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype) * norm.weight
+    return F.rms_norm(x.float(), x.shape[-1:], eps=_eps(norm)).to(x.dtype) * norm.weight
 
 
 def _chunks(prompts: list, tokens: int) -> list[list]:
@@ -156,12 +172,16 @@ class Int8Linear(torch.nn.Module):
     per-tensor scale (torch's dynamic quantization) does: that made SmolLM2 unusable (mean TV
     0.5 per token) where this costs 0.05."""
 
-    def __init__(self, linear: torch.nn.Linear, kernels=None):
+    def __init__(self, linear: torch.nn.Linear, kernels=None, pack: bool = True):
         super().__init__()
         self.kernels = kernels  # tasks.cpu_kernels' module, or None: eager PyTorch
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(1).clamp(min=1e-12) / 127
         self.register_buffer("weight_t", (weight / scale[:, None]).round().to(torch.int8).t())
+        # The same int8 weight packed for oneDNN's matmul, where it computes _int_mm's products
+        # exactly (checked once per process): the fused kernels' GEMMs then skip re-packing it.
+        self.packed = kernels.PackedWeight(self.weight_t.t()) \
+            if pack and kernels is not None and cpu_kernels.packed_gemm(kernels) else None
         self.register_buffer("scale", scale)
         self.bias = None if linear.bias is None else linear.bias.detach().float()
         self.out_features = linear.out_features
@@ -182,10 +202,11 @@ class Int8Linear(torch.nn.Module):
         in: an RMSNorm module's `norm`, or `gated` (x is gate and up: the input is
         silu(gate) * up); `residual` is added to the output."""
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-        eps = (getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)) if norm is not None else 0.0
+        eps = _eps(norm) if norm is not None else 0.0
         out = kernels.linear_int8(flat, self.weight_t, self.scale, self.bias,
                                   norm.weight if norm is not None else None, eps, gated,
-                                  None if residual is None else residual.reshape(-1, self.out_features).float())
+                                  None if residual is None else residual.reshape(-1, self.out_features).float(),
+                                  self.packed)
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -221,17 +242,32 @@ def _check_architecture(model) -> None:
                           "set sample.backend / evaluate.backend to transformers")
 
 
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each vector of x [..., head_dim] in int8 with its own scale, max |x| / 127: (int8 values,
+    fp32 scales [...]). decode_attention (tasks/sampling/cpu_kernels.cpp) quantizes a decoded
+    token's K/V the same way."""
+    top = x.float().abs().amax(-1, keepdim=True).clamp_(min=1e-12)
+    return (x.float() * (127 / top)).round_().to(torch.int8), (top / 127)[..., 0]
+
+
 class _KVCache:
     """Keys and values of every slot, per layer. V: [slots, kv_heads, capacity, head_dim].
     K: the same, or with `blocked` (the fused kernel's layout) [slots, kv_heads, capacity / 16,
-    head_dim, 16]: 16 positions stored dimension-major, so that their scores are 16-lane FMAs."""
+    head_dim, 16]: 16 positions stored dimension-major, so that their scores are 16-lane FMAs.
+    dtype int8 (the fused kernel only): each position's K and V vector per head quantized with
+    its own scale (quantize_kv), kept in k_scale / v_scale [slots, kv_heads, capacity]."""
 
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int, dtype,
                  blocked: bool = False):
         self.blocked = blocked
+        self.quantized = dtype == torch.int8
+        if self.quantized and not blocked:
+            raise ValueError("an int8 K/V cache is read by the fused attention kernel only (blocked=True)")
         self.v = [torch.zeros(slots, kv_heads, capacity, head_dim, dtype=dtype) for _ in range(layers)]
         k_shape = (slots, kv_heads, capacity // BLOCK, head_dim, BLOCK) if blocked else self.v[0].shape
         self.k = [torch.zeros(k_shape, dtype=dtype) for _ in range(layers)]
+        self.k_scale, self.v_scale = ([torch.zeros(slots, kv_heads, capacity) for _ in range(layers)]
+                                      for _ in range(2)) if self.quantized else ([None] * layers, [None] * layers)
 
     @property
     def capacity(self) -> int:
@@ -244,14 +280,22 @@ class _KVCache:
         self.v = [F.pad(t, (0, 0, 0, extra)) for t in self.v]
         self.k = [F.pad(t, (0, 0, 0, 0, 0, extra // BLOCK)) if self.blocked else F.pad(t, (0, 0, 0, extra))
                   for t in self.k]
+        if self.quantized:
+            self.k_scale, self.v_scale = ([F.pad(t, (0, extra)) for t in scales] for scales in (self.k_scale, self.v_scale))
 
     def keep(self, rows: torch.Tensor) -> None:
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
+        if self.quantized:
+            self.k_scale, self.v_scale = ([t.index_select(0, rows) for t in scales]
+                                          for scales in (self.k_scale, self.v_scale))
 
     def write(self, slot: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """A prompt's keys and values, [kv_heads, length, head_dim], at positions 0..length-1."""
         length = keys.shape[1]
+        if self.quantized:
+            (keys, self.k_scale[layer][slot, :, :length]), (values, self.v_scale[layer][slot, :, :length]) = \
+                quantize_kv(keys), quantize_kv(values)
         self.v[layer][slot, :, :length] = values
         if not self.blocked:
             self.k[layer][slot, :, :length] = keys
@@ -344,8 +388,6 @@ class ContinuousBackend(TransformersBackend):
         # GPU machine it still runs here; GPUs have vllm.
         self.device = torch.device("cpu")
         self.model.to(self.device)
-        # bf16 K/V halve the memory traffic that bounds attention.
-        self.kv_dtype = torch.bfloat16 if self.quantized else self.model.dtype
         _check_architecture(self.model)
         config = self.model.config
         self.inner = self.model.model
@@ -356,7 +398,8 @@ class ContinuousBackend(TransformersBackend):
         if self.quantized:
             # Of the HF model only the embedding, the final norm and the output layer are used.
             _to_int8(self.layers, compiled)
-            self.model.lm_head = Int8Linear(self.model.lm_head, compiled)
+            # The decode steps' head is lm_head_topk, in vocabulary chunks of its own: not packed.
+            self.model.lm_head = Int8Linear(self.model.lm_head, compiled, pack=False)
         attn = self.inner.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.heads = config.num_attention_heads
@@ -365,6 +408,14 @@ class ContinuousBackend(TransformersBackend):
         self.window = window if window and getattr(config, "use_sliding_window", True) is not False else None
         self.attention_kernel = compiled if compiled is not None and compiled.supports(
             self.heads, self.kv_heads, self.head_dim) else None
+        # Reading K/V bounds attention at decode: continuous-int8 keeps them in int8 with a scale
+        # per position and head (half of bf16's bytes) where the fused kernel reads them, in
+        # bf16 otherwise; continuous keeps the model's dtype.
+        self.kv_dtype = (torch.int8 if self.attention_kernel is not None else torch.bfloat16) if self.quantized \
+            else self.model.dtype
+        # Prefill's attention in bf16 for continuous-int8 (its activations are fp32): twice fp32's speed,
+        # and its K/V are stored in 8 or 16 bits anyway.
+        self.prefill_attention_dtype = torch.bfloat16 if self.quantized else self.model.dtype
 
     def _prefill(self, prompts: list[list[int]], prefix=None) -> list[tuple]:
         """Prompts through the decoder together: per prompt, (next-token logits, keys, values per
@@ -385,12 +436,17 @@ class ContinuousBackend(TransformersBackend):
         positions = torch.cat([torch.arange(start, len(p)) for p in prompts])
         cos, sin = (t[0] for t in self.inner.rotary_emb(x, positions[None]))  # [tokens, head_dim]
         keys, values = [[] for _ in prompts], [[] for _ in prompts]
+        cos, sin = cos[:, None], sin[:, None]  # [tokens, 1, head_dim]: broadcast over heads
+        # After a prefix, query j (at position start + j) sees keys 0..start + j.
+        masks = [torch.arange(start + b - a)[None, :] <= torch.arange(start, start + b - a)[:, None] if prefix else None
+                 for a, b in spans]
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.project_qkv(x).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
-            q, k, v = (t.unflatten(-1, (-1, head_dim)).transpose(0, 1) for t in (q, k, v))  # [heads, tokens, head_dim]
+            qkv = layer.project_qkv(x).unflatten(-1, (-1, head_dim))  # [tokens, heads + 2 kv_heads, head_dim]
+            qk, v = qkv[:, :heads + kv_heads], qkv[:, heads + kv_heads:]
             if layer.q_norm is not None:
-                q, k = _rms_norm(layer.q_norm, q), _rms_norm(layer.k_norm, k)
-            q, k = (t * cos + _rotate_half(t) * sin for t in (q, k))
+                qk = torch.cat([_rms_norm(layer.q_norm, qk[:, :heads]), _rms_norm(layer.k_norm, qk[:, heads:])], 1)
+            qk = qk * cos + _rotate_half(qk) * sin  # q and k rotated together
+            q, k, v = qk[:, :heads].transpose(0, 1), qk[:, heads:].transpose(0, 1), v.transpose(0, 1)  # [heads, tokens, hd]
             attended = []
             for p, (a, b) in enumerate(spans):
                 k_p, v_p = k[:, a:b], v[:, a:b]
@@ -398,13 +454,11 @@ class ContinuousBackend(TransformersBackend):
                     k_p, v_p = torch.cat([prefix[1][i], k_p], 1), torch.cat([prefix[2][i], v_p], 1)
                 keys[p].append(k_p)
                 values[p].append(v_p)
-                # Query j (at position start + j) sees keys 0..start + j.
-                mask = torch.arange(start + b - a)[None, :] <= torch.arange(start, start + b - a)[:, None] \
-                    if prefix else None
-                attended.append(F.scaled_dot_product_attention(q[None, :, a:b], k_p[None], v_p[None], attn_mask=mask,
-                                                               is_causal=not prefix, scale=layer.scaling,
-                                                               enable_gqa=True)[0])
-            x = layer.attention_out(x, torch.cat(attended, 1).transpose(0, 1).reshape(x.shape[0], heads * head_dim))
+                attended.append(F.scaled_dot_product_attention(
+                    *(t[None].to(self.prefill_attention_dtype) for t in (q[:, a:b], k_p, v_p)), attn_mask=masks[p],
+                    is_causal=not prefix, scale=layer.scaling, enable_gqa=True)[0])
+            x = layer.attention_out(x, torch.cat(attended, 1).transpose(0, 1).reshape(x.shape[0], heads * head_dim)
+                                    .to(x.dtype))
             x = layer.mlp(x)
         logits = self.model.lm_head(_rms_norm(self.inner.norm, x[[end - 1 for end in ends]])).float()
         return [(logits[p], keys[p], values[p]) for p in range(len(prompts))]
@@ -434,7 +488,8 @@ class ContinuousBackend(TransformersBackend):
                                  _rms_norm(layer.k_norm, k.unflatten(-1, (kv_heads, head_dim))).flatten(-2), v], -1)
             if self.attention_kernel is not None:
                 attended = self.attention_kernel.decode_attention(qkv.float().contiguous(), cos, sin, positions,
-                                                         cache.k[i], cache.v[i], heads, layer.scaling)
+                                                                  cache.k[i], cache.v[i], heads, layer.scaling,
+                                                                  cache.k_scale[i], cache.v_scale[i])
             else:
                 attended = self._eager_attention(layer, cache.k[i], cache.v[i], qkv, positions, cos, sin, bias)
             x = layer.mlp(layer.attention_out(x, attended))

@@ -7,12 +7,17 @@
 // replaces (tests/test_backends.py compares the two).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <omp.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -25,6 +30,9 @@ typedef uint32_t u16v __attribute__((vector_size(64)));
 typedef uint16_t h16v __attribute__((vector_size(32)));
 typedef int8_t b16v __attribute__((vector_size(16)));
 constexpr int64_t W = 16;  // lanes; also the K cache's block of positions
+// Software prefetch distances of decode attention, measured on SmolLM2-135M's shapes: K blocks ahead
+// (each block is 16 positions), V cache lines ahead.
+constexpr int64_t PREFETCH_K_BLOCKS = 4, PREFETCH_V_LINES = 32;
 
 inline f16v splat(float x) { return f16v{} + x; }
 inline f16v load(const float* p) { f16v v; std::memcpy(&v, p, sizeof v); return v; }
@@ -36,7 +44,30 @@ inline f16v load(const at::BFloat16* p) {
   std::memcpy(&v, &bits, sizeof v);
   return v;
 }
+// int8 -> fp32: GCC 12 turns a direct int8 -> int32 __builtin_convertvector into scalar code
+// (20x slower attention), so x86 gets the sign-extending conversion by name.
+inline f16v load(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (f16v)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256 low = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+  const __m256 high = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
+  f16v v;
+  std::memcpy(&v, &low, sizeof low);
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof low, &high, sizeof high);
+  return v;
+#else
+  typedef int16_t s16v __attribute__((vector_size(32)));
+  b16v raw;
+  std::memcpy(&raw, p, sizeof raw);
+  return __builtin_convertvector(__builtin_convertvector(__builtin_convertvector(raw, s16v), i16v), f16v);
+#endif
+}
 inline void store(float* p, f16v v) { std::memcpy(p, &v, sizeof v); }
+// 16 GEMM accumulators as fp32: int32 ones converted (round to nearest), fp32 ones as they are.
+inline f16v as_float(const int32_t* p) { i16v a; std::memcpy(&a, p, sizeof a); return __builtin_convertvector(a, f16v); }
+inline f16v as_float(const float* p) { return load(p); }
 inline void put(float* p, float x) { *p = x; }
 inline void put(at::BFloat16* p, float x) { *p = at::BFloat16(x); }  // round to nearest even
 inline f16v vmax(f16v a, f16v b) { return a > b ? a : b; }
@@ -77,12 +108,18 @@ inline f16v exp_nonpositive(f16v x) {
 // k_cache: [S, KVH, CAP / 16, D, 16]: blocks of 16 positions stored dimension-major, so the
 // scores of 16 positions are 16-lane FMAs with no horizontal sums.
 // v_cache: [S, KVH, CAP, D]. Returns [S, H * D] fp32.
+// int8 caches (KV = int8_t) hold each (position, K/V head)'s vector quantized with its own scale,
+// max |x| / 127, kept in k_scale / v_scale [S, KVH, CAP] fp32: half of bf16's bytes, and attention
+// at decode is bound by reading them. The scales are applied to the scores (K) and to the softmax
+// weights (V), so the int8 values are only converted, never dequantized into a buffer.
 // Query head h reads K/V head h / G, G = H / KVH, as transformers' repeat_kv does.
 // G and D / 16 are compile-time so that the accumulators live in registers.
 template <int G, int CH, typename KV>
 void attend(const float* qkv, const float* cos, const float* sin, const int64_t* positions, KV* k_cache,
-            KV* v_cache, float* out, int64_t S, int64_t KVH, int64_t CAP, float scaling) {
+            KV* v_cache, float* k_scale, float* v_scale, float* out, int64_t S, int64_t KVH, int64_t CAP,
+            float scaling) {
   constexpr int64_t D = CH * W, half = D / 2;
+  constexpr bool quantized = std::is_same_v<KV, int8_t>;
   const int64_t H = G * KVH, row = (H + 2 * KVH) * D;
   at::parallel_for(0, S * KVH, 1, [&](int64_t begin, int64_t end) {
     float q[G][D], k[D];
@@ -103,9 +140,24 @@ void attend(const float* qkv, const float* cos, const float* sin, const int64_t*
       KV* kc = k_cache + (s * KVH + kvh) * CAP * D;
       KV* vc = v_cache + (s * KVH + kvh) * CAP * D;
       const float* v = src + (H + KVH + kvh) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        put(kc + (pos / W) * D * W + d * W + pos % W, k[d]);
-        put(vc + pos * D + d, v[d]);
+      float* ks = quantized ? k_scale + (s * KVH + kvh) * CAP : nullptr;
+      float* vs = quantized ? v_scale + (s * KVH + kvh) * CAP : nullptr;
+      if constexpr (quantized) {
+        // The scheme of quantize_kv (tasks/sampling/backend_continuous.py), which writes a prompt's positions.
+        float top_k = 0.f, top_v = 0.f;
+        for (int64_t d = 0; d < D; ++d) top_k = std::max(top_k, std::fabs(k[d])), top_v = std::max(top_v, std::fabs(v[d]));
+        top_k = std::max(top_k, 1e-12f), top_v = std::max(top_v, 1e-12f);
+        const float inv_k = 127.f / top_k, inv_v = 127.f / top_v;
+        for (int64_t d = 0; d < D; ++d) {
+          kc[(pos / W) * D * W + d * W + pos % W] = static_cast<int8_t>(std::nearbyint(k[d] * inv_k));
+          vc[pos * D + d] = static_cast<int8_t>(std::nearbyint(v[d] * inv_v));
+        }
+        ks[pos] = top_k / 127.f, vs[pos] = top_v / 127.f;
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          put(kc + (pos / W) * D * W + d * W + pos % W, k[d]);
+          put(vc + pos * D + d, v[d]);
+        }
       }
       // Scores, two blocks of 16 positions at a time (independent FMA chains); the positions
       // past `len` are masked. A second block past the cache's end is never read.
@@ -114,8 +166,10 @@ void attend(const float* qkv, const float* cos, const float* sin, const int64_t*
         const KV* block = kc + b * D * W;
         const bool pair = b + 1 < blocks;
         f16v one[G] = {}, two[G] = {};
-        __builtin_prefetch(block + 4 * D * W);  // the hardware prefetcher starts late on each new slot
-        __builtin_prefetch(block + 5 * D * W);
+        {  // the hardware prefetcher starts late on each new slot, and keeps too few lines in flight
+          const char* ahead = reinterpret_cast<const char*>(block + PREFETCH_K_BLOCKS * D * W);
+          for (size_t line = 0; line < 2 * D * W * sizeof(KV); line += 64) __builtin_prefetch(ahead + line);
+        }
         for (int64_t d = 0; d < D; ++d) {
           const f16v k1 = load(block + d * W);
           const f16v k2 = pair ? load(block + (D + d) * W) : f16v{};
@@ -123,6 +177,10 @@ void attend(const float* qkv, const float* cos, const float* sin, const int64_t*
             one[g] += q[g][d] * k1;
             two[g] += q[g][d] * k2;
           }
+        }
+        if constexpr (quantized) {
+          const f16v scale_one = load(ks + b * W), scale_two = pair ? load(ks + (b + 1) * W) : f16v{};
+          for (int g = 0; g < G; ++g) one[g] *= scale_one, two[g] *= scale_two;
         }
         for (int g = 0; g < G; ++g) {
           store(scores.data() + g * stride + b * W, one[g]);
@@ -147,10 +205,12 @@ void attend(const float* qkv, const float* cos, const float* sin, const int64_t*
       f16v acc[G][CH] = {};
       for (int64_t t = 0; t < len; ++t) {
         const KV* vt = vc + t * D;
-        __builtin_prefetch(vt + 8 * D);
+        __builtin_prefetch(reinterpret_cast<const char*>(vt) + PREFETCH_V_LINES * 64);
+        float weight[G];
+        for (int g = 0; g < G; ++g) weight[g] = quantized ? scores[g * stride + t] * vs[t] : scores[g * stride + t];
         for (int ch = 0; ch < CH; ++ch) {
           const f16v vd = load(vt + ch * W);
-          for (int g = 0; g < G; ++g) acc[g][ch] += scores[g * stride + t] * vd;
+          for (int g = 0; g < G; ++g) acc[g][ch] += weight[g] * vd;
         }
       }
       for (int g = 0; g < G; ++g)
@@ -161,10 +221,11 @@ void attend(const float* qkv, const float* cos, const float* sin, const int64_t*
 
 template <typename KV>
 void dispatch(int64_t G, int64_t D, const float* qkv, const float* cos, const float* sin, const int64_t* positions,
-              KV* k_cache, KV* v_cache, float* out, int64_t S, int64_t KVH, int64_t CAP, float scaling) {
+              KV* k_cache, KV* v_cache, float* k_scale, float* v_scale, float* out, int64_t S, int64_t KVH,
+              int64_t CAP, float scaling) {
 #define SELFDISTILL_CASE(g, ch)                                                                             \
   if (G == g && D == ch * W) {                                                                              \
-    attend<g, ch>(qkv, cos, sin, positions, k_cache, v_cache, out, S, KVH, CAP, scaling);                  \
+    attend<g, ch>(qkv, cos, sin, positions, k_cache, v_cache, k_scale, v_scale, out, S, KVH, CAP, scaling); \
     return;                                                                                                 \
   }
 #define SELFDISTILL_CASES(ch) \
@@ -184,7 +245,8 @@ bool supports(int64_t heads, int64_t kv_heads, int64_t head_dim) {
 }
 
 torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
-                               torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads, double scaling) {
+                               torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads, double scaling,
+                               c10::optional<torch::Tensor> k_scale, c10::optional<torch::Tensor> v_scale) {
   TORCH_CHECK(qkv.dtype() == torch::kFloat && qkv.is_contiguous() && qkv.dim() == 2, "qkv: contiguous fp32 [S, W]");
   TORCH_CHECK(cos.dtype() == torch::kFloat && sin.dtype() == torch::kFloat && cos.is_contiguous() &&
                   sin.is_contiguous(), "cos/sin: contiguous fp32 [S, D]");
@@ -199,17 +261,31 @@ torch::Tensor decode_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tens
   TORCH_CHECK(heads % KVH == 0 && qkv.size(1) == (heads + 2 * KVH) * D, "qkv width is not (H + 2 KVH) D");
   TORCH_CHECK(positions.numel() == 0 || (positions.max().item<int64_t>() < CAP && positions.min().item<int64_t>() >= 0),
               "a position is outside the cache");
+  const bool quantized = k_cache.dtype() == torch::kChar;
+  const bool scaled = k_scale.has_value() && k_scale->defined() && v_scale.has_value() && v_scale->defined();
+  TORCH_CHECK(quantized == scaled, "int8 caches need k_scale and v_scale, and only they take them");
+  if (quantized) {
+    for (const auto& t : {*k_scale, *v_scale})
+      TORCH_CHECK(t.dtype() == torch::kFloat && t.is_contiguous() && t.dim() == 3 && t.size(0) == S && t.size(1) == KVH &&
+                      t.size(2) == CAP, "k_scale/v_scale: contiguous fp32 [S, KVH, CAP]");
+  }
   auto out = torch::empty({S, heads * D}, qkv.options());
   const int64_t G = heads / KVH;
   const float scale = static_cast<float>(scaling);
-  if (k_cache.dtype() == torch::kBFloat16) {
-    dispatch(G, D, qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
-             k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), out.data_ptr<float>(), S, KVH, CAP,
-             scale);
+  const float* q = qkv.data_ptr<float>();
+  const float* c = cos.data_ptr<float>();
+  const float* sn = sin.data_ptr<float>();
+  const int64_t* p = positions.data_ptr<int64_t>();
+  if (quantized) {
+    dispatch(G, D, q, c, sn, p, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(), k_scale->data_ptr<float>(),
+             v_scale->data_ptr<float>(), out.data_ptr<float>(), S, KVH, CAP, scale);
+  } else if (k_cache.dtype() == torch::kBFloat16) {
+    dispatch(G, D, q, c, sn, p, k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), nullptr, nullptr,
+             out.data_ptr<float>(), S, KVH, CAP, scale);
   } else {
-    TORCH_CHECK(k_cache.dtype() == torch::kFloat, "caches: bf16 or fp32");
-    dispatch(G, D, qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
-             k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>(), S, KVH, CAP, scale);
+    TORCH_CHECK(k_cache.dtype() == torch::kFloat, "caches: int8, bf16 or fp32");
+    dispatch(G, D, q, c, sn, p, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr,
+             out.data_ptr<float>(), S, KVH, CAP, scale);
   }
   return out;
 }
@@ -281,6 +357,40 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int64_t part, int64_t parts,
   return {std::min(n, units * part / parts * align), std::min(n, units * (part + 1) / parts * align)};
 }
 
+// An int8 weight packed once into oneDNN's own layout (onednn::qlinear_prepack), for its matmul
+// primitive (AMX where the CPU has it). at::_int_mm goes through oneDNN's older GEMM API, which
+// packs the weight again on every call: measured on SmolLM2-135M's 30 layers at 101 rows, 25.7 ms
+// per decode step against 19.5 packed; at 1,300 prefill rows, 149 against 92 ms.
+// gemm(q) = float(q @ weight^T): the int32 product as fp32, as linear_int8 converts it (the
+// activation and weight scales of 1 leave it unscaled). The ops are PyTorch's x86 quantization
+// ops, called through the dispatcher; cpu_kernels.py checks at load that the products are
+// exactly _int_mm's, and packs nothing where they are not, or where the ops are missing.
+struct PackedWeight {
+  torch::Tensor packed, ones, zeros;
+  int64_t K, M;
+
+  explicit PackedWeight(const torch::Tensor& weight) {  // int8 [M, K]
+    TORCH_CHECK(weight.dtype() == torch::kChar && weight.dim() == 2, "weight: int8 [M, K]");
+    M = weight.size(0), K = weight.size(1);
+    static const auto prepack = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_prepack", "");
+    torch::jit::Stack stack{weight.contiguous(), c10::IValue()};
+    prepack.callBoxed(&stack);
+    packed = stack.at(0).toTensor();
+    ones = torch::ones({M});
+    zeros = torch::zeros({M}, torch::kLong);
+  }
+
+  torch::Tensor gemm(const torch::Tensor& q) const {
+    TORCH_CHECK(q.dtype() == torch::kChar && q.dim() == 2 && q.size(1) == K, "q: int8 [N, K]");
+    static const auto qlinear = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_pointwise", "");
+    torch::jit::Stack stack{q, 1.0, int64_t{0}, packed, ones, zeros, c10::IValue(), 1.0, int64_t{0},
+                            static_cast<int64_t>(torch::kFloat), std::string("none"),
+                            c10::List<std::optional<at::Scalar>>(), std::string("")};
+    qlinear.callBoxed(&stack);
+    return stack.at(0).toTensor();
+  }
+};
+
 // W8A8 linear, the arithmetic of backend_continuous.Int8Linear in one call: each input row
 // quantized to int8 with its own scale (max |row| / 127), an int8 x int8 -> int32 GEMM
 // (at::_int_mm, VNNI on x86), then out = float(acc) * row_scale * weight_scale (+ bias)
@@ -290,7 +400,7 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int64_t part, int64_t parts,
 //   silu(gate) * up: a Llama MLP's input to its down projection.
 torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight_t, torch::Tensor weight_scale,
                           c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> norm_weight, double eps,
-                          bool gated, c10::optional<torch::Tensor> residual) {
+                          bool gated, c10::optional<torch::Tensor> residual, const PackedWeight* packed) {
   TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous fp32 [N, K]");
   const int64_t N = x.size(0), K = gated ? x.size(1) / 2 : x.size(1), M = weight_t.size(1);
   TORCH_CHECK(weight_t.dtype() == torch::kChar && weight_t.dim() == 2 && weight_t.size(0) == K,
@@ -322,33 +432,103 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight_t, torch::Tensor
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     quantize_range(xp, K, nw, eps, gated, qp, rs, begin, end);
   });
-  auto acc = at::_int_mm(quantized, weight_t);
-  const int32_t* ap = acc.data_ptr<int32_t>();
-  const int64_t full_m = M / W * W;
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float r = rs[n];
-      const int32_t* acc_row = ap + n * M;
-      float* out_row = op + n * M;
-      for (int64_t m = 0; m < full_m; m += W) {
-        i16v a;
-        std::memcpy(&a, acc_row + m, sizeof a);
-        f16v value = __builtin_convertvector(a, f16v) * r * load(ws + m);
-        if (bp) value += load(bp + m);
-        if (rp) value += load(rp + n * M + m);
-        store(out_row + m, value);
+  TORCH_CHECK(!packed || (packed->K == K && packed->M == M), "packed weight: another shape");
+  auto acc = packed ? packed->gemm(quantized) : at::_int_mm(quantized, weight_t);
+  // float(acc) * row scale * weight scale (+ bias) (+ residual), acc int32 or already fp32 (packed).
+  auto dequantize = [&](auto* ap) {
+    const int64_t full_m = M / W * W;
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const float r = rs[n];
+        const auto* acc_row = ap + n * M;
+        float* out_row = op + n * M;
+        for (int64_t m = 0; m < full_m; m += W) {
+          f16v value = as_float(acc_row + m) * r * load(ws + m);
+          if (bp) value += load(bp + m);
+          if (rp) value += load(rp + n * M + m);
+          store(out_row + m, value);
+        }
+        for (int64_t m = full_m; m < M; ++m) {
+          float value = static_cast<float>(acc_row[m]) * r * ws[m];
+          if (bp) value += bp[m];
+          if (rp) value += rp[n * M + m];
+          out_row[m] = value;
+        }
       }
-      for (int64_t m = full_m; m < M; ++m) {
-        float value = static_cast<float>(acc_row[m]) * r * ws[m];
-        if (bp) value += bp[m];
-        if (rp) value += rp[n * M + m];
-        out_row[m] = value;
+    });
+  };
+  if (packed) dequantize(acc.data_ptr<float>());
+  else dequantize(acc.data_ptr<int32_t>());
+  return out;
+}
+
+
+// A Llama MLP over many rows (prefill) in one call: x + down(silu(gate) * up), [gate | up] =
+// gate_up(RMSNorm(x)), with linear_int8's arithmetic for each of the two projections, bit for bit.
+// linear_int8 on thousands of rows writes a [rows, 2F] fp32 tensor to memory and reads it back; here
+// each thread takes blocks of `block` rows through both projections, so a block's intermediates stay
+// in its core's cache (oneDNN runs on the calling thread inside the region). Decode's ~100 rows
+// keep linear_int8: one GEMM on all rows beats each thread reading the whole weight.
+torch::Tensor mlp_int8(torch::Tensor x, torch::Tensor norm_weight, double eps, torch::Tensor gate_up_t,
+                       torch::Tensor gate_up_scale, torch::Tensor down_t, torch::Tensor down_scale, int64_t block,
+                       const PackedWeight* gate_up_packed, const PackedWeight* down_packed) {
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous fp32 [N, K]");
+  const int64_t N = x.size(0), K = x.size(1), F2 = gate_up_t.size(1), F = F2 / 2;
+  TORCH_CHECK(gate_up_t.dtype() == torch::kChar && gate_up_t.dim() == 2 && gate_up_t.size(0) == K && F2 % 2 == 0,
+              "gate_up_t: int8 [K, 2F]");
+  TORCH_CHECK(down_t.dtype() == torch::kChar && down_t.dim() == 2 && down_t.size(0) == F && down_t.size(1) == K,
+              "down_t: int8 [F, K]");
+  TORCH_CHECK(gate_up_scale.dtype() == torch::kFloat && gate_up_scale.is_contiguous() && gate_up_scale.numel() == F2 &&
+                  down_scale.dtype() == torch::kFloat && down_scale.is_contiguous() && down_scale.numel() == K,
+              "scales: fp32 [2F] and [K]");
+  TORCH_CHECK(block > 0 && K % W == 0 && F % W == 0, "block > 0; K and F multiples of 16");
+  torch::Tensor norm_w = norm_weight.to(torch::kFloat).contiguous();
+  TORCH_CHECK(norm_w.numel() == K, "norm_weight: [K]");
+  auto out = torch::empty({N, K}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* nw = norm_w.data_ptr<float>();
+  const float* s1 = gate_up_scale.data_ptr<float>();
+  const float* s2 = down_scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t blocks = (N + block - 1) / block;
+  in_one_region(blocks, [&](int thread, int threads) {
+    auto q1 = torch::empty({block, K}, x.options().dtype(torch::kChar));
+    auto q2 = torch::empty({block, F}, x.options().dtype(torch::kChar));
+    auto acc1 = torch::empty({block, F2}, x.options().dtype(torch::kInt));
+    auto acc2 = torch::empty({block, K}, x.options().dtype(torch::kInt));
+    std::vector<float> hidden(block * F2), rs1(block), rs2(block);
+    for (int64_t b = thread; b < blocks; b += threads) {
+      const int64_t r0 = b * block, R = std::min(block, N - r0);
+      quantize_range(xp + r0 * K, K, nw, eps, false, q1.data_ptr<int8_t>(), rs1.data(), 0, R);
+      auto first = [&](auto* ap1) {
+        for (int64_t n = 0; n < R; ++n)
+          for (int64_t m = 0; m < F2; m += W)
+            store(hidden.data() + n * F2 + m, as_float(ap1 + n * F2 + m) * rs1[n] * load(s1 + m));
+      };
+      auto second = [&](auto* ap2) {
+        for (int64_t n = 0; n < R; ++n)
+          for (int64_t m = 0; m < K; m += W)
+            store(op + (r0 + n) * K + m, as_float(ap2 + n * K + m) * rs2[n] * load(s2 + m) + load(xp + (r0 + n) * K + m));
+      };
+      if (gate_up_packed) {
+        first(gate_up_packed->gemm(q1.narrow(0, 0, R)).data_ptr<float>());
+      } else {
+        auto a1 = acc1.narrow(0, 0, R);
+        at::_int_mm_out(a1, q1.narrow(0, 0, R), gate_up_t);
+        first(a1.data_ptr<int32_t>());
+      }
+      quantize_range(hidden.data(), F, nullptr, 0.0, true, q2.data_ptr<int8_t>(), rs2.data(), 0, R);
+      if (down_packed) {
+        second(down_packed->gemm(q2.narrow(0, 0, R)).data_ptr<float>());
+      } else {
+        auto a2 = acc2.narrow(0, 0, R);
+        at::_int_mm_out(a2, q2.narrow(0, 0, R), down_t);
+        second(a2.data_ptr<int32_t>());
       }
     }
   });
   return out;
 }
-
 
 // The int8 LM head of a decode step with the sampler's first stages fused in, so that no
 // [rows, vocab] logits tensor is written and scanned again:
@@ -487,13 +667,22 @@ std::vector<torch::Tensor> lm_head_topk(torch::Tensor x, torch::Tensor weight_t,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "RoPE, cache write and attention for one decode step");
+  m.def("decode_attention", &decode_attention, "RoPE, cache write and attention for one decode step",
+        py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("heads"), py::arg("scaling"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("linear_int8", &linear_int8, "W8A8 linear: per-row int8 activations, int8 weights, fp32 out",
         py::arg("x"), py::arg("weight_t"), py::arg("weight_scale"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0, py::arg("gated") = false,
-        py::arg("residual") = py::none());
+        py::arg("residual") = py::none(), py::arg("packed") = nullptr);
+  py::class_<PackedWeight>(m, "PackedWeight", "an int8 weight [M, K] packed once for oneDNN's matmul")
+      .def(py::init<const torch::Tensor&>(), py::arg("weight"))
+      .def("gemm", &PackedWeight::gemm, "float(q @ weight^T) of int8 rows q [N, K]");
   m.def("lm_head_topk", &lm_head_topk, "int8 LM head with each row's argmax and top-k candidates, no logits",
         py::arg("x"), py::arg("weight_t"), py::arg("weight_scale"), py::arg("bias"), py::arg("temperatures"),
         py::arg("top_k"), py::arg("chunk") = 2048);
+  m.def("mlp_int8", &mlp_int8, "a Llama MLP of many rows: x + down(silu(gate) * up), norm fused in, by row blocks",
+        py::arg("x"), py::arg("norm_weight"), py::arg("eps"), py::arg("gate_up_t"), py::arg("gate_up_scale"),
+        py::arg("down_t"), py::arg("down_scale"), py::arg("block") = 128, py::arg("gate_up_packed") = nullptr,
+        py::arg("down_packed") = nullptr);
   m.def("supports", &supports, "whether decode_attention has a kernel for (heads, kv_heads, head_dim)");
 }

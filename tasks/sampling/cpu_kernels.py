@@ -71,3 +71,25 @@ def load():
         log.warning("continuous backends: the fused CPU kernels did not build (%s); using the eager "
                     "PyTorch path, about half as fast", str(error).strip().splitlines()[-1] if str(error) else error)
         return None
+
+
+@cache
+def packed_gemm(kernels) -> bool:
+    """Whether `kernels.PackedWeight` (oneDNN's matmul on a weight packed once, through PyTorch's
+    x86 quantization ops) computes exactly torch._int_mm's products here: checked once per process
+    on random int8 rows and weights of the shapes that matter (a long K, rows not a multiple of
+    16). Where it does not, or the ops are missing from this torch, the linears keep _int_mm."""
+    import torch
+
+    try:
+        generator = torch.Generator().manual_seed(0)
+        for rows, k, m in ((1, 64, 48), (37, 576, 960), (101, 1536, 576), (300, 128, 256)):
+            weight = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=generator)
+            q = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=generator)
+            if not torch.equal(kernels.PackedWeight(weight).gemm(q), torch._int_mm(q, weight.t()).float()):
+                raise ValueError(f"products differ from torch._int_mm at {rows}x{k}x{m}")
+        return True
+    except Exception as error:
+        log.warning("continuous backends: oneDNN's packed int8 matmul is not usable here (%s); the linears "
+                    "use torch._int_mm", str(error).strip().splitlines()[-1] if str(error) else error)
+        return False
