@@ -391,6 +391,25 @@ struct PackedWeight {
   }
 };
 
+// fn(float(q @ weight)), the product handed over as fp32 (the packed weight's) or int32 (_int_mm's,
+// into `buffer` [>= rows, M] where one is given).
+template <typename F>
+void with_product(const PackedWeight* packed, const torch::Tensor& q, const torch::Tensor& weight_t,
+                  const torch::Tensor& buffer, const F& fn) {
+  if (packed) {
+    TORCH_CHECK(packed->K == weight_t.size(0) && packed->M == weight_t.size(1), "packed weight: another shape");
+    fn(packed->gemm(q).data_ptr<float>());
+    return;
+  }
+  if (!buffer.defined()) {
+    fn(at::_int_mm(q, weight_t).data_ptr<int32_t>());
+    return;
+  }
+  auto acc = buffer.narrow(0, 0, q.size(0));
+  at::_int_mm_out(acc, q, weight_t);
+  fn(acc.data_ptr<int32_t>());
+}
+
 // W8A8 linear, the arithmetic of backend_continuous.Int8Linear in one call: each input row
 // quantized to int8 with its own scale (max |row| / 127), an int8 x int8 -> int32 GEMM
 // (at::_int_mm, VNNI on x86), then out = float(acc) * row_scale * weight_scale (+ bias)
@@ -432,10 +451,8 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight_t, torch::Tensor
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     quantize_range(xp, K, nw, eps, gated, qp, rs, begin, end);
   });
-  TORCH_CHECK(!packed || (packed->K == K && packed->M == M), "packed weight: another shape");
-  auto acc = packed ? packed->gemm(quantized) : at::_int_mm(quantized, weight_t);
   // float(acc) * row scale * weight scale (+ bias) (+ residual), acc int32 or already fp32 (packed).
-  auto dequantize = [&](auto* ap) {
+  with_product(packed, quantized, weight_t, torch::Tensor(), [&](auto* ap) {
     const int64_t full_m = M / W * W;
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
@@ -456,15 +473,14 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight_t, torch::Tensor
         }
       }
     });
-  };
-  if (packed) dequantize(acc.data_ptr<float>());
-  else dequantize(acc.data_ptr<int32_t>());
+  });
   return out;
 }
 
 
 // A Llama MLP over many rows (prefill) in one call: x + down(silu(gate) * up), [gate | up] =
-// gate_up(RMSNorm(x)), with linear_int8's arithmetic for each of the two projections, bit for bit.
+// gate_up(RMSNorm(x)), with linear_int8's arithmetic for each of the two projections (up to where the
+// compiler fuses a multiply and an add).
 // linear_int8 on thousands of rows writes a [rows, 2F] fp32 tensor to memory and reads it back; here
 // each thread takes blocks of `block` rows through both projections, so a block's intermediates stay
 // in its core's cache (oneDNN runs on the calling thread inside the region). Decode's ~100 rows
@@ -494,37 +510,24 @@ torch::Tensor mlp_int8(torch::Tensor x, torch::Tensor norm_weight, double eps, t
   in_one_region(blocks, [&](int thread, int threads) {
     auto q1 = torch::empty({block, K}, x.options().dtype(torch::kChar));
     auto q2 = torch::empty({block, F}, x.options().dtype(torch::kChar));
-    auto acc1 = torch::empty({block, F2}, x.options().dtype(torch::kInt));
-    auto acc2 = torch::empty({block, K}, x.options().dtype(torch::kInt));
+    // _int_mm's int32 products, reused block after block (packed weights hand over their own).
+    auto acc1 = gate_up_packed ? torch::Tensor() : torch::empty({block, F2}, x.options().dtype(torch::kInt));
+    auto acc2 = down_packed ? torch::Tensor() : torch::empty({block, K}, x.options().dtype(torch::kInt));
     std::vector<float> hidden(block * F2), rs1(block), rs2(block);
     for (int64_t b = thread; b < blocks; b += threads) {
       const int64_t r0 = b * block, R = std::min(block, N - r0);
       quantize_range(xp + r0 * K, K, nw, eps, false, q1.data_ptr<int8_t>(), rs1.data(), 0, R);
-      auto first = [&](auto* ap1) {
+      with_product(gate_up_packed, q1.narrow(0, 0, R), gate_up_t, acc1, [&](auto* ap1) {
         for (int64_t n = 0; n < R; ++n)
           for (int64_t m = 0; m < F2; m += W)
             store(hidden.data() + n * F2 + m, as_float(ap1 + n * F2 + m) * rs1[n] * load(s1 + m));
-      };
-      auto second = [&](auto* ap2) {
+      });
+      quantize_range(hidden.data(), F, nullptr, 0.0, true, q2.data_ptr<int8_t>(), rs2.data(), 0, R);
+      with_product(down_packed, q2.narrow(0, 0, R), down_t, acc2, [&](auto* ap2) {
         for (int64_t n = 0; n < R; ++n)
           for (int64_t m = 0; m < K; m += W)
             store(op + (r0 + n) * K + m, as_float(ap2 + n * K + m) * rs2[n] * load(s2 + m) + load(xp + (r0 + n) * K + m));
-      };
-      if (gate_up_packed) {
-        first(gate_up_packed->gemm(q1.narrow(0, 0, R)).data_ptr<float>());
-      } else {
-        auto a1 = acc1.narrow(0, 0, R);
-        at::_int_mm_out(a1, q1.narrow(0, 0, R), gate_up_t);
-        first(a1.data_ptr<int32_t>());
-      }
-      quantize_range(hidden.data(), F, nullptr, 0.0, true, q2.data_ptr<int8_t>(), rs2.data(), 0, R);
-      if (down_packed) {
-        second(down_packed->gemm(q2.narrow(0, 0, R)).data_ptr<float>());
-      } else {
-        auto a2 = acc2.narrow(0, 0, R);
-        at::_int_mm_out(a2, q2.narrow(0, 0, R), down_t);
-        second(a2.data_ptr<int32_t>());
-      }
+      });
     }
   });
   return out;
