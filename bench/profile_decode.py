@@ -7,12 +7,13 @@
    model (M = slots rows; q/k/v, o, gate/up, down, the LM head), in G multiply-adds/s, with the
    weight held as the backends hold it, and the LM head also cut into column chunks of
    LM_HEAD_CHUNK (what the fused kernel does); and the fused linears' GEMM on a weight packed
-   for oneDNN's matmul (the compiled kernels' PackedWeight), where this machine takes it.
+   for oneDNN's matmul (the compiled kernels' PackedWeight), and the kernels' own AMX tiles on
+   one thread (rows padded to 32), where this machine takes them.
    One weight per shape, called again and again: it stays in cache, so this is the GEMMs' peak,
    not what 30 layers' weights cost when each is read once per step.
 2. One batch of bench/bench_sampling.py's workload (HumanEval train-split prompts, params.yaml's
    `sample` config) through the backend's generate_batch, every part timed by wrapping it:
-   the int8 linears per projection and the LM head, the attention kernel, the rest of _decode
+   the int8 linears per projection (the MLP's two as one, where mlp_int8 runs them) and the LM head, the attention kernel, the rest of _decode
    (embedding, rotary, the final norm), the sampler, and the batch loop's own Python (the
    uniforms' draws, the slot bookkeeping). Printed per decode step (ms) and as shares of the
    wall time; prefill is reported apart. `--backend continuous-int8@baseline` profiles the
@@ -66,7 +67,9 @@ def roofline(config, rows: int, chunk: int) -> None:
 
     kernels = cpu_kernels.load()
     packed = kernels is not None and cpu_kernels.packed_gemm(kernels)
-    print(f"  {'GEMM':10s} {'K x N':>12s} {'us':>9s} {'GMAC/s':>8s}" + (f" {'packed us':>10s} {'GMAC/s':>8s}" if packed else ""))
+    amx = kernels is not None and cpu_kernels.amx_tiles(kernels)
+    print(f"  {'GEMM':10s} {'K x N':>12s} {'us':>9s} {'GMAC/s':>8s}" + (f" {'packed us':>10s} {'GMAC/s':>8s}" if packed else "")
+          + (f" {'AMX 1-thr us':>12s} {'GMAC/s':>8s}" if amx else ""))
     total = 0.0
     for name, (k, n) in model_shapes(config).items():
         a = torch.randint(-127, 128, (rows, k), dtype=torch.int8)
@@ -77,6 +80,10 @@ def roofline(config, rows: int, chunk: int) -> None:
             weight = kernels.PackedWeight(weight_t.t())
             took_packed = best_time(lambda: weight.gemm(a))
             line += f" {took_packed * 1e6:10.1f} {rows * k * n / took_packed / 1e9:8.1f}"
+        if amx and n % 32 == 0 and k % 64 == 0:  # the kernels' own tiles, on one thread, rows padded to 32
+            tiles, padded = kernels.amx_pack(weight_t.t()), torch.cat([a, a.new_zeros(-rows % 32, k)])
+            took_amx = best_time(lambda: kernels.amx_gemm(padded, tiles))
+            line += f" {took_amx * 1e6:12.1f} {rows * k * n / took_amx / 1e9:8.1f}"
         print(line)
         if name == "lm_head":
             chunks = [weight_t[:, i:i + chunk] for i in range(0, n, chunk)]
@@ -127,6 +134,8 @@ def instrument(backend) -> Timers:
     timers = Timers()
     module = sys.modules[type(backend).__module__]
     for layer in backend.layers:
+        if getattr(layer, "kernels", None) is not None:  # the MLP in one call
+            layer.kernels = _Proxy(layer.kernels, timers, {"mlp_int8": "mlp"})
         for role in ("qkv", "o", "gate_up", "down"):
             linear = getattr(layer, role)
             for method in ("fused", "forward"):
@@ -200,6 +209,7 @@ def main() -> int:
     decode = outside.pop("decode")
     rows = [(f"GEMM {role}" + (" (+ top-k where fused)" if role == "lm_head" else ""), inside.pop(role, 0.0))
             for role in SHAPES]
+    rows.insert(4, ("MLP in one call (gate_up and down: mlp_int8)", inside.pop("mlp", 0.0)))
     rows.append(("attention kernel (RoPE, cache write, attention)", inside.pop("attention", 0.0)))
     rows.append(("sampler's top-k on logits, in _decode", inside.pop("sampler", 0.0)))
     rows.append(("rest of _decode (embedding, rotary, norms, glue)", decode - sum(s for _, s in rows)))

@@ -423,17 +423,19 @@ def test_the_int8_cache_keeps_its_scales_through_grow_and_keep():
 
 @torch.no_grad()
 def test_packed_weights_give_the_products_of_int_mm(backends, caplog):
-    """The linears' GEMMs on oneDNN-packed weights: exactly torch._int_mm's products (checked at
-    load; a PackedWeight that computes otherwise is refused, and the linears keep _int_mm), and
-    a fused linear gives the same output with and without its packed weight."""
+    """The linears' GEMMs on oneDNN-packed weights (where the CPU has no AMX): exactly
+    torch._int_mm's products (checked at load; a PackedWeight that computes otherwise is refused,
+    and the linears keep _int_mm), and a fused linear gives the same output with and without its
+    packed weight."""
     from tasks.sampling import cpu_kernels
 
     linear = backends["continuous-int8"].layers[0].gate_up
     kernels = linear.kernels
-    assert cpu_kernels.packed_gemm(kernels) and linear.packed is not None, "this CPU and torch take packed weights"
+    assert cpu_kernels.packed_gemm(kernels), "this CPU and torch take packed weights"
     torch.manual_seed(4)
     x = torch.randn(37, linear.weight_t.shape[0])
-    packed = kernels.linear_int8(x, linear.weight_t, linear.scale, None, None, 0.0, False, None, linear.packed)
+    packed = kernels.linear_int8(x, linear.weight_t, linear.scale, None, None, 0.0, False, None,
+                                 kernels.PackedWeight(linear.weight_t.t()))
     assert torch.equal(packed, kernels.linear_int8(x, linear.weight_t, linear.scale, None, None, 0.0, False, None))
 
     class OffByOne:
@@ -451,11 +453,54 @@ def test_packed_weights_give_the_products_of_int_mm(backends, caplog):
 
 
 @torch.no_grad()
+def test_amx_weights_give_the_products_of_int_mm(backends, caplog):
+    """The kernels' own AMX GEMMs: exactly torch._int_mm's products (checked at load; kernels whose
+    products differ are refused, and the linears keep oneDNN), and the fused linears give the same
+    output with AMX weights as with _int_mm: bit for bit with RMSNorm or the gate fused in, and
+    with the residual added up to where the compiler fuses that add with a multiply; at 37 rows
+    (padded to 64), 5 and 64."""
+    from tasks.sampling import backend_continuous, cpu_kernels
+
+    layer = backends["continuous-int8"].layers[1]
+    kernels = layer.kernels
+    if not kernels.amx_usable():
+        pytest.skip("this CPU (or Linux) gives no AMX int8 tiles")
+    assert cpu_kernels.amx_tiles(kernels)
+    assert all(linear.amx is not None and linear.packed is None for linear in (layer.qkv, layer.o, layer.gate_up,
+                                                                                 layer.down))
+    torch.manual_seed(5)
+    for rows in (37, 5, 64):
+        x = torch.randn(rows, layer.o.out_features) * 2
+        gate_up = torch.randn(rows, layer.gate_up.out_features) * 2
+        eps = backend_continuous._eps(layer.input_norm)
+        for linear, inputs, norm, gated, residual in ((layer.qkv, x, layer.input_norm.weight, False, None),
+                                                      (layer.o, x, None, False, x),
+                                                      (layer.down, gate_up, None, True, x)):
+            args = (inputs, linear.weight_t, linear.scale, None, norm, eps, gated, None, None)
+            assert torch.equal(kernels.linear_int8(*args, linear.amx), kernels.linear_int8(*args, None)), rows
+            if residual is not None:
+                args = args[:7] + (residual, None)
+                torch.testing.assert_close(kernels.linear_int8(*args, linear.amx), kernels.linear_int8(*args, None),
+                                           rtol=1e-5, atol=1e-5)
+
+    class OffByOne:
+        amx_usable, amx_pack = kernels.amx_usable, kernels.amx_pack
+
+        @staticmethod
+        def amx_gemm(q, amx):
+            return kernels.amx_gemm(q, amx) + 1
+
+    assert not cpu_kernels.amx_tiles(OffByOne())
+    assert "differ from torch._int_mm" in caplog.text
+
+
+@torch.no_grad()
 def test_prefill_mlp_kernel_matches_the_two_fused_linears(backends):
-    """mlp_int8 (prefill's MLP block by block of rows) against linear_int8's gate_up (norm fused)
-    and down (gate and residual fused): the same arithmetic, up to where the compiler fuses a
-    multiply and an add. Blocks of 128 and of 37 rows (a last block of 4); the layer takes it at
-    2 x MLP_BLOCK_ROWS rows and more."""
+    """mlp_int8 against linear_int8's gate_up (norm fused) and down (gate and residual fused): the
+    same arithmetic, up to where the compiler fuses a multiply and an add. Block by block of rows
+    (prefill's path without AMX), blocks of 128 and of 37 rows (a last block of 4); and the layer's
+    own call, which takes it with AMX weights at any rows (one region, 300 rows and 5), and without
+    them at 2 x MLP_BLOCK_ROWS rows and more."""
     from tasks.sampling import backend_continuous
 
     layer = backends["continuous-int8"].layers[1]
@@ -479,36 +524,43 @@ def test_fused_lm_head_top_k_matches_the_eager_sampler(backends):
     """lm_head_topk (the int8 LM head with each row's argmax and the sampler's top-k fused in, no
     logits tensor) against the PyTorch arithmetic it replaces: the eager int8 head's logits over
     each row's T through next_token_candidates. Bit for bit: the same candidate values, ids and
-    order, ties at the k-th kept (20 duplicated weight rows make 21 equal logits), the argmax the
-    first of equal maxima; and the same tokens drawn from them. 37 rows take both threads' shares,
-    a 256-column chunk leaves a last chunk of 232 (not a multiple of 16)."""
+    order, ties at the k-th kept (25 duplicated weight rows make 26 equal logits, in chunks that
+    different threads take on the AMX path), the argmax the first of equal maxima; and the same
+    tokens drawn from them. 37 rows take both threads' shares. A vocabulary of 1,000 runs the
+    _int_mm path (a 256-column chunk leaves a last chunk of 232, not a multiple of 16); one of
+    1,024 the AMX path, where this CPU has it (its threads split the chunks, and merge rows)."""
+    from tasks.sampling import cpu_kernels
     from tasks.sampling.backend_continuous import Int8Linear, draw, next_token_candidates
 
     kernels = backends["continuous-int8"].model.lm_head.kernels
     assert kernels is not None
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 1000, bias=False)
-    linear.weight[500:520] = linear.weight[100]
-    fused, eager = Int8Linear(linear, kernels), Int8Linear(linear, None)
-    x = torch.randn(37, 64) * 2
-    x[3] = linear.weight[100] * 5  # its largest logits are the tied ones
-    logits = eager(x).float()
-    per_row = torch.tensor([0.0, 0.5, 1.3, 0.8] * 9 + [1.0])
-    uniforms = torch.rand(37)
-    for temperature, top_k, temperatures in [(0.8, 20, None), (1.3, 1, None), (0.6, 40, None), (0.8, 20, per_row),
-                                             (0.0, 20, None)]:
-        cfg = decoding(temperature=temperature, top_k=top_k, top_p=0.8)
-        t = per_row if temperatures is not None else torch.full((37,), temperature)
-        vals, ids, argmax = kernels.lm_head_topk(x, fused.weight_t, fused.scale, None, t,
-                                                 0 if temperature == 0 and temperatures is None else top_k, 256)
-        want_vals, want_ids, want_argmax = next_token_candidates(logits, cfg, temperatures)
-        assert torch.equal(argmax, want_argmax)
-        assert torch.equal(vals, want_vals), f"T {temperature} k {top_k}"
-        kept = want_vals > float("-inf")
-        assert torch.equal(ids[kept], want_ids[kept])
-        assert torch.equal(draw(vals, ids, argmax, cfg, uniforms, temperatures),
-                           draw(want_vals, want_ids, want_argmax, cfg, uniforms, temperatures))
-    assert (next_token_candidates(logits, decoding(temperature=1.0, top_k=20))[0][3] > float("-inf")).sum() == 21
+    for vocab in (1000, 1024):
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(64, vocab, bias=False)
+        linear.weight[500:520] = linear.weight[100]
+        linear.weight[900:905] = linear.weight[100]
+        fused, eager = Int8Linear(linear, kernels), Int8Linear(linear, None)
+        assert (fused.amx is not None) == (vocab == 1024 and cpu_kernels.amx_tiles(kernels))
+        x = torch.randn(37, 64) * 2
+        x[3] = linear.weight[100] * 5  # its largest logits are the tied ones
+        logits = eager(x).float()
+        per_row = torch.tensor([0.0, 0.5, 1.3, 0.8] * 9 + [1.0])
+        uniforms = torch.rand(37)
+        for temperature, top_k, temperatures in [(0.8, 20, None), (1.3, 1, None), (0.6, 40, None),
+                                                 (0.8, 20, per_row), (0.0, 20, None)]:
+            cfg = decoding(temperature=temperature, top_k=top_k, top_p=0.8)
+            t = per_row if temperatures is not None else torch.full((37,), temperature)
+            vals, ids, argmax = kernels.lm_head_topk(x, fused.weight_t, fused.scale, None, t,
+                                                     0 if temperature == 0 and temperatures is None else top_k, 256,
+                                                     fused.amx)
+            want_vals, want_ids, want_argmax = next_token_candidates(logits, cfg, temperatures)
+            assert torch.equal(argmax, want_argmax), f"vocab {vocab}"
+            assert torch.equal(vals, want_vals), f"vocab {vocab} T {temperature} k {top_k}"
+            kept = want_vals > float("-inf")
+            assert torch.equal(ids[kept], want_ids[kept])
+            assert torch.equal(draw(vals, ids, argmax, cfg, uniforms, temperatures),
+                               draw(want_vals, want_ids, want_argmax, cfg, uniforms, temperatures))
+        assert (next_token_candidates(logits, decoding(temperature=1.0, top_k=20))[0][3] > float("-inf")).sum() == 26
 
 
 def test_fused_lm_head_decodes_what_the_logits_path_decodes(backends, monkeypatch):

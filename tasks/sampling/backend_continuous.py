@@ -19,9 +19,10 @@ What makes it fast (numbers in docs/results/sampling.md, from bench/bench_sampli
 - a sampler that works on the top-k candidates instead of sorting the vocabulary; for
   `continuous-int8` with the kernels, the LM head computes them itself (lm_head_topk: the
   vocabulary in 2,048-column GEMMs, each filtered while in cache), with no logits tensor;
-- `continuous-int8` only: W8A8 GEMMs (see Int8Linear), about 2x bf16's on VNNI cores, on weights
-  packed once for oneDNN's matmul where that gives torch._int_mm's products exactly; its
-  prefill's attention in bf16 and each MLP in one call by blocks of rows (mlp_int8).
+- `continuous-int8` only: W8A8 GEMMs (see Int8Linear), about 2x bf16's on VNNI cores: on Intel
+  AMX, the kernels' own tile GEMMs, each linear (and each MLP, mlp_int8) one parallel region
+  with the quantization and dequantization around it; elsewhere oneDNN on weights packed once;
+  either only where it gives torch._int_mm's products exactly; prefill's attention in bf16.
 
 Semantics are the reference backend's (this is its subclass): the chat template, the
 weights in bf16 (or int8), the HF model's embedding, rotary embedding, norms and attention
@@ -101,11 +102,13 @@ class _Layer(torch.nn.Module):
         if self.kernels is None:
             gate, up = self.gate_up(_rms_norm(self.post_norm, x)).chunk(2, -1)
             return x + self.down(self.act(gate) * up)
-        if self.silu and x.shape[0] >= 2 * MLP_BLOCK_ROWS and self.fits_mlp_kernel:
-            # Prefill's rows: both projections block by block, the intermediates kept in cache.
+        amx = self.gate_up.amx is not None and self.down.amx is not None
+        if self.silu and self.fits_mlp_kernel and (amx or x.shape[0] >= 2 * MLP_BLOCK_ROWS):
+            # One call: with AMX weights, any rows; else prefill's, block by block of rows.
             return self.kernels.mlp_int8(x.float().contiguous(), self.post_norm.weight, _eps(self.post_norm),
                                          self.gate_up.weight_t, self.gate_up.scale, self.down.weight_t,
-                                         self.down.scale, MLP_BLOCK_ROWS, self.gate_up.packed, self.down.packed)
+                                         self.down.scale, MLP_BLOCK_ROWS, self.gate_up.packed, self.down.packed,
+                                         self.gate_up.amx, self.down.amx)
         gate_up = self.gate_up.fused(self.kernels, x, norm=self.post_norm)
         if not self.silu:
             gate, up = gate_up.chunk(2, -1)
@@ -178,10 +181,14 @@ class Int8Linear(torch.nn.Module):
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(1).clamp(min=1e-12) / 127
         self.register_buffer("weight_t", (weight / scale[:, None]).round().to(torch.int8).t())
-        # The same int8 weight packed for oneDNN's matmul, where it computes _int_mm's products
-        # exactly (checked once per process): the fused kernels' GEMMs then skip re-packing it.
+        # The same int8 weight in the layout of the kernels' AMX tiles, or else packed for oneDNN's
+        # matmul, where either computes _int_mm's products exactly (checked once per process): the
+        # fused kernels' GEMMs then skip re-packing it.
+        out_features, in_features = linear.weight.shape
+        self.amx = kernels.amx_pack(self.weight_t.t()) if kernels is not None and out_features % 32 == 0 \
+            and in_features % 64 == 0 and cpu_kernels.amx_tiles(kernels) else None
         self.packed = kernels.PackedWeight(self.weight_t.t()) \
-            if pack and kernels is not None and cpu_kernels.packed_gemm(kernels) else None
+            if pack and self.amx is None and kernels is not None and cpu_kernels.packed_gemm(kernels) else None
         self.register_buffer("scale", scale)
         self.bias = None if linear.bias is None else linear.bias.detach().float()
         self.out_features = linear.out_features
@@ -206,7 +213,7 @@ class Int8Linear(torch.nn.Module):
         out = kernels.linear_int8(flat, self.weight_t, self.scale, self.bias,
                                   norm.weight if norm is not None else None, eps, gated,
                                   None if residual is None else residual.reshape(-1, self.out_features).float(),
-                                  self.packed)
+                                  self.packed, self.amx)
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -507,7 +514,7 @@ class ContinuousBackend(TransformersBackend):
                 temperatures = torch.full((x.shape[0],), cfg.temperature, dtype=torch.float32)
             return head.kernels.lm_head_topk(x.float().contiguous(), head.weight_t, head.scale, head.bias,
                                              temperatures.float().contiguous(), 0 if greedy else cfg.top_k,
-                                             LM_HEAD_CHUNK)
+                                             LM_HEAD_CHUNK, head.amx)
         return next_token_candidates(head(x).float(), cfg, temperatures)
 
     def _eager_attention(self, layer, k, v, qkv, positions, cos, sin, bias):

@@ -101,6 +101,12 @@ inline f16v exp_nonpositive(f16v x) {
   return p * scale;
 }
 
+// silu(g) * up, silu(g) = g / (1 + e^-g), with e^-|g| so that the exponential never overflows.
+inline f16v silu_times(f16v g, f16v up) {
+  const f16v e = exp_nonpositive(-vabs(g));
+  return (g < 0.f ? g * e : g) / (1.f + e) * up;
+}
+
 // One decode step's attention for every slot, with RoPE and the cache write fused in.
 // qkv: [S, (H + 2*KVH) * D] fp32, the fused projection output (q heads, k heads, v heads).
 // cos, sin: [S, D] fp32 at each slot's position (the model's own rotary embedding).
@@ -302,11 +308,7 @@ void quantize_range(const float* xp, int64_t K, const float* nw, double eps, boo
     for (int64_t n = begin; n < end; ++n) {
       const float* row = xp + n * (gated ? 2 * K : K);
       if (gated) {
-        // silu(g) = g / (1 + e^-g), with e^-|g| so that the exponential never overflows.
-        for (int64_t i = 0; i < full; i += W) {
-          const f16v g = load(row + i), e = exp_nonpositive(-vabs(g)), up = load(row + K + i);
-          store(buffer.data() + i, (g < 0.f ? g * e : g) / (1.f + e) * up);
-        }
+        for (int64_t i = 0; i < full; i += W) store(buffer.data() + i, silu_times(load(row + i), load(row + K + i)));
         for (int64_t i = full; i < K; ++i) buffer[i] = row[i] / (1.f + std::exp(-row[i])) * row[K + i];
         row = buffer.data();
       } else if (nw) {
@@ -357,6 +359,109 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int64_t part, int64_t parts,
   return {std::min(n, units * part / parts * align), std::min(n, units * (part + 1) / parts * align)};
 }
 
+// AMX int8 tiles (Intel Sapphire Rapids and later), where the compiler targets them: the decode
+// GEMMs with no call into a library. oneDNN's matmul on a weight packed once (PackedWeight below)
+// costs ~40 us of fixed overhead a call, as much as the product itself at decode's ~100 rows, and
+// each of its calls forks the threads again.
+// An AMX weight: int8 [M / 16, K / 64, 16, 64], tile (t, kb) holding columns 16t..16t+15 and
+// k = 64 kb..64 kb + 63 in the layout TDPBSSD reads: row r, bytes 4c..4c+3 = weight[16t + c, 64 kb + 4r + j].
+// amx_block: the int32 products of 32 rows of q (int8, rows K apart) by two column tiles a and b,
+// into c [32][32] (rows; a's 16 columns, then b's), exact.
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__)
+#define SELFDISTILL_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands a process the AMX state only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XTILEDATA); without it the first tile instruction is SIGILL.
+bool amx_usable() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return granted;
+}
+
+// Tiles 0-3: products (16 rows x 16 int32); 4, 5: rows of q (16 x 64 int8); 6, 7: weight tiles.
+void amx_configure() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+}
+
+// Back to the untouched tile state (the kernel's threads run other code next).
+void amx_release() { _tile_release(); }
+
+void amx_block(const int8_t* q, int64_t K, const int8_t* a, const int8_t* b, int32_t* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kb = 0; kb < K / 64; ++kb) {
+    _tile_loadd(4, q + kb * 64, K);
+    _tile_loadd(5, q + 16 * K + kb * 64, K);
+    _tile_loadd(6, a + kb * 1024, 64);
+    _tile_loadd(7, b + kb * 1024, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  _tile_stored(2, c + 512, 128);
+  _tile_stored(3, c + 528, 128);
+}
+#else
+bool amx_usable() { return false; }
+void amx_configure() {}
+void amx_release() {}
+void amx_block(const int8_t*, int64_t, const int8_t*, const int8_t*, int32_t*) {
+  TORCH_CHECK(false, "built without AMX");
+}
+#endif
+
+// weight int8 [M, K] -> its AMX layout (M a multiple of 32, K of 64).
+torch::Tensor amx_pack(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dtype() == torch::kChar && weight.dim() == 2, "weight: int8 [M, K]");
+  const int64_t M = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(M % 32 == 0 && K % 64 == 0, "AMX weights: M a multiple of 32, K of 64");
+  return weight.contiguous().view({M / 16, 16, K / 64, 16, 4}).permute({0, 2, 3, 1, 4}).contiguous()
+      .view({M / 16, K / 64, 16, 64});
+}
+
+// Whether `amx` is an AMX weight for weight_t [K, M].
+void check_amx(const torch::Tensor& amx, const torch::Tensor& weight_t) {
+  TORCH_CHECK(amx_usable(), "AMX weights on a CPU or build without AMX");
+  TORCH_CHECK(amx.dtype() == torch::kChar && amx.is_contiguous() && amx.dim() == 4 &&
+                  amx.size(0) * 16 == weight_t.size(1) && amx.size(1) * 64 == weight_t.size(0) && amx.size(2) == 16 &&
+                  amx.size(3) == 64, "AMX weight: another shape");
+}
+
+// The int32 products of int8 rows q [N, K] (N a multiple of 32) by AMX weight w: [N, M], exact.
+// For the load-time check against _int_mm and the tests.
+torch::Tensor amx_gemm(const torch::Tensor& q, const torch::Tensor& w) {
+  TORCH_CHECK(q.dtype() == torch::kChar && q.is_contiguous() && q.dim() == 2 && q.size(0) % 32 == 0 &&
+                  q.size(1) == w.size(1) * 64, "q: int8 [32 n, K]");
+  TORCH_CHECK(amx_usable(), "no AMX here");
+  const int64_t N = q.size(0), K = q.size(1), M = w.size(0) * 16, tile = K / 64 * 1024;
+  auto out = torch::empty({N, M}, q.options().dtype(torch::kInt));
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int32_t* op = out.data_ptr<int32_t>();
+  amx_configure();
+  alignas(64) int32_t c[32 * 32];
+  for (int64_t t = 0; t < M / 16; t += 2)
+    for (int64_t r = 0; r < N; r += 32) {
+      amx_block(qp + r * K, K, wp + t * tile, wp + (t + 1) * tile, c);
+      for (int64_t i = 0; i < 32; ++i) std::memcpy(op + (r + i) * M + t * 16, c + i * 32, 32 * sizeof(int32_t));
+    }
+  return out;
+}
+
 // An int8 weight packed once into oneDNN's own layout (onednn::qlinear_prepack), for its matmul
 // primitive (AMX where the CPU has it). at::_int_mm goes through oneDNN's older GEMM API, which
 // packs the weight again on every call: measured on SmolLM2-135M's 30 layers at 101 rows, 25.7 ms
@@ -391,6 +496,33 @@ struct PackedWeight {
   }
 };
 
+// out[n, to + m] = float(acc[n, m]) * rs[n] * ws[to + m] (+ bias[to + m]) (+ residual[n, to + m]) for
+// rows [r0, r1) and m < count; acc int32 or fp32 (a packed weight's), `acc_stride` wide; ws, bias by
+// the weight's output column; the residual's rows `stride` wide like out's.
+template <typename A>
+void dequantize(const A* acc, int64_t acc_stride, float* out, int64_t stride, int64_t to, int64_t count,
+                const float* rs, const float* ws, const float* bp, const float* rp, int64_t r0, int64_t r1) {
+  const int64_t full = count / W * W;
+  for (int64_t n = r0; n < r1; ++n) {
+    const float r = rs[n];
+    const A* acc_row = acc + n * acc_stride;
+    float* out_row = out + n * stride + to;
+    const float* res_row = rp ? rp + n * stride + to : nullptr;
+    for (int64_t m = 0; m < full; m += W) {
+      f16v value = as_float(acc_row + m) * r * load(ws + to + m);
+      if (bp) value += load(bp + to + m);
+      if (res_row) value += load(res_row + m);
+      store(out_row + m, value);
+    }
+    for (int64_t m = full; m < count; ++m) {
+      float value = static_cast<float>(acc_row[m]) * r * ws[to + m];
+      if (bp) value += bp[to + m];
+      if (res_row) value += res_row[m];
+      out_row[m] = value;
+    }
+  }
+}
+
 // fn(float(q @ weight)), the product handed over as fp32 (the packed weight's) or int32 (_int_mm's,
 // into `buffer` [>= rows, M] where one is given).
 template <typename F>
@@ -411,15 +543,16 @@ void with_product(const PackedWeight* packed, const torch::Tensor& q, const torc
 }
 
 // W8A8 linear, the arithmetic of backend_continuous.Int8Linear in one call: each input row
-// quantized to int8 with its own scale (max |row| / 127), an int8 x int8 -> int32 GEMM
-// (at::_int_mm, VNNI on x86), then out = float(acc) * row_scale * weight_scale (+ bias)
+// quantized to int8 with its own scale (max |row| / 127), an int8 x int8 -> int32 GEMM (AMX
+// tiles, oneDNN on a packed weight, or at::_int_mm), then out = float(acc) * row_scale * weight_scale (+ bias)
 // (+ residual). What the input row is, is fused in too, so that no intermediate tensor is made:
 // - norm_weight given: the row is RMSNorm(x) = x / sqrt(mean(x^2) + eps) * norm_weight;
 // - gated: x is [N, 2F], gate then up (a fused gate/up projection), and the row is
 //   silu(gate) * up: a Llama MLP's input to its down projection.
 torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight_t, torch::Tensor weight_scale,
                           c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> norm_weight, double eps,
-                          bool gated, c10::optional<torch::Tensor> residual, const PackedWeight* packed) {
+                          bool gated, c10::optional<torch::Tensor> residual, const PackedWeight* packed,
+                          c10::optional<torch::Tensor> amx) {
   TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous fp32 [N, K]");
   const int64_t N = x.size(0), K = gated ? x.size(1) / 2 : x.size(1), M = weight_t.size(1);
   TORCH_CHECK(weight_t.dtype() == torch::kChar && weight_t.dim() == 2 && weight_t.size(0) == K,
@@ -434,7 +567,10 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight_t, torch::Tensor
   torch::Tensor res_t = residual.has_value() && residual->defined() ? residual->contiguous() : torch::Tensor();
   TORCH_CHECK(!res_t.defined() || (res_t.dtype() == torch::kFloat && res_t.numel() == N * M), "residual: fp32 [N, M]");
 
-  auto quantized = torch::empty({N, K}, x.options().dtype(torch::kChar));
+  const bool use_amx = amx.has_value() && amx->defined();
+  if (use_amx) check_amx(*amx, weight_t);
+  const int64_t padded = use_amx ? (N + 31) / 32 * 32 : N;  // AMX takes rows 32 at a time
+  auto quantized = torch::empty({padded, K}, x.options().dtype(torch::kChar));
   auto row_scale = torch::empty({N}, x.options());
   auto out = torch::empty({N, M}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -445,6 +581,32 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight_t, torch::Tensor
   const float* bp = bias_t.defined() ? bias_t.data_ptr<float>() : nullptr;
   const float* rp = res_t.defined() ? res_t.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
+  if (use_amx) {
+    // AMX: one parallel region. Each thread quantizes its share of the rows (the buffer's rows past
+    // N zeros), then takes a share of the column pairs through all rows, each 32 x 32 block
+    // dequantized while in cache.
+    const int64_t tile = K / 64 * 1024;
+    int8_t* aq = qp;
+    const int8_t* wp = amx->data_ptr<int8_t>();
+    in_one_region(at::get_num_threads(), [&](int thread, int threads) {
+      const auto rows = share(N, thread, threads, 1);
+      quantize_range(xp, K, nw, eps, gated, aq, rs, rows.first, rows.second);
+      if (thread == 0) std::memset(aq + N * K, 0, (padded - N) * K);
+#pragma omp barrier
+      amx_configure();
+      alignas(64) int32_t c[32 * 32];
+      const auto pairs = share(M / 32, thread, threads, 1);
+      for (int64_t t = pairs.first; t < pairs.second; ++t) {
+        for (int64_t r = 0; r < N; r += 32) {
+          amx_block(aq + r * K, K, wp + 2 * t * tile, wp + (2 * t + 1) * tile, c);
+          dequantize(c, 32, op + r * M, M, 32 * t, 32, rs + r, ws, bp, rp ? rp + r * M : nullptr, 0,
+                     std::min<int64_t>(32, N - r));
+        }
+      }
+      amx_release();
+    });
+    return out;
+  }
   // Rows quantized in parallel, then one GEMM on all rows (oneDNN splits it over the threads; it
   // measured ~3 ms per decode step faster than giving each thread half the rows and the whole
   // weight), then the dequantization in parallel.
@@ -453,41 +615,27 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight_t, torch::Tensor
   });
   // float(acc) * row scale * weight scale (+ bias) (+ residual), acc int32 or already fp32 (packed).
   with_product(packed, quantized, weight_t, torch::Tensor(), [&](auto* ap) {
-    const int64_t full_m = M / W * W;
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const float r = rs[n];
-        const auto* acc_row = ap + n * M;
-        float* out_row = op + n * M;
-        for (int64_t m = 0; m < full_m; m += W) {
-          f16v value = as_float(acc_row + m) * r * load(ws + m);
-          if (bp) value += load(bp + m);
-          if (rp) value += load(rp + n * M + m);
-          store(out_row + m, value);
-        }
-        for (int64_t m = full_m; m < M; ++m) {
-          float value = static_cast<float>(acc_row[m]) * r * ws[m];
-          if (bp) value += bp[m];
-          if (rp) value += rp[n * M + m];
-          out_row[m] = value;
-        }
-      }
+      dequantize(ap, M, op, M, 0, M, rs, ws, bp, rp, begin, end);
     });
   });
   return out;
 }
 
 
-// A Llama MLP over many rows (prefill) in one call: x + down(silu(gate) * up), [gate | up] =
-// gate_up(RMSNorm(x)), with linear_int8's arithmetic for each of the two projections (up to where the
-// compiler fuses a multiply and an add).
-// linear_int8 on thousands of rows writes a [rows, 2F] fp32 tensor to memory and reads it back; here
-// each thread takes blocks of `block` rows through both projections, so a block's intermediates stay
-// in its core's cache (oneDNN runs on the calling thread inside the region). Decode's ~100 rows
-// keep linear_int8: one GEMM on all rows beats each thread reading the whole weight.
+// A Llama MLP in one call: x + down(silu(gate) * up), [gate | up] = gate_up(RMSNorm(x)), with
+// linear_int8's arithmetic for each of the two projections (up to where the compiler fuses a
+// multiply and an add).
+// - With AMX weights, any number of rows: one parallel region, below.
+// - Without, for prefill's rows: linear_int8 on thousands of rows writes a [rows, 2F] fp32 tensor to
+//   memory and reads it back; here each thread takes blocks of `block` rows through both
+//   projections, so a block's intermediates stay in its core's cache (oneDNN runs on the calling
+//   thread inside the region). Decode's ~100 rows keep linear_int8 there: one GEMM on all rows
+//   beats each thread reading the whole weight.
 torch::Tensor mlp_int8(torch::Tensor x, torch::Tensor norm_weight, double eps, torch::Tensor gate_up_t,
                        torch::Tensor gate_up_scale, torch::Tensor down_t, torch::Tensor down_scale, int64_t block,
-                       const PackedWeight* gate_up_packed, const PackedWeight* down_packed) {
+                       const PackedWeight* gate_up_packed, const PackedWeight* down_packed,
+                       c10::optional<torch::Tensor> gate_up_amx, c10::optional<torch::Tensor> down_amx) {
   TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous fp32 [N, K]");
   const int64_t N = x.size(0), K = x.size(1), F2 = gate_up_t.size(1), F = F2 / 2;
   TORCH_CHECK(gate_up_t.dtype() == torch::kChar && gate_up_t.dim() == 2 && gate_up_t.size(0) == K && F2 % 2 == 0,
@@ -506,6 +654,61 @@ torch::Tensor mlp_int8(torch::Tensor x, torch::Tensor norm_weight, double eps, t
   const float* s1 = gate_up_scale.data_ptr<float>();
   const float* s2 = down_scale.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  if (gate_up_amx.has_value() && gate_up_amx->defined() && down_amx.has_value() && down_amx->defined()) {
+    // AMX, any number of rows, in one parallel region: the rows quantized by shares; gate_up by
+    // shares of its 16-column tiles, each gate tile with its up tile, so that a thread makes
+    // silu(gate) * up of its columns of the intermediate; its rows quantized by shares; down by
+    // shares of its column pairs, the residual added.
+    check_amx(*gate_up_amx, gate_up_t);
+    check_amx(*down_amx, down_t);
+    const int64_t padded = (N + 31) / 32 * 32, tile1 = K / 64 * 1024, tile2 = F / 64 * 1024;
+    auto q1 = torch::empty({padded, K}, x.options().dtype(torch::kChar));
+    auto q2 = torch::empty({padded, F}, x.options().dtype(torch::kChar));
+    auto hidden = torch::empty({N, F}, x.options());
+    std::vector<float> rs1(N), rs2(N);
+    int8_t* q1p = q1.data_ptr<int8_t>();
+    int8_t* q2p = q2.data_ptr<int8_t>();
+    float* hp = hidden.data_ptr<float>();
+    const int8_t* w1 = gate_up_amx->data_ptr<int8_t>();
+    const int8_t* w2 = down_amx->data_ptr<int8_t>();
+    in_one_region(at::get_num_threads(), [&](int thread, int threads) {
+      const auto rows = share(N, thread, threads, 1);
+      quantize_range(xp, K, nw, eps, false, q1p, rs1.data(), rows.first, rows.second);
+      if (thread == 0) {
+        std::memset(q1p + N * K, 0, (padded - N) * K);
+        std::memset(q2p + N * F, 0, (padded - N) * F);
+      }
+#pragma omp barrier
+      amx_configure();
+      alignas(64) int32_t c[32 * 32];
+      const auto tiles = share(F / 16, thread, threads, 1);
+      for (int64_t t = tiles.first; t < tiles.second; ++t) {
+        for (int64_t r = 0; r < N; r += 32) {
+          amx_block(q1p + r * K, K, w1 + t * tile1, w1 + (F / 16 + t) * tile1, c);
+          for (int64_t i = 0; i < std::min<int64_t>(32, N - r); ++i) {
+            // linear_int8's gate_up output, then quantize_range's gated input.
+            const float row_scale = rs1[r + i];
+            const f16v gate = as_float(c + i * 32) * row_scale * load(s1 + 16 * t);
+            const f16v up = as_float(c + i * 32 + 16) * row_scale * load(s1 + F + 16 * t);
+            store(hp + (r + i) * F + 16 * t, silu_times(gate, up));
+          }
+        }
+      }
+#pragma omp barrier
+      quantize_range(hp, F, nullptr, 0.0, false, q2p, rs2.data(), rows.first, rows.second);
+#pragma omp barrier
+      const auto pairs = share(K / 32, thread, threads, 1);
+      for (int64_t t = pairs.first; t < pairs.second; ++t) {
+        for (int64_t r = 0; r < N; r += 32) {
+          amx_block(q2p + r * F, F, w2 + 2 * t * tile2, w2 + (2 * t + 1) * tile2, c);
+          dequantize(c, 32, op + r * K, K, 32 * t, 32, rs2.data() + r, s2, nullptr, xp + r * K, 0,
+                     std::min<int64_t>(32, N - r));
+        }
+      }
+      amx_release();
+    });
+    return out;
+  }
   const int64_t blocks = (N + block - 1) / block;
   in_one_region(blocks, [&](int thread, int threads) {
     auto q1 = torch::empty({block, K}, x.options().dtype(torch::kChar));
@@ -542,15 +745,15 @@ torch::Tensor mlp_int8(torch::Tensor x, torch::Tensor norm_weight, double eps, t
 //   (logit / T, T the row's temperature, 1 where it is 0): every id whose value is >= the k-th
 //   largest (ties at the k-th kept, as transformers' TopKLogitsWarper keeps them), ordered by
 //   value, descending, then by id, as backend_continuous.top_candidates orders them.
-// The vocabulary goes in chunks of `chunk` columns: each chunk's int32 product stays in cache while
-// it is filtered, and oneDNN's int8 GEMM runs ~3x faster on 2,048-column chunks than on a
+// The vocabulary goes in chunks of `chunk` columns (with AMX weights, each thread takes a share of
+// the chunks; else a share of the rows): each chunk's int32 product stays in cache while it is filtered, and oneDNN's int8 GEMM runs ~3x faster on 2,048-column chunks than on a
 // 49,152-column weight at once. A row keeps a threshold (the k-th largest value seen so far) and
 // the values at or above it; most of a chunk is below it and costs one compare per 16 ids.
 // Returns (values [N, width] fp32, padded with -inf; ids [N, width] int64, padded with 0;
 // argmax [N] int64), width the largest row's candidate count (0 where top_k is 0).
 std::vector<torch::Tensor> lm_head_topk(torch::Tensor x, torch::Tensor weight_t, torch::Tensor weight_scale,
                                         c10::optional<torch::Tensor> bias, torch::Tensor temperatures,
-                                        int64_t top_k, int64_t chunk) {
+                                        int64_t top_k, int64_t chunk, c10::optional<torch::Tensor> amx) {
   TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous fp32 [N, K]");
   const int64_t N = x.size(0), K = x.size(1), M = weight_t.size(1);
   TORCH_CHECK(weight_t.dtype() == torch::kChar && weight_t.dim() == 2 && weight_t.size(0) == K,
@@ -561,8 +764,12 @@ std::vector<torch::Tensor> lm_head_topk(torch::Tensor x, torch::Tensor weight_t,
               "temperatures: fp32 [N]");
   TORCH_CHECK(top_k >= 0 && top_k < M && chunk > 0 && chunk % W == 0, "0 <= top_k < vocab; chunk a multiple of 16");
   torch::Tensor bias_t = bias.has_value() && bias->defined() ? bias->to(torch::kFloat).contiguous() : torch::Tensor();
+  const bool use_amx = amx.has_value() && amx->defined();
+  if (use_amx) check_amx(*amx, weight_t);
+  TORCH_CHECK(!use_amx || chunk % 32 == 0, "AMX: chunks of a multiple of 32 columns");
+  const int64_t padded = use_amx ? (N + 31) / 32 * 32 : N;  // AMX takes rows 32 at a time
 
-  auto quantized = torch::empty({N, K}, x.options().dtype(torch::kChar));
+  auto quantized = torch::empty({padded, K}, x.options().dtype(torch::kChar));
   auto row_scale = torch::empty({N}, x.options());
   int8_t* qp = quantized.data_ptr<int8_t>();
   float* rs = row_scale.data_ptr<float>();
@@ -592,56 +799,99 @@ std::vector<torch::Tensor> lm_head_topk(torch::Tensor x, torch::Tensor weight_t,
     if (row.kept.size() * 2 > row.cap) row.cap *= 2;  // many ties at the k-th: room to grow
   };
 
-  // Each thread takes a share of the rows (multiples of 16, an AMX tile's height) through the
-  // whole vocabulary, chunk by chunk: no barrier, one fork per step.
-  in_one_region(N / 16, [&](int thread, int threads) {
-    const auto own = share(N, thread, threads, 16);
-    const int64_t R = own.second - own.first;
-    if (R == 0) return;
-    quantize_range(x.data_ptr<float>(), K, nullptr, 0.0, false, qp, rs, own.first, own.second);
-    for (int64_t n = own.first; n < own.second; ++n) {
-      rows[n].cap = static_cast<size_t>(std::max<int64_t>(8 * top_k, 256));
-      rows[n].kept.reserve(rows[n].cap + W);
-    }
-    const auto mine = quantized.narrow(0, own.first, R);
-    for (int64_t c0 = 0; c0 < M; c0 += chunk) {
-      const int64_t C = std::min(chunk, M - c0), full_c = C / W * W;
-      auto acc = at::_int_mm(mine, weight_t.narrow(1, c0, C));
-      const int32_t* ap = acc.data_ptr<int32_t>();
-      for (int64_t n = own.first; n < own.second; ++n) {
-        Row& row = rows[n];
-        const float r = rs[n], t = tp[n] == 0.f ? 1.f : tp[n];
-        const int32_t* acc_row = ap + (n - own.first) * C;
-        auto logit = [&](int64_t i) {  // i within the chunk
-          float value = static_cast<float>(acc_row[i]) * r * ws[c0 + i];
-          if (bp) value += bp[c0 + i];
-          return value;
-        };
-        auto consider = [&](int64_t i, float value) {
-          if (value > row.best) row.best = value, row.best_id = c0 + i;
-          if (top_k == 0) return;
-          const float tempered = value / t;
-          if (tempered >= row.threshold) {
-            row.kept.emplace_back(tempered, c0 + i);
-            if (row.kept.size() >= row.cap) prune(row);
-          }
-        };
-        for (int64_t i = 0; i < full_c; i += W) {
-          i16v a;
-          std::memcpy(&a, acc_row + i, sizeof a);
-          f16v value = __builtin_convertvector(a, f16v) * r * load(ws + c0 + i);
-          if (bp) value += load(bp + c0 + i);
-          // Scalar work only where a lane can enter the argmax or the candidates. Rounded
-          // division by t > 0 is monotonic, so max(value) / t is the largest tempered value.
-          const float top = hmax(value);
-          if (top > row.best || (top_k > 0 && top / t >= row.threshold)) {
-            for (int lane = 0; lane < W; ++lane) consider(i + lane, value[lane]);
-          }
-        }
-        for (int64_t i = full_c; i < C; ++i) consider(i, logit(i));
+  // Row n's logits of chunk columns [c0, c0 + C), from their int32 products acc_row, into `row`.
+  auto filter = [&](Row& row, int64_t n, const int32_t* acc_row, int64_t c0, int64_t C) {
+    const float r = rs[n], t = tp[n] == 0.f ? 1.f : tp[n];
+    const int64_t full_c = C / W * W;
+    auto consider = [&](int64_t i, float value) {  // i within the chunk
+      if (value > row.best) row.best = value, row.best_id = c0 + i;
+      if (top_k == 0) return;
+      const float tempered = value / t;
+      if (tempered >= row.threshold) {
+        row.kept.emplace_back(tempered, c0 + i);
+        if (row.kept.size() >= row.cap) prune(row);
+      }
+    };
+    for (int64_t i = 0; i < full_c; i += W) {
+      f16v value = as_float(acc_row + i) * r * load(ws + c0 + i);
+      if (bp) value += load(bp + c0 + i);
+      // Scalar work only where a lane can enter the argmax or the candidates. Rounded
+      // division by t > 0 is monotonic, so max(value) / t is the largest tempered value.
+      const float top = hmax(value);
+      if (top > row.best || (top_k > 0 && top / t >= row.threshold)) {
+        for (int lane = 0; lane < W; ++lane) consider(i + lane, value[lane]);
       }
     }
-  });
+    for (int64_t i = full_c; i < C; ++i) {
+      float value = static_cast<float>(acc_row[i]) * r * ws[c0 + i];
+      if (bp) value += bp[c0 + i];
+      consider(i, value);
+    }
+  };
+  auto start = [&](Row& row) {
+    row.cap = static_cast<size_t>(std::max<int64_t>(8 * top_k, 256));
+    row.kept.reserve(row.cap + W);
+  };
+
+  if (use_amx) {
+    // AMX: each thread takes a share of the chunks through all rows, with rows of its own
+    // (candidates, threshold, argmax), merged below: the union of every thread's values at or
+    // above its own k-th holds every value at or above the whole vocabulary's k-th.
+    const int64_t chunks = (M + chunk - 1) / chunk, tile = K / 64 * 1024;
+    std::vector<std::vector<Row>> partial(std::max<int64_t>(1, at::get_num_threads()), std::vector<Row>(N));
+    const int8_t* wp = amx->data_ptr<int8_t>();
+    in_one_region(partial.size(), [&](int thread, int threads) {
+      const auto own_rows = share(N, thread, threads, 1);
+      quantize_range(x.data_ptr<float>(), K, nullptr, 0.0, false, qp, rs, own_rows.first, own_rows.second);
+      if (thread == 0) std::memset(qp + N * K, 0, (padded - N) * K);
+      std::vector<Row>& mine = partial[thread];
+      for (Row& row : mine) start(row);
+      std::vector<int32_t> acc(32 * chunk);
+      alignas(64) int32_t c[32 * 32];
+#pragma omp barrier
+      amx_configure();
+      const auto own = share(chunks, thread, threads, 1);
+      for (int64_t chunk_index = own.first; chunk_index < own.second; ++chunk_index) {
+        const int64_t c0 = chunk_index * chunk, C = std::min(chunk, M - c0);
+        for (int64_t r0 = 0; r0 < N; r0 += 32) {
+          const int64_t R = std::min<int64_t>(32, N - r0);
+          for (int64_t t = c0 / 16; t < (c0 + C) / 16; t += 2) {
+            amx_block(qp + r0 * K, K, wp + t * tile, wp + (t + 1) * tile, c);
+            for (int64_t i = 0; i < R; ++i) std::memcpy(acc.data() + i * C + (16 * t - c0), c + i * 32, 32 * sizeof(int32_t));
+          }
+          for (int64_t i = 0; i < R; ++i) filter(mine[r0 + i], r0 + i, acc.data() + i * C, c0, C);
+        }
+      }
+      amx_release();
+    });
+    for (int64_t n = 0; n < N; ++n) {
+      Row& row = rows[n];
+      for (const auto& part : partial) {
+        const Row& other = part[n];
+        if (other.best > row.best || (other.best == row.best && other.best_id < row.best_id))
+          row.best = other.best, row.best_id = other.best_id;
+        row.kept.insert(row.kept.end(), other.kept.begin(), other.kept.end());
+      }
+      row.cap = std::max(row.kept.size(), static_cast<size_t>(1));
+    }
+  } else {
+    // Each thread takes a share of the rows (multiples of 16, an AMX tile's height) through the
+    // whole vocabulary, chunk by chunk: no barrier, one fork per step.
+    in_one_region(N / 16, [&](int thread, int threads) {
+      const auto own = share(N, thread, threads, 16);
+      const int64_t R = own.second - own.first;
+      if (R == 0) return;
+      quantize_range(x.data_ptr<float>(), K, nullptr, 0.0, false, qp, rs, own.first, own.second);
+      for (int64_t n = own.first; n < own.second; ++n) start(rows[n]);
+      const auto mine = quantized.narrow(0, own.first, R);
+      for (int64_t c0 = 0; c0 < M; c0 += chunk) {
+        const int64_t C = std::min(chunk, M - c0);
+        auto acc = at::_int_mm(mine, weight_t.narrow(1, c0, C));
+        const int32_t* ap = acc.data_ptr<int32_t>();
+        for (int64_t n = own.first; n < own.second; ++n) filter(rows[n], n, ap + (n - own.first) * C, c0, C);
+      }
+    });
+  }
 
   int64_t width = 0;
   if (top_k > 0) {
@@ -676,16 +926,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8", &linear_int8, "W8A8 linear: per-row int8 activations, int8 weights, fp32 out",
         py::arg("x"), py::arg("weight_t"), py::arg("weight_scale"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("eps") = 0.0, py::arg("gated") = false,
-        py::arg("residual") = py::none(), py::arg("packed") = nullptr);
+        py::arg("residual") = py::none(), py::arg("packed") = nullptr, py::arg("amx") = py::none());
   py::class_<PackedWeight>(m, "PackedWeight", "an int8 weight [M, K] packed once for oneDNN's matmul")
       .def(py::init<const torch::Tensor&>(), py::arg("weight"))
       .def("gemm", &PackedWeight::gemm, "float(q @ weight^T) of int8 rows q [N, K]");
   m.def("lm_head_topk", &lm_head_topk, "int8 LM head with each row's argmax and top-k candidates, no logits",
         py::arg("x"), py::arg("weight_t"), py::arg("weight_scale"), py::arg("bias"), py::arg("temperatures"),
-        py::arg("top_k"), py::arg("chunk") = 2048);
+        py::arg("top_k"), py::arg("chunk") = 2048, py::arg("amx") = py::none());
   m.def("mlp_int8", &mlp_int8, "a Llama MLP of many rows: x + down(silu(gate) * up), norm fused in, by row blocks",
         py::arg("x"), py::arg("norm_weight"), py::arg("eps"), py::arg("gate_up_t"), py::arg("gate_up_scale"),
         py::arg("down_t"), py::arg("down_scale"), py::arg("block") = 128, py::arg("gate_up_packed") = nullptr,
-        py::arg("down_packed") = nullptr);
+        py::arg("down_packed") = nullptr, py::arg("gate_up_amx") = py::none(), py::arg("down_amx") = py::none());
+  m.def("amx_usable", &amx_usable, "whether this build and CPU run AMX int8 tiles (and Linux granted them)");
+  m.def("amx_pack", &amx_pack, "an int8 weight [M, K] in the AMX tile layout", py::arg("weight"));
+  m.def("amx_gemm", &amx_gemm, "int32 products of int8 rows [32 n, K] by an AMX weight", py::arg("q"), py::arg("amx"));
   m.def("supports", &supports, "whether decode_attention has a kernel for (heads, kv_heads, head_dim)");
 }

@@ -93,3 +93,26 @@ def packed_gemm(kernels) -> bool:
         log.warning("continuous backends: oneDNN's packed int8 matmul is not usable here (%s); the linears "
                     "use torch._int_mm", str(error).strip().splitlines()[-1] if str(error) else error)
         return False
+
+
+@cache
+def amx_tiles(kernels) -> bool:
+    """Whether this build and CPU run the kernels' own AMX int8 GEMMs (Intel AMX, and Linux granted
+    the process its tile state), and they compute exactly torch._int_mm's products: checked once
+    per process on random int8 rows and weights (rows 32 at a time, as the kernels pad them)."""
+    import torch
+
+    try:
+        if not kernels.amx_usable():
+            return False
+        generator = torch.Generator().manual_seed(0)
+        for rows, k, m in ((32, 64, 32), (96, 576, 960), (64, 1536, 576)):
+            weight = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=generator)
+            q = torch.randint(-128, 128, (rows, k), dtype=torch.int8, generator=generator)
+            if not torch.equal(kernels.amx_gemm(q, kernels.amx_pack(weight)), torch._int_mm(q, weight.t())):
+                raise ValueError(f"products differ from torch._int_mm at {rows}x{k}x{m}")
+        return True
+    except Exception as error:
+        log.warning("continuous backends: the AMX int8 kernels are not usable here (%s); the linears use "
+                    "oneDNN", str(error).strip().splitlines()[-1] if str(error) else error)
+        return False
