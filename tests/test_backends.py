@@ -495,6 +495,26 @@ def test_amx_weights_give_the_products_of_int_mm(backends, caplog):
 
 
 @torch.no_grad()
+def test_without_amx_the_layers_take_onednn_and_compute_the_same(converted, backends, monkeypatch):
+    """On a CPU without AMX the linears run oneDNN's matmul on packed weights (and the MLP, at
+    prefill's rows, mlp_int8 block by block; at decode's, two fused linears): the layers give what
+    the AMX layers give, up to where a residual add rounds differently."""
+    from tasks.sampling import backend_continuous, cpu_kernels
+
+    with_amx = backends["continuous-int8"].layers[1]
+    monkeypatch.setattr(cpu_kernels, "amx_tiles", lambda kernels: False)
+    layer = backend_continuous.ContinuousInt8Backend(converted).layers[1]
+    assert all(linear.amx is None and linear.packed is not None for linear in (layer.qkv, layer.o, layer.gate_up,
+                                                                               layer.down))
+    torch.manual_seed(6)
+    for rows in (5, 2 * backend_continuous.MLP_BLOCK_ROWS + 3):
+        x = torch.randn(rows, layer.o.out_features) * 2
+        for step in ("project_qkv", "mlp"):
+            torch.testing.assert_close(getattr(layer, step)(x), getattr(with_amx, step)(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.attention_out(x, x), with_amx.attention_out(x, x), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_prefill_mlp_kernel_matches_the_two_fused_linears(backends):
     """mlp_int8 against linear_int8's gate_up (norm fused) and down (gate and residual fused): the
     same arithmetic, up to where the compiler fuses a multiply and an add. Block by block of rows

@@ -405,7 +405,8 @@ class ContinuousBackend(TransformersBackend):
         if self.quantized:
             # Of the HF model only the embedding, the final norm and the output layer are used.
             _to_int8(self.layers, compiled)
-            # The decode steps' head is lm_head_topk, in vocabulary chunks of its own: not packed.
+            # The decode steps' head is lm_head_topk, in vocabulary chunks of its own: not packed for
+            # oneDNN (its AMX layout, where taken, serves those chunks).
             self.model.lm_head = Int8Linear(self.model.lm_head, compiled, pack=False)
         attn = self.inner.layers[0].self_attn
         self.head_dim = attn.head_dim

@@ -12,6 +12,10 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -368,10 +372,6 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int64_t part, int64_t parts,
 // amx_block: the int32 products of 32 rows of q (int8, rows K apart) by two column tiles a and b,
 // into c [32][32] (rows; a's 16 columns, then b's), exact.
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__linux__)
-#define SELFDISTILL_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t bytes_per_row[16] = {};
@@ -459,6 +459,7 @@ torch::Tensor amx_gemm(const torch::Tensor& q, const torch::Tensor& w) {
       amx_block(qp + r * K, K, wp + t * tile, wp + (t + 1) * tile, c);
       for (int64_t i = 0; i < 32; ++i) std::memcpy(op + (r + i) * M + t * 16, c + i * 32, 32 * sizeof(int32_t));
     }
+  amx_release();
   return out;
 }
 
@@ -544,8 +545,9 @@ void with_product(const PackedWeight* packed, const torch::Tensor& q, const torc
 
 // W8A8 linear, the arithmetic of backend_continuous.Int8Linear in one call: each input row
 // quantized to int8 with its own scale (max |row| / 127), an int8 x int8 -> int32 GEMM (AMX
-// tiles, oneDNN on a packed weight, or at::_int_mm), then out = float(acc) * row_scale * weight_scale (+ bias)
-// (+ residual). What the input row is, is fused in too, so that no intermediate tensor is made:
+// tiles, oneDNN on a packed weight, or at::_int_mm), then
+// out = float(acc) * row_scale * weight_scale (+ bias) (+ residual). What the input row is, is
+// fused in too, so that no intermediate tensor is made:
 // - norm_weight given: the row is RMSNorm(x) = x / sqrt(mean(x^2) + eps) * norm_weight;
 // - gated: x is [N, 2F], gate then up (a fused gate/up projection), and the row is
 //   silu(gate) * up: a Llama MLP's input to its down projection.
@@ -586,19 +588,18 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor weight_t, torch::Tensor
     // N zeros), then takes a share of the column pairs through all rows, each 32 x 32 block
     // dequantized while in cache.
     const int64_t tile = K / 64 * 1024;
-    int8_t* aq = qp;
     const int8_t* wp = amx->data_ptr<int8_t>();
     in_one_region(at::get_num_threads(), [&](int thread, int threads) {
       const auto rows = share(N, thread, threads, 1);
-      quantize_range(xp, K, nw, eps, gated, aq, rs, rows.first, rows.second);
-      if (thread == 0) std::memset(aq + N * K, 0, (padded - N) * K);
+      quantize_range(xp, K, nw, eps, gated, qp, rs, rows.first, rows.second);
+      if (thread == 0) std::memset(qp + N * K, 0, (padded - N) * K);
 #pragma omp barrier
       amx_configure();
       alignas(64) int32_t c[32 * 32];
       const auto pairs = share(M / 32, thread, threads, 1);
       for (int64_t t = pairs.first; t < pairs.second; ++t) {
         for (int64_t r = 0; r < N; r += 32) {
-          amx_block(aq + r * K, K, wp + 2 * t * tile, wp + (2 * t + 1) * tile, c);
+          amx_block(qp + r * K, K, wp + 2 * t * tile, wp + (2 * t + 1) * tile, c);
           dequantize(c, 32, op + r * M, M, 32 * t, 32, rs + r, ws, bp, rp ? rp + r * M : nullptr, 0,
                      std::min<int64_t>(32, N - r));
         }
@@ -746,8 +747,9 @@ torch::Tensor mlp_int8(torch::Tensor x, torch::Tensor norm_weight, double eps, t
 //   largest (ties at the k-th kept, as transformers' TopKLogitsWarper keeps them), ordered by
 //   value, descending, then by id, as backend_continuous.top_candidates orders them.
 // The vocabulary goes in chunks of `chunk` columns (with AMX weights, each thread takes a share of
-// the chunks; else a share of the rows): each chunk's int32 product stays in cache while it is filtered, and oneDNN's int8 GEMM runs ~3x faster on 2,048-column chunks than on a
-// 49,152-column weight at once. A row keeps a threshold (the k-th largest value seen so far) and
+// the chunks; else a share of the rows): each chunk's int32 product stays in cache while it is
+// filtered, and oneDNN's int8 GEMM runs ~3x faster on 2,048-column chunks than on a 49,152-column
+// weight at once. A row keeps a threshold (the k-th largest value seen so far) and
 // the values at or above it; most of a chunk is below it and costs one compare per 16 ids.
 // Returns (values [N, width] fp32, padded with -inf; ids [N, width] int64, padded with 0;
 // argmax [N] int64), width the largest row's candidate count (0 where top_k is 0).
