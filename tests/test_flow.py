@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Every stage command is this script: it appends its name to runs.log (not tracked by DVC, so it
 # counts how often a command really ran) and writes its outputs. STEP_FAIL=N makes it fail its
 # first N runs, saying why on an `error:` line as the project's stage commands do, with exit status
-# STEP_EXIT (default 1); STEP_SLEEP=S
+# STEP_EXIT (default 1); STEP_SLEEP=S (STEP_SLEEP_<stage> for one stage)
 # makes it take S seconds and log when it ran. A `summary.json` out gets a report's pass@1 per model
 # (`none`'s is train.epochs / 10, so it changes with that param).
 STEP = textwrap.dedent("""
@@ -38,7 +38,7 @@ STEP = textwrap.dedent("""
         print(f"error: {stage} failing on purpose (run {runs})", file=sys.stderr)
         sys.exit(int(os.environ.get("STEP_EXIT_" + stage.replace("@", "_"), "1")))
     start = time.time()
-    time.sleep(float(os.environ.get("STEP_SLEEP", "0")))
+    time.sleep(float(os.environ.get("STEP_SLEEP_" + stage.replace("@", "_"), os.environ.get("STEP_SLEEP", "0"))))
     with open("times.log", "a") as log:
         log.write(json.dumps([stage, start, time.time()]) + "\\n")
     for out in outs:
@@ -339,6 +339,11 @@ def test_gpu_stages_take_turns_where_cuda_is_present(tmp_path, monkeypatch):
     root = make_repo(tmp_path / "ws", stages)
     monkeypatch.setenv("SELFDISTILL_ASSUME_CUDA", "1")
     monkeypatch.setenv("STEP_SLEEP", "2")
+    # The CPU stages outlast the first GPU stage's wait for its slot (Prefect polls, ~2 s), so
+    # that they overlap a GPU stage however the host schedules the tasks (CI once saw both
+    # finish before the first GPU stage started).
+    for name in ("publish", "lint"):
+        monkeypatch.setenv(f"STEP_SLEEP_{name}", "8")
     with get_client(sync_client=True) as client:
         try:  # an earlier test of this module's Prefect API may have run on a real GPU
             client.delete_global_concurrency_limit_by_name(gpu_limit_name())
